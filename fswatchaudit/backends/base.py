@@ -1,0 +1,64 @@
+"""The small interface every backend implements (like watchdog's observers)."""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from ..events import Event
+from ..rules import Rule, RuleSet
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run on this host; the message says what is missing."""
+
+
+class Backend(abc.ABC):
+    """A source of Events for the paths selected by a RuleSet.
+
+    Life cycle: ``probe()`` (class level, cheap) -> ``__init__(rules)`` -> ``start()``
+    (after it returns, every rule is really watched) -> ``read()`` repeatedly from one
+    consumer thread -> ``close()``.  ``add_rule``/``remove_rule`` may be called between
+    reads, from the consumer thread, to change rules at run time.
+
+    Events come back with op, path(s) and whatever the backend knows about the process;
+    the consumer assigns seq, aliases and keys (Rule.matches) and enriches the rest.
+    A backend may over-report (the consumer drops events no rule matches) but must never
+    under-report silently: whatever it could not deliver is counted in ``lost()``.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> tuple[bool, str]:
+        """(usable, reason): can this backend run here, and if not, why."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Install every rule.  Raises BackendUnavailable or RuleError with a clear message."""
+
+    @abc.abstractmethod
+    def read(self, timeout: float) -> list[Event]:
+        """Events that arrived, waiting at most ``timeout`` seconds for the first one."""
+
+    def add_rule(self, rid: int, rule: Rule) -> None:
+        """Start watching for a rule already added to ``self.rules`` under ``rid``."""
+        raise NotImplementedError(f"{self.name} cannot change rules at run time")
+
+    def remove_rule(self, rid: int, rule: Rule) -> None:
+        """Stop watching for a rule already removed from ``self.rules``."""
+        raise NotImplementedError(f"{self.name} cannot change rules at run time")
+
+    def lost(self) -> dict[str, int]:
+        """Events lost so far, per source (queue overflow, ring buffer full, ...)."""
+        return {}
+
+    def watched_count(self) -> int:
+        """How many objects (inodes, marks, watches) are really being watched."""
+        return len(self.rules)
+
+    def close(self) -> None:
+        """Release kernel resources."""

@@ -1,0 +1,169 @@
+"""Syscall tables and aliases: the one place that knows which syscalls make which operation.
+
+The aliases come from the Linux audit filesystem-watch proposal (fs-create, fs-remove,
+fs-attr, fs-all).  Each classic name expands to the variants the kernel really uses on
+x86_64 and aarch64 (glibc calls the old ``rename``/``unlink``/``chmod`` on x86_64, the
+``*at`` forms elsewhere), so rules written with the classic names keep working everywhere.
+"""
+from __future__ import annotations
+
+# Operations, normalised across backends.  "attr" is an attribute change whose kind the
+# backend cannot tell (inotify/fanotify report only "attributes changed").
+CREATE_OPS = frozenset({"create", "mkdir", "mknod", "symlink", "link", "rename"})
+REMOVE_OPS = frozenset({"rename", "unlink", "rmdir"})
+ATTR_OPS = frozenset({"chmod", "chown", "setxattr", "removexattr", "truncate", "utime", "attr"})
+OPEN_OPS = frozenset({"open"})
+EXEC_OPS = frozenset({"exec"})
+ALL_OPS = CREATE_OPS | REMOVE_OPS | ATTR_OPS | OPEN_OPS | EXEC_OPS
+
+# Alias name -> operations in it.  "open with O_CREAT" in fs-create is the op "create".
+ALIAS_OPS: dict[str, frozenset[str]] = {
+    "fs-create": CREATE_OPS,
+    "fs-remove": REMOVE_OPS,
+    "fs-attr": ATTR_OPS,
+    "open": OPEN_OPS,
+    "exec": EXEC_OPS,
+}
+# Order in which aliases are printed and summarised.
+ALIAS_ORDER = ("fs-create", "fs-remove", "fs-attr", "open", "exec")
+
+# Classic syscall name -> the names the kernel really has (x86_64 and aarch64 union).
+SYSCALL_VARIANTS: dict[str, tuple[str, ...]] = {
+    "creat": ("creat",),
+    "open": ("open", "openat", "openat2"),
+    "link": ("link", "linkat"),
+    "mkdir": ("mkdir", "mkdirat"),
+    "mknod": ("mknod", "mknodat"),
+    "rename": ("rename", "renameat", "renameat2"),
+    "symlink": ("symlink", "symlinkat"),
+    "rmdir": ("rmdir", "unlinkat"),
+    "unlink": ("unlink", "unlinkat"),
+    "chmod": ("chmod", "fchmodat", "fchmodat2"),
+    "fchmod": ("fchmod",),
+    "chown": ("chown", "fchownat"),
+    "fchown": ("fchown",),
+    "lchown": ("lchown", "fchownat"),
+    "setxattr": ("setxattr", "setxattrat"),
+    "lsetxattr": ("lsetxattr", "setxattrat"),
+    "fsetxattr": ("fsetxattr",),
+    "removexattr": ("removexattr", "removexattrat"),
+    "lremovexattr": ("lremovexattr", "removexattrat"),
+    "fremovexattr": ("fremovexattr",),
+    "truncate": ("truncate",),
+    "ftruncate": ("ftruncate",),
+    "utime": ("utime", "utimensat"),
+    "utimes": ("utimes", "futimesat", "utimensat"),
+    "utimensat": ("utimensat",),
+    "execve": ("execve", "execveat"),
+}
+
+# Every real syscall name -> the operations it can produce.
+SYSCALL_OPS: dict[str, frozenset[str]] = {
+    "creat": frozenset({"create"}),
+    "open": frozenset({"open", "create"}),
+    "openat": frozenset({"open", "create"}),
+    "openat2": frozenset({"open", "create"}),
+    "link": frozenset({"link"}),
+    "linkat": frozenset({"link"}),
+    "mkdir": frozenset({"mkdir"}),
+    "mkdirat": frozenset({"mkdir"}),
+    "mknod": frozenset({"mknod"}),
+    "mknodat": frozenset({"mknod"}),
+    "rename": frozenset({"rename"}),
+    "renameat": frozenset({"rename"}),
+    "renameat2": frozenset({"rename"}),
+    "symlink": frozenset({"symlink"}),
+    "symlinkat": frozenset({"symlink"}),
+    "rmdir": frozenset({"rmdir"}),
+    "unlink": frozenset({"unlink"}),
+    "unlinkat": frozenset({"unlink", "rmdir"}),
+    "chmod": frozenset({"chmod"}),
+    "fchmod": frozenset({"chmod"}),
+    "fchmodat": frozenset({"chmod"}),
+    "fchmodat2": frozenset({"chmod"}),
+    "chown": frozenset({"chown"}),
+    "fchown": frozenset({"chown"}),
+    "lchown": frozenset({"chown"}),
+    "fchownat": frozenset({"chown"}),
+    "setxattr": frozenset({"setxattr"}),
+    "lsetxattr": frozenset({"setxattr"}),
+    "fsetxattr": frozenset({"setxattr"}),
+    "setxattrat": frozenset({"setxattr"}),
+    "removexattr": frozenset({"removexattr"}),
+    "lremovexattr": frozenset({"removexattr"}),
+    "fremovexattr": frozenset({"removexattr"}),
+    "removexattrat": frozenset({"removexattr"}),
+    "truncate": frozenset({"truncate"}),
+    "ftruncate": frozenset({"truncate"}),
+    "utime": frozenset({"utime"}),
+    "utimes": frozenset({"utime"}),
+    "futimesat": frozenset({"utime"}),
+    "utimensat": frozenset({"utime"}),
+    "execve": frozenset({"exec"}),
+    "execveat": frozenset({"exec"}),
+}
+
+# Alias name -> classic syscall names, as written in the proposal.
+ALIAS_SYSCALLS: dict[str, tuple[str, ...]] = {
+    "fs-create": ("creat", "link", "mkdir", "mknod", "open", "rename", "symlink"),
+    "fs-remove": ("rename", "rmdir", "unlink"),
+    "fs-attr": ("chmod", "chown", "fchmod", "fchown", "lchown", "setxattr", "lsetxattr",
+                "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "truncate",
+                "ftruncate", "utime", "utimes", "utimensat"),
+}
+ALIAS_SYSCALLS["fs-all"] = tuple(dict.fromkeys(
+    ALIAS_SYSCALLS["fs-create"] + ALIAS_SYSCALLS["fs-remove"] + ALIAS_SYSCALLS["fs-attr"]))
+
+SYSCALL_ALIAS_NAMES = frozenset(ALIAS_SYSCALLS) | {"all"}
+
+# Permission letters (auditctl -p / -F perm=) and the operations each one selects.
+PERM_LETTERS = "rwxa"
+
+
+def expand_syscall(name: str) -> tuple[frozenset[str], frozenset[str]]:
+    """Expand a syscall name or alias to (real syscall names, operations it selects).
+
+    Raises KeyError for an unknown name.  ``fs-create`` selects the op ``create``
+    from open(), not ``open`` itself: only opens with O_CREAT belong to it.
+    """
+    if name == "all":
+        return frozenset(SYSCALL_OPS), ALL_OPS
+    if name in ALIAS_SYSCALLS:
+        calls = frozenset(v for c in ALIAS_SYSCALLS[name] for v in SYSCALL_VARIANTS[c])
+        ops = frozenset().union(*(ALIAS_OPS[a] for a in ALIAS_OPS if a.startswith("fs-")
+                                  and (name == "fs-all" or a == name)))
+        return calls, ops
+    if name in SYSCALL_VARIANTS:
+        calls = frozenset(SYSCALL_VARIANTS[name])
+    elif name in SYSCALL_OPS:
+        calls = frozenset({name})
+    else:
+        raise KeyError(name)
+    ops = frozenset().union(*(SYSCALL_OPS[c] for c in calls))
+    if name == "rmdir":
+        ops = frozenset({"rmdir"})
+    elif name == "unlink":
+        ops = frozenset({"unlink"})
+    return calls, ops
+
+
+def known_syscall_names() -> list[str]:
+    """Every name -S accepts, for 'did you mean' suggestions."""
+    return sorted(set(SYSCALL_VARIANTS) | set(SYSCALL_OPS) | SYSCALL_ALIAS_NAMES)
+
+
+def aliases_for_op(op: str) -> list[str]:
+    """The aliases whose set contains this operation (rename is in two)."""
+    return [a for a in ALIAS_ORDER if op in ALIAS_OPS[a]]
+
+
+def perms_for(op: str, access: str | None = None) -> frozenset[str]:
+    """Permission letters an operation counts as: r/w for opens by access mode,
+    w for every namespace or attribute change, a for attribute changes, x for exec."""
+    if op == "open":
+        return frozenset(access or "r") & frozenset("rw")
+    if op == "exec":
+        return frozenset("x")
+    if op in ATTR_OPS:
+        return frozenset("wa")
+    return frozenset("w")
