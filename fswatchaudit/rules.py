@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
-from . import syscalls
+from . import syscalls as tables
 from .events import Event
 
 
@@ -45,9 +45,9 @@ class Rule:
     target: str | None = None
     inode: int | None = None
     dev: int | None = None
-    perms: frozenset[str] = frozenset(syscalls.PERM_LETTERS)
+    perms: frozenset[str] = frozenset(tables.PERM_LETTERS)
     syscalls: frozenset[str] = frozenset()   # empty: any syscall
-    ops: frozenset[str] = syscalls.ALL_OPS
+    ops: frozenset[str] = tables.ALL_OPS
     key: str | None = None
     syscall_names: tuple[str, ...] = ()      # as written, for the normalised text
     from_watch: bool = False                 # written as -w
@@ -59,10 +59,10 @@ class Rule:
 
     def text(self) -> str:
         """The normalised rule, in the form `rules check` prints and -l lists."""
-        perms = "".join(p for p in syscalls.PERM_LETTERS if p in self.perms)
+        perms = "".join(p for p in tables.PERM_LETTERS if p in self.perms)
         if self.from_watch:
             out = ["-w", shlex.quote(self.target or "")]
-            if perms != syscalls.PERM_LETTERS:
+            if perms != tables.PERM_LETTERS:
                 out += ["-p", perms]
         else:
             out = ["-a", "always,exit", "-F", "arch=b64"]
@@ -71,7 +71,7 @@ class Rule:
                         f"dev={os.major(self.dev or 0)}:{os.minor(self.dev or 0)}"]
             else:
                 out += ["-F", f"{self.kind}={shlex.quote(self.target or '')}"]
-            if perms != syscalls.PERM_LETTERS:
+            if perms != tables.PERM_LETTERS:
                 out += ["-F", f"perm={perms}"]
             if self.syscall_names:
                 out += ["-S", ",".join(self.syscall_names)]
@@ -91,7 +91,7 @@ class Rule:
         in the kernel, and to attach keys."""
         if ev.op not in self.ops:
             return False
-        if not (syscalls.perms_for(ev.op, ev.access) & self.perms):
+        if not (tables.perms_for(ev.op, ev.access) & self.perms):
             return False
         if self.syscalls and ev.syscall is not None and ev.syscall not in self.syscalls:
             return False
@@ -110,10 +110,10 @@ class Command:
 
 
 def _perms(value: str, source: str | None, line: int | None) -> frozenset[str]:
-    bad = sorted(set(value) - set(syscalls.PERM_LETTERS))
+    bad = sorted(set(value) - set(tables.PERM_LETTERS))
     if not value or bad:
         raise RuleError(f"bad permission letters {value!r}: use letters from "
-                        f"'{syscalls.PERM_LETTERS}' (read, write, execute, attribute)",
+                        f"'{tables.PERM_LETTERS}' (read, write, execute, attribute)",
                         source, line)
     return frozenset(value)
 
@@ -131,7 +131,7 @@ def _absolute(value: str, what: str, source: str | None, line: int | None) -> st
 
 
 def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, syscalls.known_syscall_names(), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, tables.known_syscall_names(), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -228,7 +228,7 @@ def parse_line(text: str, source: str | None = None, line: int | None = None,
                 if not n:
                     continue
                 try:
-                    syscalls.expand_syscall(n)
+                    tables.expand_syscall(n)
                 except KeyError:
                     raise RuleError(f"unknown syscall or alias {n!r}{_suggest(n)}",
                                     source, line) from None
@@ -248,7 +248,7 @@ def parse_line(text: str, source: str | None = None, line: int | None = None,
             raise RuleError("-w/-W cannot be combined with -F or -S", source, line)
         host = os.path.join(root, watch.lstrip("/"))
         rule = Rule(kind="dir" if _is_dir(host) else "path", target=watch,
-                    perms=perms or frozenset(syscalls.PERM_LETTERS), key=key,
+                    perms=perms or frozenset(tables.PERM_LETTERS), key=key,
                     from_watch=True)
         return Command(action, rule, source, line)
 
@@ -286,17 +286,17 @@ def parse_line(text: str, source: str | None = None, line: int | None = None,
         target = _absolute(fields[kind], f"{kind}=", source, line)
 
     sc: frozenset[str] = frozenset()
-    ops = syscalls.ALL_OPS
+    ops = tables.ALL_OPS
     if names and "all" not in names:
         calls: set[str] = set()
         op_set: set[str] = set()
         for n in names:
-            c, o = syscalls.expand_syscall(n)
+            c, o = tables.expand_syscall(n)
             calls |= c
             op_set |= o
         sc, ops = frozenset(calls), frozenset(op_set)
     rule_perms = _perms(fields["perm"], source, line) if "perm" in fields \
-        else frozenset(syscalls.PERM_LETTERS)
+        else frozenset(tables.PERM_LETTERS)
     rule = Rule(kind=kind, target=target, inode=inode, dev=dev, perms=rule_perms,
                 syscalls=sc, ops=ops, key=key,
                 syscall_names=tuple(dict.fromkeys(names)))
