@@ -23,7 +23,7 @@ class Event:
     nothing is invented (inotify, for instance, never knows the pid).
     """
     op: str
-    path: str
+    path: str | None                 # absent only where the backend cannot know it
     backend: str
     time: int = 0                    # wall clock, ns since the epoch
     seq: int = 0                     # assigned by the consumer, monotonic per run
@@ -66,7 +66,9 @@ class Event:
 def format_human(ev: Event) -> str:
     """One readable line: alias column, operation, path(s), who."""
     alias = ",".join(ev.aliases) or "-"
-    what = ev.path if ev.path2 is None else f"{ev.path} -> {ev.path2}"
+    what = ev.path or "?"
+    if ev.path2 is not None:
+        what = f"{what} -> {ev.path2}"
     parts = [f"{alias:<18}", f"{ev.op:<11}", what]
     if ev.op == "open" and ev.access:
         parts.append(f"access={ev.access}")

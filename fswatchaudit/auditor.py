@@ -1,0 +1,146 @@
+"""The consumer: one thread reads the backend, runs the enrichment pipeline and hands
+events to sinks (terminal, log writer).  Rule changes are carried out on that same
+thread, between two reads, so the backend never sees two callers at once."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from . import syscalls
+from .backends.base import Backend
+from .enrich import Processor, default_pipeline, run_pipeline
+from .events import Event
+from .rules import Command, Rule, RuleSet
+
+Sink = Callable[[Event], None]
+
+
+class Auditor:
+    def __init__(self, backend: Backend, rules: RuleSet, sinks: list[Sink],
+                 pipeline: list[Processor] | None = None,
+                 on_lost: Callable[[dict[str, int]], None] | None = None,
+                 read_timeout: float = 0.2) -> None:
+        self.backend = backend
+        self.rules = rules
+        self.sinks = sinks
+        self.pipeline = pipeline if pipeline is not None else default_pipeline(rules)
+        self.on_lost = on_lost
+        self.read_timeout = read_timeout
+        self.per_alias: Counter[str] = Counter()
+        self.events = 0
+        self.last_lost: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._loop_thread: threading.Thread | None = None
+
+    # -- control -------------------------------------------------------------
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run fn on the consumer thread (or here, when no loop runs) and return its result."""
+        if self._loop_thread is None or threading.current_thread() is self._loop_thread:
+            return fn()
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut.result(timeout)
+
+    def apply(self, cmds: list[Command]) -> list[str]:
+        """Apply rule commands atomically to the rules and the backend."""
+        return self.call(lambda: self._apply(cmds))
+
+    def _apply(self, cmds: list[Command]) -> list[str]:
+        before = dict(self.rules.rules)
+        listed = self.rules.apply(cmds)
+        after = self.rules.rules
+        removed = [(rid, r) for rid, r in before.items() if rid not in after]
+        added = [(rid, r) for rid, r in after.items() if rid not in before]
+        done: list[tuple[int, Rule]] = []
+        try:
+            for rid, rule in added:
+                self.backend.add_rule(rid, rule)
+                done.append((rid, rule))
+        except Exception:
+            for rid, rule in done:
+                self.backend.remove_rule(rid, rule)
+            self.rules.rules = before
+            raise
+        for rid, rule in removed:
+            self.backend.remove_rule(rid, rule)
+        return listed
+
+    def replace_rules(self, new: RuleSet) -> None:
+        """Swap in a whole new rule set (reload), adding before removing so that
+        rules present in both are never unwatched."""
+        def swap() -> None:
+            old_ids = {r.identity(): rid for rid, r in self.rules.items()}
+            cmds = [Command("add", r) for r in new if r.identity() not in old_ids]
+            keep = {r.identity() for r in new}
+            cmds += [Command("delete", r) for r in self.rules if r.identity() not in keep]
+            self._apply(cmds)
+        self.call(swap)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- loop ----------------------------------------------------------------
+    def handle(self, ev: Event) -> None:
+        out = run_pipeline(self.pipeline, ev)
+        if out is None:
+            return
+        self.events += 1
+        for alias in out.aliases:
+            self.per_alias[alias] += 1
+        for sink in self.sinks:
+            sink(out)
+
+    def poll_once(self, timeout: float) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed back to the caller
+                fut.set_exception(exc)
+        for ev in self.backend.read(timeout):
+            self.handle(ev)
+        lost = self.backend.lost()
+        if lost != self.last_lost:
+            self.last_lost = dict(lost)
+            if self.on_lost is not None:
+                self.on_lost(dict(lost))
+
+    def run(self, duration: float | None = None) -> None:
+        """Consume until stop() or the duration ends; then drain what is already queued."""
+        self._loop_thread = threading.current_thread()
+        deadline = None if duration is None else time.monotonic() + duration
+        try:
+            while not self._stop.is_set():
+                timeout = self.read_timeout
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    timeout = min(timeout, left)
+                self.poll_once(timeout)
+            self.poll_once(0)
+        finally:
+            self._loop_thread = None
+
+    def lost_total(self) -> int:
+        return sum(self.backend.lost().values())
+
+    def summary(self) -> list[str]:
+        lines = [f"{alias:<10} {self.per_alias.get(alias, 0)}" for alias in syscalls.ALIAS_ORDER]
+        lost = self.backend.lost()
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
+        lines.append(f"events: {self.events}")
+        lines.append(f"events lost: {sum(lost.values())}" + (f" ({detail})" if detail else ""))
+        return lines

@@ -1,0 +1,246 @@
+"""inotify backend (inotify_simple): works without privileges, knows no process.
+
+inotify reports events per directory watch, so a subtree needs one watch per directory.
+New directories are watched as soon as their IN_CREATE is read, and then scanned: what
+was created inside them before the watch existed is reported from the scan, so
+``mkdir -p a/b/c && touch a/b/c/f`` is complete.  Renames are paired by cookie; a rename
+that crosses the edge of the watched tree has only the side that inotify saw (the other
+path is absent).  inotify cannot tell who did anything: pid, uid, comm, exe, syscall and
+result are always absent.  It cannot tell chmod from chown or utime ("attr"), does not
+see executions, and reports opens when the file is closed (IN_CLOSE_WRITE: opened for
+write; IN_CLOSE_NOWRITE: opened for read).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from inotify_simple import INotify, flags
+
+from ..events import Event
+from ..rules import Rule, RuleError, RuleSet
+from .base import Backend, BackendUnavailable
+
+# What a directory watch asks for: every entry change, attribute change and close.
+DIR_MASK = (flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO | flags.ATTRIB
+            | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE | flags.DELETE_SELF | flags.MOVE_SELF
+            | flags.DONT_FOLLOW | flags.EXCL_UNLINK | flags.ONLYDIR)
+
+
+def _create_op(path: str, is_dir: bool) -> str:
+    """Which create-like op made this entry: inotify only says IN_CREATE."""
+    if is_dir:
+        return "mkdir"
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "create"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return "mknod"
+    return "create"
+
+
+class InotifyBackend(Backend):
+    name = "inotify"
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        try:
+            INotify().close()
+        except OSError as exc:
+            return False, f"inotify_init1 failed: {exc.strerror}"
+        return True, "inotify available (no process attribution)"
+
+    def __init__(self, rules: RuleSet) -> None:
+        super().__init__(rules)
+        self.inotify: INotify | None = None
+        self.wd_path: dict[int, str] = {}       # watch descriptor -> directory path
+        self.path_wd: dict[str, int] = {}
+        self.recursive: set[str] = set()        # roots of subtree watches
+        self.overflows = 0
+        self.pending_from: dict[int, tuple[str, bool, float]] = {}
+        self.fresh: set[str] = set()            # created, first close-write is the create
+
+    # -- watches ---------------------------------------------------------------
+    def _watch_dir(self, path: str) -> None:
+        assert self.inotify is not None
+        try:
+            wd = self.inotify.add_watch(path, DIR_MASK)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return
+            if exc.errno == errno.ENOSPC:
+                raise BackendUnavailable(
+                    f"inotify watch limit reached adding {path}: raise "
+                    "/proc/sys/fs/inotify/max_user_watches") from None
+            raise
+        old = self.wd_path.get(wd)
+        if old is not None and old != path:
+            self.path_wd.pop(old, None)
+        self.wd_path[wd] = path
+        self.path_wd[path] = wd
+
+    def _in_subtree(self, path: str) -> bool:
+        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in self.recursive)
+
+    def _watch_tree(self, root: str, report: list[Event] | None = None) -> None:
+        """Watch root and every directory below it; with ``report``, also report what is
+        found there (entries created before the watch could exist)."""
+        self._watch_dir(root)
+        stack = [root]
+        while stack:
+            d = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for entry in entries:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if report is not None:
+                    op = _create_op(entry.path, is_dir)
+                    self._emit(report, op, entry.path)
+                    if op == "create":
+                        self.fresh.add(entry.path)
+                if is_dir:
+                    self._watch_dir(entry.path)
+                    stack.append(entry.path)
+
+    def _unwatch_tree(self, root: str) -> None:
+        assert self.inotify is not None
+        prefix = root.rstrip("/") + "/"
+        for path in [p for p in self.path_wd if p == root or p.startswith(prefix)]:
+            wd = self.path_wd.pop(path)
+            self.wd_path.pop(wd, None)
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass
+
+    def _retarget_tree(self, old: str, new: str) -> None:
+        """A watched directory was renamed inside the tree: its watches keep working."""
+        prefix = old.rstrip("/") + "/"
+        for path in [p for p in self.path_wd if p == old or p.startswith(prefix)]:
+            wd = self.path_wd.pop(path)
+            moved = new + path[len(old):]
+            self.path_wd[moved] = wd
+            self.wd_path[wd] = moved
+
+    def _install(self, rule: Rule) -> None:
+        if rule.kind == "inode":
+            raise RuleError("the inotify backend cannot watch by inode number: "
+                            "use a path rule or the ebpf/fanotify backend")
+        assert rule.target is not None
+        if rule.kind == "dir":
+            if not os.path.isdir(rule.target):
+                raise RuleError(f"watched directory {rule.target} does not exist")
+            self.recursive.add(rule.target)
+            self._watch_tree(rule.target)
+        else:
+            parent = os.path.dirname(rule.target) or "/"
+            if not os.path.isdir(parent):
+                raise RuleError(f"cannot watch {rule.target}: directory {parent} "
+                                "does not exist")
+            self._watch_dir(parent)
+            if os.path.isdir(rule.target):
+                self._watch_dir(rule.target)
+
+    def start(self) -> None:
+        self.inotify = INotify(nonblocking=False)
+        for rule in self.rules:
+            self._install(rule)
+
+    def add_rule(self, rid: int, rule: Rule) -> None:
+        self._install(rule)
+
+    def remove_rule(self, rid: int, rule: Rule) -> None:
+        if rule.kind == "dir" and rule.target in self.recursive:
+            if not any(r.kind == "dir" and r.target == rule.target for r in self.rules):
+                self.recursive.discard(rule.target)
+                if not self._in_subtree(rule.target):
+                    self._unwatch_tree(rule.target)
+
+    def watched_count(self) -> int:
+        return len(self.wd_path)
+
+    def lost(self) -> dict[str, int]:
+        return {"inotify_overflow": self.overflows}
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+
+    # -- events ----------------------------------------------------------------
+    def _emit(self, out: list[Event], op: str, path: str | None, path2: str | None = None,
+              access: str | None = None) -> None:
+        ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
+                   access=access)
+        matched = self.rules.match(ev)
+        if matched:
+            ev.keys = sorted({r.key for r in matched if r.key})
+            out.append(ev)
+
+    def read(self, timeout: float) -> list[Event]:
+        assert self.inotify is not None
+        out: list[Event] = []
+        raw = self.inotify.read(timeout=int(timeout * 1000))
+        for e in raw:
+            if e.mask & flags.Q_OVERFLOW:
+                self.overflows += 1
+                continue
+            base = self.wd_path.get(e.wd)
+            if e.mask & flags.IGNORED:
+                if base is not None:
+                    self.wd_path.pop(e.wd, None)
+                    if self.path_wd.get(base) == e.wd:
+                        self.path_wd.pop(base, None)
+                continue
+            if base is None or not e.name:
+                continue
+            path = os.path.join(base, e.name)
+            is_dir = bool(e.mask & flags.ISDIR)
+            if e.mask & flags.CREATE:
+                op = _create_op(path, is_dir)
+                self._emit(out, op, path)
+                if is_dir and self._in_subtree(path):
+                    self._watch_tree(path, report=out)
+                elif op == "create":
+                    self.fresh.add(path)
+            elif e.mask & flags.DELETE:
+                self._emit(out, "rmdir" if is_dir else "unlink", path)
+                self.fresh.discard(path)
+            elif e.mask & flags.MOVED_FROM:
+                self.pending_from[e.cookie] = (path, is_dir, time.monotonic())
+            elif e.mask & flags.MOVED_TO:
+                src = self.pending_from.pop(e.cookie, None)
+                if src is not None:
+                    self._emit(out, "rename", src[0], path)
+                    if is_dir:
+                        if self._in_subtree(path):
+                            self._retarget_tree(src[0], path)
+                        else:
+                            self._unwatch_tree(src[0])
+                else:
+                    self._emit(out, "rename", None, path)
+                    if is_dir and self._in_subtree(path):
+                        self._watch_tree(path)
+            elif e.mask & flags.ATTRIB:
+                self._emit(out, "attr", path)
+            elif e.mask & flags.CLOSE_WRITE:
+                if path in self.fresh:
+                    self.fresh.discard(path)
+                else:
+                    self._emit(out, "open", path, access="w")
+            elif e.mask & flags.CLOSE_NOWRITE and not is_dir:
+                self._emit(out, "open", path, access="r")
+        # A MOVED_FROM whose MOVED_TO did not follow in the same read left the tree.
+        for cookie, (src, is_dir, _) in list(self.pending_from.items()):
+            del self.pending_from[cookie]
+            self._emit(out, "rename", src, None)
+            if is_dir:
+                self._unwatch_tree(src)
+        return out

@@ -1,0 +1,172 @@
+"""Enrichment as a processor chain (in the manner of structlog's processors).
+
+Each processor takes an Event and returns it (possibly with more fields) or None to
+drop it.  The pipeline is a plain list, read top to bottom.  Processors only fill what
+the backend left empty: what the kernel recorded at the time of the operation is more
+trustworthy than what /proc says later.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from . import syscalls
+from .events import Event
+from .rules import RuleSet
+
+Processor = Callable[[Event], "Event | None"]
+
+PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
+
+
+def attach_keys(rules: RuleSet) -> Processor:
+    """Drop events no rule selects; list the keys of every rule that does."""
+    def process(ev: Event) -> Event | None:
+        if ev.keys:
+            return ev
+        matched = rules.match(ev)
+        if not matched:
+            return None
+        ev.keys = sorted({r.key for r in matched if r.key})
+        return ev
+    return process
+
+
+def add_aliases(ev: Event) -> Event:
+    """The aliases whose set contains the operation (rename is in two)."""
+    if not ev.aliases:
+        ev.aliases = syscalls.aliases_for_op(ev.op)
+    return ev
+
+
+def read_proc_facts(pid: int, proc: str = "/proc") -> dict[str, object]:
+    """What /proc says about a process now: ppid, ids, loginuid, comm, exe."""
+    facts: dict[str, object] = {}
+    base = f"{proc}/{pid}"
+    try:
+        with open(f"{base}/status", "rb") as fh:
+            for line in fh:
+                name, _, value = line.partition(b":")
+                if name == b"PPid":
+                    facts["ppid"] = int(value)
+                elif name == b"Uid":
+                    ids = value.split()
+                    facts["uid"], facts["euid"] = int(ids[0]), int(ids[1])
+                elif name == b"Gid":
+                    facts["gid"] = int(value.split()[0])
+                elif name == b"Name":
+                    facts["comm"] = value.strip().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return facts
+    try:
+        with open(f"{base}/loginuid", "rb") as fh:
+            facts["loginuid"] = int(fh.read())
+    except (OSError, ValueError):
+        pass
+    try:
+        facts["exe"] = os.readlink(f"{base}/exe")
+    except OSError:
+        pass
+    return facts
+
+
+class ProcessFacts:
+    """Fill missing process fields from /proc, with a small cache per pid.
+
+    Marks the event stale when the process is gone: its facts could not be read at all.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.cache: OrderedDict[int, dict[str, object]] = OrderedDict()
+        self.size = size
+
+    def __call__(self, ev: Event) -> Event:
+        if ev.pid is None or all(getattr(ev, f) is not None for f in PROC_FIELDS):
+            return ev
+        facts = self.cache.get(ev.pid)
+        if facts is None:
+            facts = read_proc_facts(ev.pid)
+            if not facts:
+                ev.stale = True
+                return ev
+            self.cache[ev.pid] = facts
+            if len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        for name, value in facts.items():
+            if getattr(ev, name) is None:
+                setattr(ev, name, value)
+        return ev
+
+    def forget(self, pid: int) -> None:
+        self.cache.pop(pid, None)
+
+
+def _ns_inode(pid: int | str, ns: str) -> int | None:
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/{ns}")
+    except OSError:
+        return None
+    return int(link[link.index("[") + 1:-1])
+
+
+class ContainerFacts:
+    """Tag events from processes outside the host's mount namespace with the
+    container's identity (mount and pid namespace inodes, cgroup)."""
+
+    def __init__(self) -> None:
+        self.host_mnt = _ns_inode("self", "mnt")
+        self.cache: OrderedDict[int, dict | None] = OrderedDict()
+
+    def lookup(self, pid: int) -> dict | None:
+        if pid in self.cache:
+            return self.cache[pid]
+        mnt = _ns_inode(pid, "mnt")
+        info = None
+        if mnt is not None and mnt != self.host_mnt:
+            info = {"id": f"mnt:{mnt}", "mntns": mnt, "pidns": _ns_inode(pid, "pid")}
+            try:
+                with open(f"/proc/{pid}/cgroup") as fh:
+                    info["cgroup"] = fh.read().strip().split("::", 1)[-1]
+            except OSError:
+                pass
+        self.cache[pid] = info
+        if len(self.cache) > 4096:
+            self.cache.popitem(last=False)
+        return info
+
+    def __call__(self, ev: Event) -> Event:
+        if ev.container is None and ev.pid is not None:
+            ev.container = self.lookup(ev.pid)
+        return ev
+
+
+class Numbering:
+    """The monotonic sequence number, given last so that dropped events leave no gap."""
+
+    def __init__(self, start: int = 1) -> None:
+        self.next = start
+
+    def __call__(self, ev: Event) -> Event:
+        ev.seq = self.next
+        self.next += 1
+        return ev
+
+
+def default_pipeline(rules: RuleSet) -> list[Processor]:
+    return [
+        attach_keys(rules),
+        add_aliases,
+        ProcessFacts(),
+        ContainerFacts(),
+        Numbering(),
+    ]
+
+
+def run_pipeline(pipeline: Iterable[Processor], ev: Event) -> Event | None:
+    for step in pipeline:
+        result = step(ev)
+        if result is None:
+            return None
+        ev = result
+    return ev
