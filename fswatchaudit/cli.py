@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -31,6 +32,9 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 DEFAULT_RULES = "default.rules"
+
+# Modules that add their own subcommands with register(subparsers).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def default_rules_text() -> str:
@@ -103,9 +107,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"fswatchaudit: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    from .log import LogWriter  # imported here: trace without -o needs no writer
     writer = None
     if args.output:
+        from .log import LogWriter
         try:
             writer = LogWriter(args.output, log_header(backend.name, rules))
         except OSError as exc:
@@ -219,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("backends", help="which backends this host allows, and why")
     be.set_defaults(func=cmd_backends)
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(f"fswatchaudit.{module}").register(sub)
     return parser
 
 

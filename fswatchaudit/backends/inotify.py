@@ -24,9 +24,15 @@ from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable
 
 # What a directory watch asks for: every entry change, attribute change and close.
-DIR_MASK = (flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO | flags.ATTRIB
+# IN_OPEN is asked for only to keep two close-writes of one file apart: the kernel merges
+# identical consecutive events, and two opens for write are two audited operations.
+DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO | flags.ATTRIB
             | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE | flags.DELETE_SELF | flags.MOVE_SELF
             | flags.DONT_FOLLOW | flags.EXCL_UNLINK | flags.ONLYDIR)
+
+# How long a created file's first close-write, or a scanned entry's queued IN_CREATE, is
+# waited for before the bookkeeping for it is dropped.
+MEMORY_SECONDS = 5.0
 
 
 def _create_op(path: str, is_dir: bool) -> str:
@@ -62,8 +68,11 @@ class InotifyBackend(Backend):
         self.path_wd: dict[str, int] = {}
         self.recursive: set[str] = set()        # roots of subtree watches
         self.overflows = 0
-        self.pending_from: dict[int, tuple[str, bool, float]] = {}
-        self.fresh: set[str] = set()            # created, first close-write is the create
+        self.pending_from: dict[int, tuple[str, bool]] = {}
+        # Created files whose first close-write belongs to the create, and entries a scan
+        # already reported (their own IN_CREATE may still be queued): path -> when.
+        self.fresh: dict[str, float] = {}
+        self.scanned: dict[str, float] = {}
 
     # -- watches ---------------------------------------------------------------
     def _watch_dir(self, path: str) -> None:
@@ -103,8 +112,10 @@ class InotifyBackend(Backend):
                 if report is not None:
                     op = _create_op(entry.path, is_dir)
                     self._emit(report, op, entry.path)
+                    now = time.monotonic()
+                    self.scanned[entry.path] = now
                     if op == "create":
-                        self.fresh.add(entry.path)
+                        self.fresh[entry.path] = now
                 if is_dir:
                     self._watch_dir(entry.path)
                     stack.append(entry.path)
@@ -204,17 +215,20 @@ class InotifyBackend(Backend):
             path = os.path.join(base, e.name)
             is_dir = bool(e.mask & flags.ISDIR)
             if e.mask & flags.CREATE:
+                if self.scanned.pop(path, None) is not None:
+                    continue  # already reported by the scan of its new parent
                 op = _create_op(path, is_dir)
                 self._emit(out, op, path)
                 if is_dir and self._in_subtree(path):
                     self._watch_tree(path, report=out)
                 elif op == "create":
-                    self.fresh.add(path)
+                    self.fresh[path] = time.monotonic()
             elif e.mask & flags.DELETE:
                 self._emit(out, "rmdir" if is_dir else "unlink", path)
-                self.fresh.discard(path)
+                self.fresh.pop(path, None)
+                self.scanned.pop(path, None)
             elif e.mask & flags.MOVED_FROM:
-                self.pending_from[e.cookie] = (path, is_dir, time.monotonic())
+                self.pending_from[e.cookie] = (path, is_dir)
             elif e.mask & flags.MOVED_TO:
                 src = self.pending_from.pop(e.cookie, None)
                 if src is not None:
@@ -231,16 +245,24 @@ class InotifyBackend(Backend):
             elif e.mask & flags.ATTRIB:
                 self._emit(out, "attr", path)
             elif e.mask & flags.CLOSE_WRITE:
-                if path in self.fresh:
-                    self.fresh.discard(path)
-                else:
+                if self.fresh.pop(path, None) is None:
                     self._emit(out, "open", path, access="w")
             elif e.mask & flags.CLOSE_NOWRITE and not is_dir:
                 self._emit(out, "open", path, access="r")
         # A MOVED_FROM whose MOVED_TO did not follow in the same read left the tree.
-        for cookie, (src, is_dir, _) in list(self.pending_from.items()):
+        for cookie, (src, is_dir) in list(self.pending_from.items()):
             del self.pending_from[cookie]
             self._emit(out, "rename", src, None)
             if is_dir:
                 self._unwatch_tree(src)
+        self._forget_older_than(time.monotonic() - MEMORY_SECONDS)
         return out
+
+    def _forget_older_than(self, cutoff: float) -> None:
+        """Entries are inserted in time order, so the old ones are at the front."""
+        for table in (self.fresh, self.scanned):
+            while table:
+                path, when = next(iter(table.items()))
+                if when >= cutoff:
+                    break
+                del table[path]

@@ -1,0 +1,84 @@
+"""Run the real `fswatchaudit trace` as a subprocess and collect its JSON events."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNPRIVILEGED_UID = 65534
+
+
+class Trace:
+    """`fswatchaudit trace --json ARGS` running until stop(); start() returns once the
+    tool says it is really watching."""
+
+    def __init__(self, *args: str, user: int | None = None, timeout: float = 60.0):
+        self.stdout = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "fswatchaudit", "trace", "--json", *args]
+        if user is not None:
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                   "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.PIPE,
+                                     cwd=REPO, text=True)
+        self.stderr_lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError("trace exited before watching:\n" +
+                                   "".join(self.stderr_lines) + self.proc.stderr.read())
+            self.stderr_lines.append(line)
+            if line.startswith("watching "):
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("trace did not start:\n" + "".join(self.stderr_lines))
+
+    def lines(self) -> int:
+        """How many events it has printed so far."""
+        self.stdout.flush()
+        with open(f"/proc/self/fd/{self.stdout.fileno()}", "rb") as fh:
+            return fh.read().count(b"\n")
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        """Wait until at least ``count`` events were printed (a workload step is done)."""
+        deadline = time.monotonic() + timeout
+        while self.lines() < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"trace printed {self.lines()} events, "
+                                     f"expected at least {count}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[list[dict], str, int]:
+        """Stop the trace; return its events, its whole stderr and its exit code."""
+        self.proc.send_signal(sig)
+        rest = self.proc.stderr.read()
+        code = self.proc.wait(timeout=60)
+        self.stdout.seek(0)
+        events = [json.loads(line) for line in self.stdout.read().decode().splitlines()]
+        return events, "".join(self.stderr_lines) + rest, code
+
+
+def sh(script: str, cwd: str, user: int | None = None) -> None:
+    cmd = ["sh", "-ec", script]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *cmd]
+    subprocess.run(cmd, cwd=cwd, check=True)
+
+
+def readable_by_others(path: str) -> bool:
+    """Can an unprivileged user reach this path (every ancestor searchable)?"""
+    path = os.path.abspath(path)
+    while True:
+        st = os.stat(path)
+        if not st.st_mode & 0o001:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
