@@ -173,6 +173,10 @@ def cmd_log_show(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from .capabilities import markdown_table
+        print(markdown_table())
+        return EXIT_OK
     probes = backends.probe_all()
     chosen = next((p.name for p in probes if p.usable), None)
     print(f"{'backend':<10} {'usable':<7} reason")
@@ -222,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_log_show)
 
     be = sub.add_parser("backends", help="which backends this host allows, and why")
+    be.add_argument("--markdown", action="store_true",
+                    help="print what each backend can tell, as a markdown table")
     be.set_defaults(func=cmd_backends)
 
     for module in SUBCOMMAND_MODULES:

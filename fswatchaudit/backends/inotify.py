@@ -47,6 +47,8 @@ def _create_op(path: str, is_dir: bool) -> str:
         return "symlink"
     if not stat.S_ISREG(st.st_mode):
         return "mknod"
+    if st.st_nlink > 1:
+        return "link"   # a new name for an existing file
     return "create"
 
 
@@ -188,6 +190,8 @@ class InotifyBackend(Backend):
     # -- events ----------------------------------------------------------------
     def _emit(self, out: list[Event], op: str, path: str | None, path2: str | None = None,
               access: str | None = None) -> None:
+        if op == "link" and path2 is None:
+            path, path2 = None, path   # the new name; the existing one is unknown
         ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
                    access=access)
         matched = self.rules.match(ev)

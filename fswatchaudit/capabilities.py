@@ -1,0 +1,79 @@
+"""What each backend can tell, as data.
+
+The conformance suite derives each backend's expected events from this table, and the
+README's backend comparison is generated from it (`fswatchaudit backends --markdown`),
+so the documentation cannot drift from what is tested.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Event fields about the process and the syscall, in the README's column order.
+PROCESS_FIELDS = ("pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
+SYSCALL_FIELDS = ("syscall", "result")
+INODE_FIELDS = ("dev", "ino")
+
+
+@dataclass(frozen=True)
+class Capability:
+    needs: str                    # what the host must allow
+    fields: frozenset[str]        # event fields the backend fills (besides op/path/...)
+    attr_kind: bool               # tells chmod, chown, utime, xattr... apart (else "attr")
+    truncate: bool                # sees truncate()
+    exec: bool                    # sees executions
+    read_opens: bool              # sees opens for read
+    failures: bool                # reports operations that failed (result < 0)
+    rename_both_sides: bool       # a rename crossing the watched tree's edge has both paths
+    link_source: bool             # a hard link has the existing name as path
+    io_uring: bool                # sees operations submitted through io_uring
+    in_kernel_filter: bool        # unwatched operations never reach user space
+    notes: str = ""
+
+
+CAPABILITIES: dict[str, Capability] = {
+    "ebpf": Capability(
+        needs="root (CAP_BPF+CAP_PERFMON), bcc, BTF, kernel >= 6.13 (timestamp tracepoints)",
+        fields=frozenset(PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS),
+        attr_kind=True, truncate=True, exec=True, read_opens=True, failures=True,
+        rename_both_sides=True, link_source=True, io_uring=True, in_kernel_filter=True),
+    "fanotify": Capability(
+        needs="root (CAP_SYS_ADMIN), kernel >= 5.9 (FAN_REPORT_DFID_NAME)",
+        fields=frozenset(("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
+                         + INODE_FIELDS),
+        attr_kind=False, truncate=False, exec=True, read_opens=True, failures=False,
+        rename_both_sides=True, link_source=False, io_uring=True, in_kernel_filter=False,
+        notes="process facts read from /proc when the event is read (marked stale if gone)"),
+    "inotify": Capability(
+        needs="nothing (any user)",
+        fields=frozenset(),
+        attr_kind=False, truncate=False, exec=False, read_opens=True, failures=False,
+        rename_both_sides=False, link_source=False, io_uring=True, in_kernel_filter=False,
+        notes="no process attribution at all"),
+}
+
+
+def markdown_table() -> str:
+    """The backend comparison table for the README."""
+    names = list(CAPABILITIES)
+    rows = [("needs", [CAPABILITIES[n].needs for n in names])]
+    for f in PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS:
+        rows.append((f"`{f}`", ["yes" if f in CAPABILITIES[n].fields else "no"
+                                for n in names]))
+    flags = [
+        ("chmod/chown/utime/xattr told apart", "attr_kind"),
+        ("truncate", "truncate"),
+        ("exec", "exec"),
+        ("opens for read", "read_opens"),
+        ("failed operations (EACCES...)", "failures"),
+        ("both paths of a rename across the tree's edge", "rename_both_sides"),
+        ("existing name of a hard link", "link_source"),
+        ("io_uring operations", "io_uring"),
+        ("filters in the kernel", "in_kernel_filter"),
+    ]
+    for label, attr in flags:
+        rows.append((label, ["yes" if getattr(CAPABILITIES[n], attr) else "no"
+                             for n in names]))
+    rows.append(("notes", [CAPABILITIES[n].notes or "" for n in names]))
+    out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(out)

@@ -1,0 +1,120 @@
+"""The conformance workload: every kind of operation, once, with the events it must give.
+
+Expected events are written for a backend that can see everything; ``expected_for``
+derives what a given backend must report from fswatchaudit.capabilities, the same data
+the README's comparison table is generated from.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from fswatchaudit.capabilities import CAPABILITIES
+
+ATTR_OPS = {"chmod", "chown", "utime", "setxattr", "removexattr", "truncate"}
+EACCES = 13
+UNPRIVILEGED = 65534
+
+
+@dataclass
+class Step:
+    name: str
+    code: str                      # Python run in a fresh interpreter, cwd = watched dir
+    events: list[dict]             # expected, "{W}"/"{O}" stand for the two directories
+    user: int | None = None        # run as this uid
+    shell: bool = False            # code is a shell line (several processes)
+
+
+def E(op, path=None, path2=None, **kw) -> dict:
+    return {"op": op, "path": path, "path2": path2, **kw}
+
+
+STEPS = [
+    Step("create", "open('f1', 'w').write('hello')", [E("create", "{W}/f1", syscall="openat")]),
+    Step("open for write", "open('f1', 'a').write('more')",
+         [E("open", "{W}/f1", access="w", syscall="openat")]),
+    Step("open for read", "open('f1').read()",
+         [E("open", "{W}/f1", access="r", syscall="openat")]),
+    Step("chmod", "import os; os.chmod('f1', 0o600)", [E("chmod", "{W}/f1")]),
+    Step("chown", "import os; os.chown('f1', 65534, 65534)", [E("chown", "{W}/f1")]),
+    Step("utime", "import os; os.utime('f1', (1, 1))", [E("utime", "{W}/f1")]),
+    Step("setxattr", "import os; os.setxattr('f1', 'user.k', b'v')",
+         [E("setxattr", "{W}/f1")]),
+    Step("removexattr", "import os; os.removexattr('f1', 'user.k')",
+         [E("removexattr", "{W}/f1")]),
+    Step("truncate", "import os; os.truncate('f1', 1)", [E("truncate", "{W}/f1")]),
+    Step("rename", "import os; os.rename('f1', 'f2')",
+         [E("rename", "{W}/f1", "{W}/f2")]),
+    Step("mkdir", "import os; os.mkdir('sub')", [E("mkdir", "{W}/sub")]),
+    Step("rename into subdirectory", "import os; os.rename('f2', 'sub/f3')",
+         [E("rename", "{W}/f2", "{W}/sub/f3")]),
+    Step("hard link", "import os; os.link('sub/f3', 'hard')",
+         [E("link", "{W}/sub/f3", "{W}/hard")]),
+    Step("symlink", "import os; os.symlink('sub/f3', 'sym')", [E("symlink", "{W}/sym")]),
+    Step("mknod", "import os; os.mkfifo('fifo')", [E("mknod", "{W}/fifo")]),
+    Step("nested mkdir then create", "mkdir -p a/b/c && echo x > a/b/c/f",
+         [E("mkdir", "{W}/a"), E("mkdir", "{W}/a/b"), E("mkdir", "{W}/a/b/c"),
+          E("create", "{W}/a/b/c/f")], shell=True),
+    Step("rename out of the tree", "import os; os.rename('hard', '{O}/hard')",
+         [E("rename", "{W}/hard", "{O}/hard", crossing="out")]),
+    Step("rename into the tree", "import os; os.rename('{O}/incoming', 'incoming')",
+         [E("rename", "{O}/incoming", "{W}/incoming", crossing="in")]),
+    Step("editor-style replace",
+         "import os; open('sub/.f3.tmp', 'w').write('new'); "
+         "os.rename('sub/.f3.tmp', 'sub/f3')",
+         [E("create", "{W}/sub/.f3.tmp"), E("rename", "{W}/sub/.f3.tmp", "{W}/sub/f3")]),
+    Step("exec", "import subprocess; subprocess.run(['./prog'], check=True)",
+         [E("exec", "{W}/prog", child=True)]),
+    Step("EACCES by an unprivileged user",
+         "import errno\ntry:\n    open('locked/f', 'w')\nexcept PermissionError:\n    pass\n"
+         "else:\n    raise SystemExit('expected EACCES')",
+         [E("create", "{W}/locked/f", result=-EACCES)], user=UNPRIVILEGED),
+    Step("unlink", "import os; os.unlink('sym'); os.unlink('fifo')",
+         [E("unlink", "{W}/sym"), E("unlink", "{W}/fifo")]),
+    Step("rmdir", "import os; os.unlink('a/b/c/f'); os.rmdir('a/b/c'); os.rmdir('a/b'); "
+                  "os.rmdir('a')",
+         [E("unlink", "{W}/a/b/c/f"), E("rmdir", "{W}/a/b/c"), E("rmdir", "{W}/a/b"),
+          E("rmdir", "{W}/a")]),
+    Step("outside the tree",
+         "import os; open('{O}/x', 'w').close(); os.chmod('{O}/x', 0o600); "
+         "os.unlink('{O}/x')", []),
+]
+
+
+def prepare(watched: str, outside: str) -> None:
+    """Fixtures made before the trace starts (so they are not reported)."""
+    with open("/bin/true", "rb") as src, open(os.path.join(watched, "prog"), "wb") as dst:
+        dst.write(src.read())
+    os.chmod(os.path.join(watched, "prog"), 0o755)
+    os.mkdir(os.path.join(watched, "locked"), 0o755)
+    with open(os.path.join(outside, "incoming"), "w") as fh:
+        fh.write("x")
+
+
+def expected_for(backend: str, event: dict, watched: str, outside: str) -> dict | None:
+    """What `backend` must report for one expected event, or None where it cannot."""
+    cap = CAPABILITIES[backend]
+    ev = {k: (v.format(W=watched, O=outside) if isinstance(v, str) else v)
+          for k, v in event.items()}
+    op = ev["op"]
+    if op == "truncate" and not cap.truncate:
+        return None
+    if op == "exec" and not cap.exec:
+        # the kernel opens the program for reading: that is what such a backend sees
+        ev.update(op="open", access="r")
+    if ev.get("result", 0) < 0 and not cap.failures:
+        return None
+    if op in ATTR_OPS and not cap.attr_kind:
+        ev["op"] = "attr"
+    crossing = ev.pop("crossing", None)
+    if crossing and not cap.rename_both_sides:
+        ev["path" if crossing == "in" else "path2"] = None
+    if op == "link" and not cap.link_source:
+        ev["path"] = None
+    if "syscall" not in cap.fields:
+        ev.pop("syscall", None)
+    if "result" in cap.fields:
+        ev.setdefault("result", 0)
+    else:
+        ev.pop("result", None)
+    return ev
