@@ -13,23 +13,26 @@ from typing import Any, Callable
 from . import syscalls
 from .backends.base import Backend
 from .enrich import Processor, default_pipeline, run_pipeline
-from .events import Event
+from .events import Event, ProcessState
 from .rules import Command, Rule, RuleSet
 
 Sink = Callable[[Event], None]
+StateSink = Callable[[ProcessState], None]
 
 
 class Auditor:
     def __init__(self, backend: Backend, rules: RuleSet, sinks: list[Sink],
                  pipeline: list[Processor] | None = None,
                  on_lost: Callable[[dict[str, int]], None] | None = None,
-                 read_timeout: float = 0.2) -> None:
+                 read_timeout: float = 0.2,
+                 state_sinks: list[StateSink] | None = None) -> None:
         self.backend = backend
         self.rules = rules
         self.sinks = sinks
         self.pipeline = pipeline if pipeline is not None else default_pipeline(rules)
         self.on_lost = on_lost
         self.read_timeout = read_timeout
+        self.state_sinks = state_sinks or []
         self.per_alias: Counter[str] = Counter()
         self.events = 0
         self.last_lost: dict[str, int] = {}
@@ -99,6 +102,10 @@ class Auditor:
         for sink in self.sinks:
             sink(out)
 
+    def handle_state(self, st: ProcessState) -> None:
+        for sink in self.state_sinks:
+            sink(st)
+
     def poll_once(self, timeout: float) -> None:
         while True:
             try:
@@ -109,8 +116,11 @@ class Auditor:
                 fut.set_result(fn())
             except BaseException as exc:  # handed back to the caller
                 fut.set_exception(exc)
-        for ev in self.backend.read(timeout):
-            self.handle(ev)
+        for item in self.backend.read(timeout):
+            if isinstance(item, ProcessState):
+                self.handle_state(item)
+            else:
+                self.handle(item)
         lost = self.backend.lost()
         if lost != self.last_lost:
             self.last_lost = dict(lost)

@@ -85,3 +85,39 @@ def format_human(ev: Event) -> str:
     if ev.keys:
         parts.append("key=" + ",".join(ev.keys))
     return " ".join(parts)
+
+
+# Keys of a process state record, in output order.
+STATE_KEYS = ("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "cwd",
+              "start_time", "reason", "nspid", "container")
+
+
+@dataclass(slots=True)
+class ProcessState:
+    """A process entering a per-process audit: who it is, so that later events can be
+    tied to a user and a lineage even after the process is gone."""
+    pid: int
+    ppid: int | None = None
+    uid: int | None = None
+    euid: int | None = None
+    gid: int | None = None
+    loginuid: int | None = None
+    comm: str | None = None
+    exe: str | None = None
+    cwd: str | None = None
+    start_time: int | None = None    # ns since boot, as /proc/PID/stat starttime says
+    reason: str = "initial"          # initial, fork, exec, added
+    nspid: int | None = None         # the pid as seen inside its own pid namespace
+    container: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in STATE_KEYS if getattr(self, k) is not None}
+
+
+def format_state(st: ProcessState) -> str:
+    parts = [f"{'process':<18}", f"{st.reason:<11}", f"pid={st.pid}"]
+    for name in ("ppid", "uid", "comm", "exe", "cwd"):
+        value = getattr(st, name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)

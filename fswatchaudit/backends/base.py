@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
-from ..events import Event
+from ..events import Event, ProcessState
 from ..rules import Rule, RuleSet
 
 
@@ -41,8 +41,10 @@ class Backend(abc.ABC):
         """Install every rule.  Raises BackendUnavailable or RuleError with a clear message."""
 
     @abc.abstractmethod
-    def read(self, timeout: float) -> list[Event]:
-        """Events that arrived, waiting at most ``timeout`` seconds for the first one."""
+    def read(self, timeout: float) -> list[Event | ProcessState]:
+        """Events that arrived, waiting at most ``timeout`` seconds for the first one.
+        Process state records (a process entering a per-process audit) come in the
+        same stream, in order."""
 
     def add_rule(self, rid: int, rule: Rule) -> None:
         """Start watching for a rule already added to ``self.rules`` under ``rid``."""
@@ -51,6 +53,19 @@ class Backend(abc.ABC):
     def remove_rule(self, rid: int, rule: Rule) -> None:
         """Stop watching for a rule already removed from ``self.rules``."""
         raise NotImplementedError(f"{self.name} cannot change rules at run time")
+
+    # -- scopes (per-process and container audits); only kernel backends can do them --
+    def add_process(self, pid: int, children: bool = True) -> None:
+        """Audit this process (and, with children, every process it forks from now on).
+        With audited processes and no path rule, everything they touch is reported."""
+        raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
+
+    def remove_process(self, pid: int) -> None:
+        raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
+
+    def restrict_to_mount_namespace(self, mntns: int | None) -> None:
+        """Report only processes in this mount namespace (a container), or all (None)."""
+        raise BackendUnavailable(f"the {self.name} backend cannot filter by container")
 
     def lost(self) -> dict[str, int]:
         """Events lost so far, per source (queue overflow, ring buffer full, ...)."""
