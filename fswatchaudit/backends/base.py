@@ -63,6 +63,11 @@ class Backend(abc.ABC):
     def remove_process(self, pid: int) -> None:
         raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
 
+    def set_container(self, container) -> None:
+        """Resolve rule paths inside this container (a scope.Container) and report paths
+        as seen inside it.  Called before start()."""
+        raise BackendUnavailable(f"the {self.name} backend cannot audit containers")
+
     def restrict_to_mount_namespace(self, mntns: int | None) -> None:
         """Report only processes in this mount namespace (a container), or all (None)."""
         raise BackendUnavailable(f"the {self.name} backend cannot filter by container")
