@@ -1,0 +1,471 @@
+"""eBPF backend: bcc programs on kernel tracepoints, filtering on inodes in the kernel.
+
+The programs (fswatchaudit/bpf/probes.c) attach only to tracepoints: syscall enter/exit
+for the filesystem syscalls, the timestamp:* inode ctime tracepoints (which inodes a
+syscall changed, also for io_uring workers), sched_process_exec/fork/exit and
+io_uring_submit_req.  A hash map of watched (device, inode) pairs with permission masks
+decides in the kernel which operations reach user space; the walk up the directory tree
+happens at the time of the operation, so new and moved directories are covered at once.
+
+Kernel struct offsets come from the running kernel's BTF, read by fswatchaudit.bpf.btf.
+Without kernel headers, bcc is pointed at the minimal include tree shipped in
+fswatchaudit/bpf/include.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+import time
+from importlib import resources
+
+from .. import syscalls
+from ..bpf.btf import BTF, VMLINUX_BTF, BTFError
+from ..events import Event, ProcessState
+from ..rules import Rule, RuleError, RuleSet
+from .base import Backend, BackendUnavailable
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+CTIME_TRACEPOINTS = ("inode_set_ctime_to_ts", "ctime_ns_xchg", "ctime_xchg_skip")
+
+# Kernel struct members the programs read, by the -D name they are passed under.
+OFFSETS = {
+    "OFF_TASK_TGID": "task_struct.tgid", "OFF_TASK_PID": "task_struct.pid",
+    "OFF_TASK_REAL_PARENT": "task_struct.real_parent", "OFF_TASK_CRED": "task_struct.cred",
+    "OFF_TASK_LOGINUID": "task_struct.loginuid", "OFF_TASK_FS": "task_struct.fs",
+    "OFF_TASK_FILES": "task_struct.files", "OFF_TASK_MM": "task_struct.mm",
+    "OFF_TASK_NSPROXY": "task_struct.nsproxy", "OFF_NSPROXY_MNT_NS": "nsproxy.mnt_ns",
+    "OFF_MNT_NS_INUM": "mnt_namespace.ns.inum",
+    "OFF_CRED_UID": "cred.uid", "OFF_CRED_EUID": "cred.euid", "OFF_CRED_GID": "cred.gid",
+    "OFF_FS_PWD": "fs_struct.pwd", "OFF_FS_ROOT": "fs_struct.root",
+    "OFF_PATH_MNT": "path.mnt", "OFF_PATH_DENTRY": "path.dentry",
+    "OFF_FILES_FDT": "files_struct.fdt", "OFF_FDTABLE_FD": "fdtable.fd",
+    "OFF_FDTABLE_MAX_FDS": "fdtable.max_fds", "OFF_FILE_F_PATH": "file.f_path",
+    "OFF_FILE_F_INODE": "file.f_inode", "OFF_DENTRY_D_PARENT": "dentry.d_parent",
+    "OFF_DENTRY_D_NAME": "dentry.d_name", "OFF_QSTR_NAME": "qstr.name",
+    "OFF_DENTRY_D_INODE": "dentry.d_inode", "OFF_DENTRY_D_ALIAS": "dentry.d_u",
+    "OFF_INODE_I_INO": "inode.i_ino", "OFF_INODE_I_SB": "inode.i_sb",
+    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_DENTRY": "inode.i_dentry",
+    "OFF_SB_S_DEV": "super_block.s_dev", "OFF_MOUNT_MNT": "mount.mnt",
+    "OFF_MOUNT_MNT_PARENT": "mount.mnt_parent",
+    "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",
+    "OFF_VFSMOUNT_MNT_ROOT": "vfsmount.mnt_root", "OFF_MM_EXE_FILE": "mm_struct.exe_file",
+    "OFF_BINPRM_FILE": "linux_binprm.file",
+}
+
+# Permission classes, as in probes.c.
+PERM_BITS = {"r": 1, "w": 2, "x": 4, "a": 8}
+KIND_PLAIN, KIND_OPEN = 0, 1
+EV_SYSCALL, EV_EXEC, EV_URING, EV_FAILED, EV_STATE = 1, 2, 3, 4, 5
+AUDIT_CHILDREN = 1
+CNT_SUBMITTED, CNT_LOST, CNT_PENDING_FULL = 0, 1, 2
+
+# The record header, field for field as struct event in probes.c.
+HEADER = struct.Struct("<QIIqQQQQ8I6HI16s")
+AT_REMOVEDIR = 0x200
+O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 3, 1, 2, 0o100, 0o1000
+CREATED_FLAG_SHIFT = 32
+
+# io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
+IORING_OPS = {18: "create", 28: "create", 35: "rename", 36: "unlink", 37: "mkdir",
+              38: "symlink", 39: "link", 41: "setxattr", 42: "setxattr"}
+
+# Syscall argument roles, by the argument names in the tracefs format files.
+DFD_NAMES = ("dfd", "olddfd")
+PATH_NAMES = ("filename", "pathname", "oldname")
+ATTR_SYSCALL_OPS = syscalls.ATTR_OPS
+
+
+def tracefs() -> str | None:
+    for d in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return None
+
+
+def kernel_dev(st_dev: int) -> int:
+    """st_dev (user space encoding) -> super_block.s_dev (kernel MKDEV encoding)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def user_dev(kdev: int) -> int:
+    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
+
+
+def syscall_args(tfs: str, name: str) -> list[str] | None:
+    """Argument names of sys_enter_NAME, or None where this kernel has no such syscall."""
+    try:
+        with open(f"{tfs}/events/syscalls/sys_enter_{name}/format") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:") or "common_" in line or "__syscall_nr" in line:
+            continue
+        decl = line.split(";")[0][len("field:"):]
+        names.append(decl.replace("*", " ").split()[-1])
+    return names
+
+
+def tracepoint_id(tfs: str, category: str, name: str) -> int:
+    with open(f"{tfs}/events/{category}/{name}/id") as fh:
+        return int(fh.read())
+
+
+def mount_points(pid: int | str = "self") -> dict[int, str]:
+    """st_dev -> where that filesystem's root is mounted (for paths of io_uring work)."""
+    out: dict[int, str] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo") as fh:
+            for line in fh:
+                parts = line.split()
+                major, minor = parts[2].split(":")
+                if parts[3] == "/":
+                    out.setdefault(os.makedev(int(major), int(minor)),
+                                   parts[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+class EbpfBackend(Backend):
+    name = "ebpf"
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "needs root (CAP_BPF and CAP_PERFMON)"
+        try:
+            import bcc  # noqa: F401
+        except ImportError:
+            return False, "bcc is not importable (Debian package python3-bpfcc)"
+        if not os.path.exists(VMLINUX_BTF):
+            return False, f"no kernel BTF at {VMLINUX_BTF} (CONFIG_DEBUG_INFO_BTF)"
+        tfs = tracefs()
+        if tfs is None:
+            return False, "tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing)"
+        missing = [t for t in CTIME_TRACEPOINTS
+                   if not os.path.isdir(f"{tfs}/events/timestamp/{t}")]
+        if missing:
+            return False, ("kernel lacks the timestamp:* tracepoints "
+                           f"({', '.join(missing)}): Linux 6.13 or newer is needed")
+        return True, "root, bcc, BTF and timestamp tracepoints present"
+
+    def __init__(self, rules: RuleSet, ringbuf_pages: int = 8192) -> None:
+        super().__init__(rules)
+        self.ringbuf_pages = ringbuf_pages
+        self.bpf = None
+        self.batch: list[Event | ProcessState] = []
+        self.tp_names: dict[int, str] = {}      # syscall index -> syscall name
+        self.nargs: dict[str, int] = {}
+        self.container = None
+        self.mounts: dict[int, str] = {}
+        self.time_offset = 0
+        self.audited: set[int] = set()
+        self.watch_values: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    # -- loading -----------------------------------------------------------------
+    def _cflags(self) -> list[str]:
+        try:
+            btf = BTF()
+            flags = [f"-D{name}={btf.offset(member)}" for name, member in OFFSETS.items()]
+        except (OSError, BTFError) as exc:
+            raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
+        flags += [f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+                  f"-DEVENT_HEADER_SIZE={HEADER.size}"]
+        return flags
+
+    def _compile(self, names: dict[int, str]):
+        from bcc import BPF
+        headers = f"/lib/modules/{os.uname().release}/build"
+        if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
+            os.environ["BCC_KERNEL_SOURCE"] = str(
+                resources.files("fswatchaudit.bpf").joinpath("include"))
+        src = resources.files("fswatchaudit.bpf").joinpath("probes.c").read_bytes()
+        src += b"\n/* one enter program per syscall, generated by the loader */\n"
+        src += "".join(
+            f"int enter_{name}(struct sys_enter_ctx *ctx) "
+            f"{{ return on_sys_enter(ctx, {i}, {self.nargs[name]}); }}\n"
+            for i, name in names.items()).encode()
+        try:
+            return BPF(text=src, cflags=self._cflags())
+        except Exception as exc:
+            raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None
+
+    def _specs(self, tfs: str) -> dict[str, tuple]:
+        """Per syscall: (dfd1, path1, dfd2, path2, fd, flags, kind, perm, in_struct, fixed)."""
+        specs = {}
+        for name, ops in syscalls.SYSCALL_OPS.items():
+            if "exec" in ops:
+                continue            # executions are seen at sched_process_exec
+            args = syscall_args(tfs, name)
+            if args is None:
+                continue
+
+            def idx(*names: str) -> int:
+                return next((args.index(n) for n in names if n in args), -1)
+            dfd1, path1 = idx(*DFD_NAMES), idx(*PATH_NAMES)
+            dfd2, path2 = idx("newdfd"), idx("newname")
+            if name in ("symlink", "symlinkat"):   # oldname is the link's text, not a path
+                dfd1, path1, dfd2, path2 = dfd2, path2, -1, -1
+            fd = idx("fd") if path1 < 0 else -1
+            flags = idx("flags", "flag", "how")
+            kind = KIND_OPEN if ops & {"open", "create"} else KIND_PLAIN
+            perm = 0
+            for op in ops:
+                for letter in syscalls.perms_for(op, "rw"):
+                    perm |= PERM_BITS[letter]
+            fixed = O_CREAT | O_WRONLY | O_TRUNC if name == "creat" else 0
+            self.nargs[name] = len(args)
+            specs[name] = (dfd1, path1, dfd2, path2, fd, flags, kind, perm,
+                           1 if name == "openat2" else 0, fixed)
+        return specs
+
+    def start(self) -> None:
+        ok, reason = self.probe()
+        if not ok:
+            raise BackendUnavailable(reason)
+        tfs = tracefs()
+        assert tfs is not None
+        t0 = time.time_ns()
+        self.time_offset = t0 - time.monotonic_ns()
+        specs = self._specs(tfs)
+        self.tp_names = dict(enumerate(specs, 1))
+        self.bpf = self._compile(self.tp_names)
+        bpf = self.bpf
+        spec_map = bpf["syscall_spec"]
+        for spec_id, name in self.tp_names.items():
+            value = spec_map.Leaf()
+            (value.dfd1, value.path1, value.dfd2, value.path2, value.fd, value.flags,
+             value.kind, value.perm, value.flags_in_struct, value.fixed_flags) = specs[name]
+            spec_map[spec_map.Key(spec_id)] = value
+            bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}",
+                                  fn_name=f"enter_{name}".encode())
+            bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name=b"on_sys_exit")
+        self.mounts = mount_points()
+        self._sync_watches()
+        bpf["events"].open_ring_buffer(self._on_record)
+
+    # -- rules -> the watched map ------------------------------------------------------
+    def _host_path(self, path: str) -> str:
+        return self.container.host_path(path) if self.container else path
+
+    def _rule_entries(self, rule: Rule) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+        mask = sum(PERM_BITS[p] for p in rule.perms)
+        if rule.kind == "inode":
+            return [((kernel_dev(rule.dev or 0), rule.inode or 0), (mask, 0, 0))]
+        assert rule.target is not None
+        if rule.kind == "dir":
+            target = self._host_path(rule.target)
+            try:
+                st = os.stat(target)
+            except OSError as exc:
+                raise RuleError(f"cannot watch {rule.target}: {exc.strerror}") from None
+            return [((kernel_dev(st.st_dev), st.st_ino), (mask, mask, mask))]
+        parent = os.path.dirname(rule.target) or "/"
+        try:
+            st = os.stat(self._host_path(parent))
+        except OSError as exc:
+            raise RuleError(f"cannot watch {rule.target}: its directory {parent}: "
+                            f"{exc.strerror}") from None
+        # The parent's entries: user space keeps the watched name (it survives the file
+        # being replaced by a rename, and a file that does not exist yet).
+        return [((kernel_dev(st.st_dev), st.st_ino), (0, mask, 0))]
+
+    def _sync_watches(self) -> None:
+        wanted: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for rule in self.rules:
+            for key, (s, c, t) in self._rule_entries(rule):
+                old = wanted.get(key, (0, 0, 0))
+                wanted[key] = (old[0] | s, old[1] | c, old[2] | t)
+        table = self.bpf["watched"]
+        for key, val in wanted.items():
+            if self.watch_values.get(key) != val:
+                leaf = table.Leaf()
+                leaf.self, leaf.child, leaf.subtree = val
+                k = table.Key()
+                k.dev, k.ino = key
+                table[k] = leaf
+        for key in set(self.watch_values) - set(wanted):
+            k = table.Key()
+            k.dev, k.ino = key
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        self.watch_values = wanted
+        self._set_config()
+
+    def _set_config(self, **changes: int) -> None:
+        cfg_map = self.bpf["config"]
+        cfg = cfg_map[0]
+        cfg.have_watches = 1 if self.watch_values else 0
+        for name, value in changes.items():
+            setattr(cfg, name, value)
+        cfg.scope_all_paths = 1 if cfg.scope_processes and not len(self.rules) else 0
+        cfg_map[0] = cfg
+
+    def add_rule(self, rid: int, rule: Rule) -> None:
+        self._rule_entries(rule)        # refuse before changing anything
+        self._sync_watches()
+
+    def remove_rule(self, rid: int, rule: Rule) -> None:
+        self._sync_watches()
+
+    def watched_count(self) -> int:
+        return len(self.watch_values)
+
+    # -- scopes ----------------------------------------------------------------------
+    def set_container(self, container) -> None:
+        self.container = container
+
+    def restrict_to_mount_namespace(self, mntns: int | None) -> None:
+        self._set_config(mntns=mntns or 0)
+
+    def add_process(self, pid: int, children: bool = True) -> None:
+        from ..scope import process_tree, read_process_state
+        pids = process_tree(pid) if children else [pid]
+        if not os.path.exists(f"/proc/{pid}"):
+            raise RuleError(f"no process {pid}")
+        table = self.bpf["audited"]
+        flag = AUDIT_CHILDREN if children else 0
+        for p in pids:
+            table[table.Key(p)] = table.Leaf(flag)
+            self.audited.add(p)
+            st = read_process_state(p, "initial" if p == pid else "descendant")
+            if st is not None:
+                self.batch.append(st)
+        self._set_config(scope_processes=1)
+
+    def remove_process(self, pid: int) -> None:
+        table = self.bpf["audited"]
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            raise RuleError(f"process {pid} is not audited") from None
+        self.audited.discard(pid)
+
+    # -- events ----------------------------------------------------------------------
+    def _path(self, parts: list[bytes], n: int, pos: int) -> tuple[str, int]:
+        comps = [p.decode(errors="surrogateescape") for p in parts[pos:pos + n]]
+        comps.reverse()
+        return "/" + "/".join(comps), pos + n
+
+    def _on_record(self, ctx, data, size) -> None:
+        raw = ctypes.string_at(data, size)
+        (ktime, kind, tp_id, ret, flags, kdev, ino, mntns, pid, tid, ppid, uid, euid, gid,
+         loginuid, nspid, n_base1, n_base2, n_exe, has_name1, has_name2, _walk, data_len,
+         comm) = HEADER.unpack_from(raw)
+        parts = raw[HEADER.size:HEADER.size + data_len].split(b"\0")
+        if kind == EV_STATE:
+            self._on_fork(pid, ppid)
+            return
+        pos = 0
+        base1, pos = self._path(parts, n_base1, pos)
+        name1 = None
+        if has_name1:
+            name1, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+        base2, pos = self._path(parts, n_base2, pos)
+        name2 = None
+        if has_name2:
+            name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+        exe, pos = self._path(parts, n_exe, pos) if n_exe else (None, pos)
+
+        path = base1 if name1 is None else os.path.normpath(os.path.join(base1, name1))
+        path2 = None if name2 is None else os.path.normpath(os.path.join(base2, name2))
+        syscall = self.tp_names.get(tp_id)
+        access = None
+        if kind == EV_EXEC:
+            op, syscall = "exec", None
+        elif kind == EV_URING:
+            op, syscall = IORING_OPS.get(tp_id, "attr"), None
+            mount = self.mounts.get(user_dev(kdev))
+            if mount and mount != "/":
+                path = mount + path
+        elif syscall is None:
+            return
+        elif syscall in ("open", "openat", "openat2", "creat"):
+            if kind == EV_SYSCALL and (flags >> CREATED_FLAG_SHIFT) & 1:
+                op = "create"
+            elif kind == EV_FAILED and flags & O_CREAT:
+                op = "create"
+            else:
+                op = "open"
+                acc = flags & O_ACCMODE
+                access = "w" if acc == O_WRONLY else ("rw" if acc == O_RDWR else "r")
+        elif syscall == "unlinkat":
+            op = "rmdir" if flags & AT_REMOVEDIR else "unlink"
+        else:
+            op = next(iter(syscalls.SYSCALL_OPS[syscall]))
+        ev = Event(op=op, path=path, path2=path2, backend=self.name,
+                   time=self.time_offset + ktime, syscall=syscall,
+                   result=0 if kind in (EV_EXEC, EV_URING) else (0 if ret >= 0 else ret),
+                   dev=user_dev(kdev) if kdev else None, ino=ino or None,
+                   pid=pid, tid=tid, ppid=ppid, uid=uid, euid=euid, gid=gid,
+                   loginuid=loginuid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+                   exe=exe, access=access)
+        if kind == EV_URING:
+            ev.result = None
+        if self.container is not None:
+            ev.container = self.container.identity()
+        matched = self.rules.match(ev)
+        if not matched and not self.audited:
+            return
+        ev.keys = sorted({r.key for r in matched if r.key})
+        self.batch.append(ev)
+
+    def _on_fork(self, pid: int, ppid: int) -> None:
+        from ..scope import read_process_state
+        self.audited.add(pid)
+        st = read_process_state(pid, "fork") or ProcessState(pid=pid, ppid=ppid,
+                                                             reason="fork")
+        self.batch.append(st)
+
+    def read(self, timeout: float) -> list[Event | ProcessState]:
+        assert self.bpf is not None
+        self.bpf.ring_buffer_poll(max(0, int(timeout * 1000)))
+        out, self.batch = self.batch, []
+        return _merge_uring(out)
+
+    def _counter(self, idx: int) -> int:
+        values = self.bpf["counters"][ctypes.c_int(idx)]
+        return int(sum(values))
+
+    def submitted(self) -> int:
+        """Records the kernel submitted to the ring buffer (for tests and status)."""
+        return self._counter(CNT_SUBMITTED)
+
+    def lost(self) -> dict[str, int]:
+        if self.bpf is None:
+            return {"ringbuf": 0}
+        return {"ringbuf": self._counter(CNT_LOST),
+                "pending_full": self._counter(CNT_PENDING_FULL)}
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def _merge_uring(items: list) -> list:
+    """An io_uring request changes several inodes (an unlink: the file and its
+    directory); keep one event per request: the deepest path of consecutive events from
+    the same worker with the same operation."""
+    out: list = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (isinstance(item, Event) and isinstance(prev, Event) and item.syscall is None
+                and prev.syscall is None and item.op == prev.op and item.tid == prev.tid
+                and item.op != "exec" and prev.op != "exec"
+                and item.path and prev.path
+                and (item.path.startswith(prev.path + "/") or
+                     prev.path.startswith(item.path + "/"))):
+            if len(item.path) > len(prev.path):
+                out[-1] = item
+            continue
+        out.append(item)
+    return out

@@ -1,0 +1,1 @@
+/* Intentionally empty: bcc includes it, nothing here needs it. */

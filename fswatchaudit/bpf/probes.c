@@ -1,0 +1,773 @@
+/*
+ * fswatchaudit kernel side: tracepoint programs that filter filesystem operations
+ * against a map of watched inodes and send the matching ones through a ring buffer.
+ *
+ * Only tracepoints are used (syscall enter/exit, the timestamp:* inode ctime
+ * tracepoints, sched, io_uring), so this loads on kernels without kprobes, fentry or
+ * BPF-LSM.  Every kernel struct offset (OFF_*) is computed at start-up from the running
+ * kernel's BTF and passed in with -D; nothing here depends on kernel headers.
+ *
+ * Flow of one syscall:
+ *   sys_enter_*  -> remember the syscall's arguments for this thread (pending)
+ *   timestamp:*  -> remember which inodes the syscall changed (their ctime moved)
+ *   sys_exit_*   -> if a changed inode, or the opened file, lies under a watch whose
+ *                   permission mask covers the operation, build a record and submit it
+ */
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+/* ---- named constants ------------------------------------------------------------ */
+#define MAX_TOUCHED     4       /* inodes remembered per syscall (rename: 3) */
+#define WATCH_DEPTH     16      /* directory levels walked up looking for a watch */
+#define PATH_DEPTH      16      /* path components reported */
+#define NAME_SLOT       256     /* NAME_MAX + 1 */
+#define PATH_SLOT       4096    /* PATH_MAX */
+#define DATA_SIZE       16384   /* string area of one record */
+#define DATA_MASK       (DATA_SIZE - 1)
+#define MAX_WATCHES     65536
+#define MAX_PENDING     65536
+#define MAX_AUDITED     65536
+#define COMM_LEN        16
+
+/* permission classes, as in auditctl -p */
+#define PERM_R 1
+#define PERM_W 2
+#define PERM_X 4
+#define PERM_A 8
+
+/* syscall argument roles (syscall_spec.kind) */
+#define KIND_PLAIN      0       /* path or fd arguments; reported if a changed inode is watched */
+#define KIND_OPEN       1       /* returns an fd: the opened file decides */
+
+/* record kinds (event.kind) */
+#define EV_SYSCALL      1
+#define EV_EXEC         2
+#define EV_URING        3
+#define EV_FAILED       4       /* denied attempt (EACCES/EPERM), matched by path in user space */
+#define EV_STATE        5       /* a process entered a per-process audit */
+
+/* open(2) flag bits and errno values are ABI, the same on every architecture we run on */
+#define ACCMODE_MASK    3
+#define ACC_WRONLY      1
+#define ACC_RDWR        2
+#define FLAG_CREAT      0100
+#define AT_FDCWD_VALUE  (-100)
+#define ERR_EACCES      13
+#define ERR_EPERM       1
+#define S_IFMT_MASK     0170000
+#define S_IFDIR_BITS    0040000
+
+/* the fixed layout of every syscalls:* tracepoint record (see its tracefs format file) */
+struct sys_enter_ctx {
+    u64 common;                 /* not readable by tracepoint programs */
+    s32 syscall_nr;
+    u32 pad;
+    u64 args[6];
+};
+
+struct sys_exit_ctx {
+    u64 common;
+    s32 syscall_nr;
+    u32 pad;
+    s64 ret;
+};
+
+/* ---- maps --------------------------------------------------------------------------- */
+
+/* watched: (device, inode) -> permission masks by depth.  self applies to the inode
+ * itself, child to its direct entries (a file watch marks the file's parent this way;
+ * user space then keeps only the watched name), subtree to everything further below. */
+struct watch_key {
+    u64 dev;                    /* super_block.s_dev, kernel encoding */
+    u64 ino;
+};
+struct watch_val {
+    u8 self;
+    u8 child;
+    u8 subtree;
+    u8 pad;
+};
+BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
+
+/* syscall_spec: syscall index (chosen by the loader) -> which arguments are paths, dirfds, fds, flags.
+ * Filled by user space from the tracefs format files; -1 means "no such argument". */
+struct syscall_spec {
+    s16 dfd1, path1, dfd2, path2, fd, flags;
+    u8 kind;                    /* KIND_* */
+    u8 perm;                    /* PERM_* class of the operation (opens: from flags) */
+    u8 flags_in_struct;         /* openat2: flags is the first u64 of struct open_how */
+    u8 pad[3];
+    u64 fixed_flags;            /* creat(): the flags it implies */
+};
+BPF_HASH(syscall_spec, u32, struct syscall_spec, 512);
+
+/* pending: thread id -> the syscall in progress and the inodes it changed so far */
+struct pending {
+    u32 tp_id;                  /* index in syscall_spec */
+    u32 ntouched;
+    u64 args[6];
+    u64 touched[MAX_TOUCHED];   /* struct inode * */
+    u8 dir_touched;             /* a directory's ctime moved: an entry was created */
+    u8 pad[7];
+};
+BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
+
+/* audited: tgid -> flags, for per-process audits (AUDIT_CHILDREN: follow forks) */
+#define AUDIT_CHILDREN 1
+BPF_HASH(audited, u32, u8, MAX_AUDITED);
+
+/* config: single slot of global switches set by user space */
+struct config {
+    u32 scope_processes;        /* only audited tgids are reported */
+    u32 scope_all_paths;        /* audited tgids: report every path, not only watched ones */
+    u64 mntns;                  /* nonzero: only tasks in this mount namespace */
+    u32 have_watches;           /* the watched map is non-empty */
+    u32 pad;
+};
+BPF_ARRAY(config, struct config, 1);
+
+/* uring_op: tgid -> opcode of the last io_uring request it submitted; io-wq workers
+ * run requests in the submitter's thread group, so this names what a worker does */
+BPF_HASH(uring_op, u32, u32, 16384);
+
+/* counters, per CPU: what was submitted and what the ring buffer refused */
+#define CNT_SUBMITTED   0
+#define CNT_LOST        1
+#define CNT_PENDING_FULL 2
+#define NCOUNTERS       3
+BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
+
+/* the record sent to user space: a fixed header, then NUL-separated strings */
+struct event {
+    u64 ktime;
+    u32 kind;
+    u32 tp_id;                  /* syscall index (EV_SYSCALL/EV_FAILED) or io_uring opcode */
+    s64 ret;
+    u64 flags;
+    u64 dev;
+    u64 ino;
+    u64 mntns;
+    u32 pid, tid, ppid, uid, euid, gid, loginuid, nspid;
+    u16 n_base1, n_base2, n_exe, has_name1, has_name2, walk_count;
+    u32 data_len;              /* bytes used in data; also the write position */
+    char comm[COMM_LEN];
+    char data[DATA_SIZE + PATH_SLOT];
+};
+_Static_assert(__builtin_offsetof(struct event, data) == EVENT_HEADER_SIZE,
+               "struct event header and the user space decoder disagree");
+BPF_PERCPU_ARRAY(scratch, struct event, 1);
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+/* ---- helpers --------------------------------------------------------------------- */
+
+static __always_inline void count(u32 idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline void *read_ptr(void *base, u64 off)
+{
+    void *p = NULL;
+    bpf_probe_read_kernel(&p, sizeof(p), (char *)base + off);
+    return p;
+}
+
+static __always_inline u32 read_u32(void *base, u64 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
+static __always_inline u64 read_u64(void *base, u64 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
+static __always_inline u64 task_mntns(void *task)
+{
+    void *nsproxy = read_ptr(task, OFF_TASK_NSPROXY);
+    if (!nsproxy)
+        return 0;
+    void *mnt_ns = read_ptr(nsproxy, OFF_NSPROXY_MNT_NS);
+    if (!mnt_ns)
+        return 0;
+    return read_u32(mnt_ns, OFF_MNT_NS_INUM);
+}
+
+/* Is the current task in scope (per-process audit, container)? */
+static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths)
+{
+    *all_paths = 0;
+    if (cfg->mntns) {
+        void *task = (void *)bpf_get_current_task();
+        if (task_mntns(task) != cfg->mntns)
+            return 0;
+    }
+    if (cfg->scope_processes) {
+        if (!audited.lookup(&tgid))
+            return 0;
+        *all_paths = cfg->scope_all_paths;
+    }
+    return 1;
+}
+
+struct walk {
+    void *dentry;
+    void *mnt;                  /* NULL: stay inside the dentry's filesystem */
+    u8 perms;
+    u8 pad[7];
+};
+
+/* Move from a dentry at the root of its mount to the mount point; 0 at the top. */
+static __always_inline int cross_mount(void **dentry, void **mnt)
+{
+    if (!*mnt)
+        return 0;
+    void *mount = (char *)*mnt - OFF_MOUNT_MNT;
+    void *mnt_parent = read_ptr(mount, OFF_MOUNT_MNT_PARENT);
+    if (mnt_parent == mount)
+        return 0;
+    *dentry = read_ptr(mount, OFF_MOUNT_MNT_MOUNTPOINT);
+    *mnt = (char *)mnt_parent + OFF_MOUNT_MNT;
+    return 1;
+}
+
+static __always_inline long watch_step(u32 depth, struct walk *w)
+{
+    void *dentry = w->dentry;
+    if (!dentry)
+        return 1;
+    void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+    if (inode) {
+        struct watch_key key = {};
+        void *sb = read_ptr(inode, OFF_INODE_I_SB);
+        key.dev = read_u32(sb, OFF_SB_S_DEV);
+        key.ino = read_u64(inode, OFF_INODE_I_INO);
+        struct watch_val *v = watched.lookup(&key);
+        if (v) {
+            if (depth == 0)
+                w->perms |= v->self;
+            else if (depth == 1)
+                w->perms |= v->child | v->subtree;
+            else
+                w->perms |= v->subtree;
+        }
+    }
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    int at_top = parent == dentry ||
+                 (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
+    if (at_top) {
+        void *mnt = w->mnt;
+        if (!cross_mount(&dentry, &mnt))
+            return 1;
+        /* the mount point is the same directory: step past it too */
+        w->mnt = mnt;
+        parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+        if (parent == dentry)
+            return 1;
+    }
+    w->dentry = parent;
+    return 0;
+}
+
+/* Permission mask that watches grant to the object at (mnt, dentry): its own watch,
+ * its parent's child watch, and subtree watches of every ancestor. */
+static __always_inline u8 watched_perms(void *dentry, void *mnt)
+{
+    struct walk w = {};
+    w.dentry = dentry;
+    w.mnt = mnt;
+    for (u32 i = 0; i < WATCH_DEPTH; i++)
+        if (watch_step(i, &w))
+            break;
+    return w.perms;
+}
+
+/* The dentry of an inode (its first alias; directories have exactly one). */
+static __always_inline void *inode_dentry(void *inode)
+{
+    void *first = read_ptr(inode, OFF_INODE_I_DENTRY);
+    if (!first)
+        return NULL;
+    return (char *)first - OFF_DENTRY_D_ALIAS;
+}
+
+/* Perms for a changed inode: its own entry, then its ancestors via its dentry. */
+static __always_inline u8 inode_perms(void *inode)
+{
+    void *dentry = inode_dentry(inode);
+    if (dentry)
+        return watched_perms(dentry, NULL);
+    struct watch_key key = {};
+    void *sb = read_ptr(inode, OFF_INODE_I_SB);
+    key.dev = read_u32(sb, OFF_SB_S_DEV);
+    key.ino = read_u64(inode, OFF_INODE_I_INO);
+    struct watch_val *w = watched.lookup(&key);
+    return w ? w->self : 0;
+}
+
+/* Append a string (a user path argument) at the record's write position. */
+static __always_inline void put_user_str(struct event *e, const void *src)
+{
+    u32 off = e->data_len;
+    if (off >= DATA_SIZE)
+        return;
+    int n = bpf_probe_read_user_str(&e->data[off & DATA_MASK], PATH_SLOT, src);
+    if (n <= 0) {
+        e->data[off & DATA_MASK] = 0;
+        n = 1;
+    }
+    e->data_len = off + n;
+}
+
+/* Appending a path, one component per step, leaf first.  The write position lives in
+ * the record itself (map memory), so the verifier sees one state per step instead of
+ * one per possible length of what was written so far. */
+struct path_walk {
+    void *dentry;
+    void *mnt;
+    void *root_dentry;          /* the task's root: a chrooted task sees paths below it */
+    void *root_mnt;
+};
+
+static __always_inline long path_step(struct event *e, struct path_walk *w)
+{
+    void *dentry = w->dentry;
+    if (!dentry)
+        return 1;
+    if (dentry == w->root_dentry && (!w->mnt || w->mnt == w->root_mnt))
+        return 1;
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    if (parent == dentry || (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT))) {
+        void *mnt = w->mnt;
+        if (!cross_mount(&dentry, &mnt))
+            return 1;
+        w->dentry = dentry;
+        w->mnt = mnt;
+        return 0;
+    }
+    u32 off = e->data_len;
+    if (off >= DATA_SIZE)
+        return 1;
+    const void *name = read_ptr(dentry, OFF_DENTRY_D_NAME + OFF_QSTR_NAME);
+    int n = bpf_probe_read_kernel_str(&e->data[off & DATA_MASK], NAME_SLOT, name);
+    if (n <= 0)
+        return 1;
+    e->data_len = off + n;
+    e->walk_count++;
+    w->dentry = parent;
+    return 0;
+}
+
+/* Append the components of (mnt, dentry)'s path, leaf first; returns their count. */
+static __always_inline u16 put_path(struct event *e, void *dentry, void *mnt)
+{
+    struct path_walk w = {};
+    void *task = (void *)bpf_get_current_task();
+    void *fs = read_ptr(task, OFF_TASK_FS);
+    w.dentry = dentry;
+    w.mnt = mnt;
+    if (fs) {
+        w.root_dentry = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
+        w.root_mnt = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
+    }
+    e->walk_count = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++)
+        if (path_step(e, &w))
+            break;
+    return e->walk_count;
+}
+
+/* The file behind fd in the current task, or NULL. */
+static __always_inline void *fd_file(u64 fd)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *files = read_ptr(task, OFF_TASK_FILES);
+    if (!files)
+        return NULL;
+    void *fdt = read_ptr(files, OFF_FILES_FDT);
+    if (!fdt)
+        return NULL;
+    u32 max = read_u32(fdt, OFF_FDTABLE_MAX_FDS);
+    if (fd >= max)
+        return NULL;
+    void **fds = read_ptr(fdt, OFF_FDTABLE_FD);
+    if (!fds)
+        return NULL;
+    return read_ptr(fds, fd * sizeof(void *));
+}
+
+/* Append the base directory a path argument is relative to: dirfd or the cwd. */
+static __always_inline u16 put_base(struct event *e, s64 dfd)
+{
+    void *dentry, *mnt;
+    if (dfd == AT_FDCWD_VALUE || dfd < 0) {
+        void *task = (void *)bpf_get_current_task();
+        void *fs = read_ptr(task, OFF_TASK_FS);
+        if (!fs)
+            return 0;
+        dentry = read_ptr(fs, OFF_FS_PWD + OFF_PATH_DENTRY);
+        mnt = read_ptr(fs, OFF_FS_PWD + OFF_PATH_MNT);
+    } else {
+        void *file = fd_file(dfd);
+        if (!file)
+            return 0;
+        dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+        mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+    }
+    return put_path(e, dentry, mnt);
+}
+
+/* Fill the process part of a record. */
+static __always_inline struct event *new_event(u32 kind)
+{
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!e)
+        return NULL;
+    void *task = (void *)bpf_get_current_task();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    e->ktime = bpf_ktime_get_ns();
+    e->kind = kind;
+    e->tp_id = 0;
+    e->ret = 0;
+    e->flags = 0;
+    e->dev = 0;
+    e->ino = 0;
+    e->pid = pid_tgid >> 32;
+    e->tid = (u32)pid_tgid;
+    void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
+    e->ppid = parent ? read_u32(parent, OFF_TASK_TGID) : 0;
+    void *cred = read_ptr(task, OFF_TASK_CRED);
+    e->uid = read_u32(cred, OFF_CRED_UID);
+    e->euid = read_u32(cred, OFF_CRED_EUID);
+    e->gid = read_u32(cred, OFF_CRED_GID);
+    e->loginuid = read_u32(task, OFF_TASK_LOGINUID);
+    e->mntns = task_mntns(task);
+    e->nspid = 0;
+    e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = 0;
+    e->data_len = 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    return e;
+}
+
+/* Append the executable's path, then send the record. */
+static __always_inline void submit(void *ctx, struct event *e)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *mm = read_ptr(task, OFF_TASK_MM);
+    if (mm) {
+        void *exe = read_ptr(mm, OFF_MM_EXE_FILE);
+        if (exe)
+            e->n_exe = put_path(e, read_ptr(exe, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
+                                read_ptr(exe, OFF_FILE_F_PATH + OFF_PATH_MNT));
+    }
+    u32 off = e->data_len;
+    if (off > DATA_SIZE)
+        off = DATA_SIZE;
+    u32 size = __builtin_offsetof(struct event, data) + (off & (DATA_SIZE * 2 - 1));
+    if (size > sizeof(*e))
+        size = sizeof(*e);
+    if (events.ringbuf_output(e, size, 0) == 0)
+        count(CNT_SUBMITTED);
+    else
+        count(CNT_LOST);
+}
+
+/* Identity of a file for the record. */
+static __always_inline void set_inode(struct event *e, void *inode)
+{
+    if (!inode)
+        return;
+    void *sb = read_ptr(inode, OFF_INODE_I_SB);
+    e->dev = read_u32(sb, OFF_SB_S_DEV);
+    e->ino = read_u64(inode, OFF_INODE_I_INO);
+}
+
+/* ---- syscall enter: remember the arguments ----------------------------------------
+ * One small program per syscall (generated by the loader as enter_<name>, calling this
+ * with the syscall's index in syscall_spec and its argument count): tracepoint programs
+ * may not read the common header that says which tracepoint fired. */
+static __always_inline int on_sys_enter(struct sys_enter_ctx *ctx, u32 spec_id, int nargs)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending p = {};
+    p.tp_id = spec_id;
+    /* only the syscall's own arguments: reading past the record refuses the attach */
+    for (int i = 0; i < 6; i++)
+        if (i < nargs)
+            p.args[i] = ctx->args[i];
+    if (pending.update(&tid, &p) != 0)
+        count(CNT_PENDING_FULL);
+    return 0;
+}
+
+/* ---- timestamp:* : an inode's ctime moved (every metadata change) ----------------- */
+static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *inode = (void *)ctx->args[0];
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending.lookup(&tid);
+    if (p) {
+        u32 n = p->ntouched;
+        if (n < MAX_TOUCHED) {
+            p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
+            p->ntouched = n + 1;
+        }
+        u16 mode = 0;
+        bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
+        if ((mode & S_IFMT_MASK) == S_IFDIR_BITS)
+            p->dir_touched = 1;
+        return 0;
+    }
+    /* No syscall in progress: an io_uring worker (or another kernel path) acting for a
+     * process.  Check it here, there will be no syscall exit. */
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    int all_paths;
+    if (!in_scope(cfg, tgid, &all_paths))
+        return 0;
+    u32 *op = uring_op.lookup(&tgid);
+    if (!op)
+        return 0;
+    if (!all_paths && !(inode_perms(inode) & (PERM_W | PERM_A)))
+        return 0;
+    struct event *e = new_event(EV_URING);
+    if (!e)
+        return 0;
+    e->tp_id = *op;
+    set_inode(e, inode);
+    void *dentry = inode_dentry(inode);
+    e->n_base1 = put_path(e, dentry, NULL);
+    submit(ctx, e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(inode_set_ctime_to_ts) { return on_ctime(ctx); }
+RAW_TRACEPOINT_PROBE(ctime_ns_xchg) { return on_ctime(ctx); }
+RAW_TRACEPOINT_PROBE(ctime_xchg_skip) { return on_ctime(ctx); }
+
+/* ---- syscall exit: decide and report ---------------------------------------------- */
+static __always_inline u8 open_perm(u64 flags, u8 created)
+{
+    u8 acc = flags & ACCMODE_MASK;
+    if (created)
+        return PERM_W;
+    if (acc == ACC_WRONLY)
+        return PERM_W;
+    if (acc == ACC_RDWR)
+        return PERM_R | PERM_W;
+    return PERM_R;
+}
+
+int on_sys_exit(struct sys_exit_ctx *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending.lookup(&tid);
+    if (!p)
+        return 0;
+    struct pending pc = *p;
+    pending.delete(&tid);
+    struct syscall_spec *spec = syscall_spec.lookup(&pc.tp_id);
+    if (!spec)
+        return 0;
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    int all_paths;
+    if (!in_scope(cfg, tgid, &all_paths))
+        return 0;
+    s64 ret = ctx->ret;
+
+    u64 flags = spec->fixed_flags;
+    if (spec->flags >= 0) {
+        if (spec->flags_in_struct)
+            bpf_probe_read_user(&flags, sizeof(flags), (void *)pc.args[spec->flags & 7]);
+        else
+            flags = pc.args[spec->flags & 7];
+    }
+
+    /* opens: the opened file decides */
+    if (spec->kind == KIND_OPEN) {
+        if (ret < 0)
+            goto failed;
+        void *file = fd_file(ret);
+        if (!file)
+            return 0;
+        void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+        void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+        u8 created = (flags & FLAG_CREAT) && pc.dir_touched;
+        u8 need = open_perm(flags, created);
+        if (!all_paths && !(watched_perms(dentry, mnt) & need))
+            return 0;
+        struct event *e = new_event(EV_SYSCALL);
+        if (!e)
+            return 0;
+        e->tp_id = pc.tp_id;
+        e->ret = ret;
+        e->flags = flags | ((u64)created << 32);
+        set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+            e->n_base1 = put_path(e, dentry, mnt);
+        submit(ctx, e);
+        return 0;
+    }
+
+    if (ret < 0)
+        goto failed;
+    u8 perms = 0;
+    void *first = NULL;
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        if (i < pc.ntouched) {
+            void *inode = (void *)pc.touched[i];
+            if (!first)
+                first = inode;
+            perms |= inode_perms(inode);
+        }
+    }
+    if (!all_paths && !(perms & spec->perm))
+        return 0;
+    if (all_paths && !first)
+        return 0;
+
+    struct event *e = new_event(EV_SYSCALL);
+    if (!e)
+        return 0;
+    e->tp_id = pc.tp_id;
+    e->ret = ret;
+    e->flags = flags;
+    goto paths;
+
+failed:
+    if (ret != -ERR_EACCES && ret != -ERR_EPERM)
+        return 0;
+    if (!cfg->have_watches && !all_paths)
+        return 0;
+    e = new_event(EV_FAILED);
+    if (!e)
+        return 0;
+    e->tp_id = pc.tp_id;
+    e->ret = ret;
+    e->flags = flags;
+
+paths:
+    if (spec->fd >= 0) {
+        void *file = fd_file(pc.args[spec->fd & 7]);
+        if (file) {
+            set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+            e->n_base1 = put_path(e, read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
+                                  read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT));
+        }
+    } else if (spec->path1 >= 0) {
+        s64 dfd = spec->dfd1 >= 0 ? (s64)(s32)pc.args[spec->dfd1 & 7] : AT_FDCWD_VALUE;
+        const void *upath = (const void *)pc.args[spec->path1 & 7];
+        if (!upath && dfd >= 0) {
+            /* utimensat(fd, NULL, ...) and friends: the fd itself */
+            void *file = fd_file(dfd);
+            if (file) {
+                set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+                e->n_base1 = put_path(e,
+                                      read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
+                                      read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT));
+            }
+        } else {
+            e->n_base1 = put_base(e, dfd);
+            put_user_str(e, upath);
+            e->has_name1 = 1;
+        }
+    }
+    if (spec->path2 >= 0) {
+        s64 dfd = spec->dfd2 >= 0 ? (s64)(s32)pc.args[spec->dfd2 & 7] : AT_FDCWD_VALUE;
+        e->n_base2 = put_base(e, dfd);
+        put_user_str(e, (const void *)pc.args[spec->path2 & 7]);
+        e->has_name2 = 1;
+    }
+    if (!e->ino && first)
+        set_inode(e, first);
+    submit(ctx, e);
+    return 0;
+}
+
+/* ---- exec: the program file decides ----------------------------------------------- */
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+    void *bprm = (void *)ctx->args[2];
+    void *file = read_ptr(bprm, OFF_BINPRM_FILE);
+    if (!file)
+        return 0;
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    int all_paths;
+    if (!in_scope(cfg, tgid, &all_paths))
+        return 0;
+    void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+    void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+    if (!all_paths && !(watched_perms(dentry, mnt) & PERM_X))
+        return 0;
+    struct event *e = new_event(EV_EXEC);
+    if (!e)
+        return 0;
+    set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+    e->n_base1 = put_path(e, dentry, mnt);
+    submit(ctx, e);
+    return 0;
+}
+
+/* ---- per-process audits: follow forks, forget exits -------------------------------- */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+    void *parent = (void *)ctx->args[0];
+    void *child = (void *)ctx->args[1];
+    u32 ptgid = read_u32(parent, OFF_TASK_TGID);
+    u32 ctgid = read_u32(child, OFF_TASK_TGID);
+    if (ptgid == ctgid)
+        return 0;               /* a new thread, not a new process */
+    u8 *flags = audited.lookup(&ptgid);
+    if (!flags || !(*flags & AUDIT_CHILDREN))
+        return 0;
+    u8 f = *flags;
+    audited.update(&ctgid, &f);
+    struct event *e = new_event(EV_STATE);
+    if (!e)
+        return 0;
+    /* the record describes the child: the parent's credentials are inherited */
+    e->ppid = ptgid;
+    e->pid = ctgid;
+    e->tid = read_u32(child, OFF_TASK_PID);
+    submit(ctx, e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+    void *task = (void *)ctx->args[0];
+    u32 pid = read_u32(task, OFF_TASK_PID);
+    u32 tgid = read_u32(task, OFF_TASK_TGID);
+    if (pid == tgid)
+        audited.delete(&tgid);
+    return 0;
+}
+
+/* ---- io_uring: remember what each process submits ---------------------------------- */
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 op = args->opcode;
+    uring_op.update(&tgid, &op);
+    return 0;
+}
