@@ -54,6 +54,8 @@ class Auditor:
         return self.call(lambda: self._apply(cmds))
 
     def _apply(self, cmds: list[Command]) -> list[str]:
+        # What the kernel recorded under the old rules is judged by the old rules.
+        self._dispatch(self.backend.read(0))
         before = dict(self.rules.rules)
         listed = self.rules.apply(cmds)
         after = self.rules.rules
@@ -102,6 +104,13 @@ class Auditor:
         for sink in self.sinks:
             sink(out)
 
+    def _dispatch(self, items: list) -> None:
+        for item in items:
+            if isinstance(item, ProcessState):
+                self.handle_state(item)
+            else:
+                self.handle(item)
+
     def handle_state(self, st: ProcessState) -> None:
         for sink in self.state_sinks:
             sink(st)
@@ -116,11 +125,7 @@ class Auditor:
                 fut.set_result(fn())
             except BaseException as exc:  # handed back to the caller
                 fut.set_exception(exc)
-        for item in self.backend.read(timeout):
-            if isinstance(item, ProcessState):
-                self.handle_state(item)
-            else:
-                self.handle(item)
+        self._dispatch(self.backend.read(timeout))
         lost = self.backend.lost()
         if lost != self.last_lost:
             self.last_lost = dict(lost)

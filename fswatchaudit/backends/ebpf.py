@@ -67,6 +67,7 @@ HEADER = struct.Struct("<QIIqQQQQ8I6HI16s")
 AT_REMOVEDIR = 0x200
 O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 3, 1, 2, 0o100, 0o1000
 CREATED_FLAG_SHIFT = 32
+URING_NEW_ENTRY = 1       # EV_URING: dev/ino are of a new entry of the directory in path
 
 # io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
 IORING_OPS = {18: "create", 28: "create", 35: "rename", 36: "unlink", 37: "mkdir",
@@ -74,7 +75,7 @@ IORING_OPS = {18: "create", 28: "create", 35: "rename", 36: "unlink", 37: "mkdir
 
 # Syscall argument roles, by the argument names in the tracefs format files.
 DFD_NAMES = ("dfd", "olddfd")
-PATH_NAMES = ("filename", "pathname", "oldname")
+PATH_NAMES = ("filename", "pathname", "path", "oldname")
 ATTR_SYSCALL_OPS = syscalls.ATTR_OPS
 
 
@@ -155,8 +156,10 @@ class EbpfBackend(Backend):
                            f"({', '.join(missing)}): Linux 6.13 or newer is needed")
         return True, "root, bcc, BTF and timestamp tracepoints present"
 
-    def __init__(self, rules: RuleSet, ringbuf_pages: int = 8192) -> None:
+    def __init__(self, rules: RuleSet, ringbuf_pages: int = 8192,
+                 exclude_self: bool = True) -> None:
         super().__init__(rules)
+        self.exclude_self = exclude_self
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.batch: list[Event | ProcessState] = []
@@ -237,18 +240,19 @@ class EbpfBackend(Backend):
         self.tp_names = dict(enumerate(specs, 1))
         self.bpf = self._compile(self.tp_names)
         bpf = self.bpf
-        spec_map = bpf["syscall_spec"]
+        spec_map = bpf[b"syscall_spec"]
         for spec_id, name in self.tp_names.items():
             value = spec_map.Leaf()
             (value.dfd1, value.path1, value.dfd2, value.path2, value.fd, value.flags,
              value.kind, value.perm, value.flags_in_struct, value.fixed_flags) = specs[name]
             spec_map[spec_map.Key(spec_id)] = value
-            bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}",
+            bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}".encode(),
                                   fn_name=f"enter_{name}".encode())
-            bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name=b"on_sys_exit")
+            bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}".encode(),
+                                  fn_name=b"on_sys_exit")
         self.mounts = mount_points()
         self._sync_watches()
-        bpf["events"].open_ring_buffer(self._on_record)
+        bpf[b"events"].open_ring_buffer(self._on_record)
 
     # -- rules -> the watched map ------------------------------------------------------
     def _host_path(self, path: str) -> str:
@@ -282,7 +286,7 @@ class EbpfBackend(Backend):
             for key, (s, c, t) in self._rule_entries(rule):
                 old = wanted.get(key, (0, 0, 0))
                 wanted[key] = (old[0] | s, old[1] | c, old[2] | t)
-        table = self.bpf["watched"]
+        table = self.bpf[b"watched"]
         for key, val in wanted.items():
             if self.watch_values.get(key) != val:
                 leaf = table.Leaf()
@@ -301,9 +305,10 @@ class EbpfBackend(Backend):
         self._set_config()
 
     def _set_config(self, **changes: int) -> None:
-        cfg_map = self.bpf["config"]
+        cfg_map = self.bpf[b"config"]
         cfg = cfg_map[0]
         cfg.have_watches = 1 if self.watch_values else 0
+        cfg.self_tgid = os.getpid() if self.exclude_self else 0
         for name, value in changes.items():
             setattr(cfg, name, value)
         cfg.scope_all_paths = 1 if cfg.scope_processes and not len(self.rules) else 0
@@ -331,7 +336,7 @@ class EbpfBackend(Backend):
         pids = process_tree(pid) if children else [pid]
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
-        table = self.bpf["audited"]
+        table = self.bpf[b"audited"]
         flag = AUDIT_CHILDREN if children else 0
         for p in pids:
             table[table.Key(p)] = table.Leaf(flag)
@@ -342,7 +347,7 @@ class EbpfBackend(Backend):
         self._set_config(scope_processes=1)
 
     def remove_process(self, pid: int) -> None:
-        table = self.bpf["audited"]
+        table = self.bpf[b"audited"]
         try:
             del table[table.Key(pid)]
         except KeyError:
@@ -386,6 +391,8 @@ class EbpfBackend(Backend):
             mount = self.mounts.get(user_dev(kdev))
             if mount and mount != "/":
                 path = mount + path
+            if flags & URING_NEW_ENTRY:
+                path = _entry_named_by_inode(self._host_path(path), ino, path)
         elif syscall is None:
             return
         elif syscall in ("open", "openat", "openat2", "creat"):
@@ -432,7 +439,7 @@ class EbpfBackend(Backend):
         return _merge_uring(out)
 
     def _counter(self, idx: int) -> int:
-        values = self.bpf["counters"][ctypes.c_int(idx)]
+        values = self.bpf[b"counters"][ctypes.c_int(idx)]
         return int(sum(values))
 
     def submitted(self) -> int:
@@ -449,6 +456,19 @@ class EbpfBackend(Backend):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _entry_named_by_inode(host_dir: str, ino: int, shown_dir: str) -> str:
+    """The name under which a new inode appeared in a directory (io_uring creations:
+    the kernel saw the directory change and the new inode, not the name)."""
+    try:
+        with os.scandir(host_dir) as it:
+            for entry in it:
+                if entry.inode() == ino:
+                    return os.path.join(shown_dir, entry.name)
+    except OSError:
+        pass
+    return shown_dir
 
 
 def _merge_uring(items: list) -> list:

@@ -124,13 +124,18 @@ struct config {
     u32 scope_all_paths;        /* audited tgids: report every path, not only watched ones */
     u64 mntns;                  /* nonzero: only tasks in this mount namespace */
     u32 have_watches;           /* the watched map is non-empty */
-    u32 pad;
+    u32 self_tgid;              /* the auditor itself: never reported (no feedback loop) */
 };
 BPF_ARRAY(config, struct config, 1);
 
 /* uring_op: tgid -> opcode of the last io_uring request it submitted; io-wq workers
  * run requests in the submitter's thread group, so this names what a worker does */
 BPF_HASH(uring_op, u32, u32, 16384);
+
+/* uring_new: worker thread id -> a new inode whose ctime was set before it had a name
+ * (mkdirat, symlinkat... through io_uring); reported with its directory's change */
+BPF_HASH(uring_new, u32, u64, 16384);
+#define URING_NEW_ENTRY 1
 
 /* counters, per CPU: what was submitted and what the ring buffer refused */
 #define CNT_SUBMITTED   0
@@ -206,6 +211,8 @@ static __always_inline u64 task_mntns(void *task)
 static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths)
 {
     *all_paths = 0;
+    if (tgid == cfg->self_tgid)
+        return 0;
     if (cfg->mntns) {
         void *task = (void *)bpf_get_current_task();
         if (task_mntns(task) != cfg->mntns)
@@ -541,14 +548,26 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
     u32 *op = uring_op.lookup(&tgid);
     if (!op)
         return 0;
+    void *dentry = inode_dentry(inode);
+    if (!dentry) {
+        u64 ptr = (u64)inode;
+        uring_new.update(&tid, &ptr);
+        return 0;
+    }
     if (!all_paths && !(inode_perms(inode) & (PERM_W | PERM_A)))
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
         return 0;
     e->tp_id = *op;
-    set_inode(e, inode);
-    void *dentry = inode_dentry(inode);
+    u64 *fresh = uring_new.lookup(&tid);
+    if (fresh) {
+        set_inode(e, (void *)*fresh);
+        e->flags = URING_NEW_ENTRY;
+        uring_new.delete(&tid);
+    } else {
+        set_inode(e, inode);
+    }
     e->n_base1 = put_path(e, dentry, NULL);
     submit(ctx, e);
     return 0;

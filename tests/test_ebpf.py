@@ -1,0 +1,347 @@
+"""The eBPF backend: real programs loaded into the running kernel, real file operations."""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from fswatchaudit.backends import probe
+from fswatchaudit.events import Event
+from fswatchaudit.rules import RuleSet, parse_line, watch_rule
+
+from tracehelp import REPO, Trace
+
+EBPF = probe("ebpf")
+pytestmark = pytest.mark.skipif(not EBPF.usable, reason=f"eBPF backend: {EBPF.reason}")
+PY = os.path.realpath(sys.executable)
+NOBODY = 65534
+
+
+def backend_for(*rules, **kw):
+    """A started backend.  Unless told otherwise it also reports this test process's own
+    file operations (the product excludes its own process)."""
+    from fswatchaudit.backends.ebpf import EbpfBackend
+    kw.setdefault("exclude_self", False)
+    rs = RuleSet()
+    for r in rules:
+        rs.add(r if not isinstance(r, str) else parse_line(r).rule)
+    be = EbpfBackend(rs, **kw)
+    be.start()
+    return be
+
+
+def drain(be, quiet=0.3):
+    """Everything the kernel has sent, until it has been quiet for a moment."""
+    out = []
+    while True:
+        got = be.read(quiet)
+        if not got:
+            return [e for e in out if isinstance(e, Event)]
+        out += got
+
+
+def py(code, cwd, user=None):
+    """Run Python code in a new process; returns its pid."""
+    cmd = [PY, "-I", "-c", code]   # -I: imports never look in the (watched) cwd
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *cmd]
+    proc = subprocess.Popen(cmd, cwd=cwd)
+    assert proc.wait(30) == 0
+    return proc.pid
+
+
+@pytest.fixture
+def tree():
+    base = tempfile.mkdtemp(prefix="fswa-ebpf-", dir="/tmp")
+    os.chmod(base, 0o755)
+    w, o = os.path.join(base, "w"), os.path.join(base, "o")
+    os.makedirs(os.path.join(w, "deep", "er"))
+    os.mkdir(o)
+    yield w, o
+    shutil.rmtree(base)
+
+
+def ops(events):
+    return [(e.op, e.path, e.path2) for e in events]
+
+
+OPERATIONS = [
+    # (code run in W/deep/er, expected op, path, path2, syscall, extra checks)
+    ("open('f', 'w').close()", "create", "f", None, "openat"),
+    ("import ctypes; ctypes.CDLL(None).creat(b'c', 0o644)", "create", "c", None, "creat"),
+    ("open('f', 'a').close()", "open", "f", None, "openat"),
+    ("open('f').close()", "open", "f", None, "openat"),
+    ("import os; os.mkdir('d')", "mkdir", "d", None, "mkdir"),
+    ("import os; os.mkfifo('p')", "mknod", "p", None, "mknodat"),
+    ("import os; os.symlink('f', 's')", "symlink", "s", None, "symlink"),
+    ("import os; os.link('f', 'l')", "link", "f", "l", "link"),
+    ("import os; os.rename('l', 'm')", "rename", "l", "m", "rename"),
+    ("import os; os.chmod('f', 0o600)", "chmod", "f", None, "chmod"),
+    ("import os; os.chown('f', 1, 1)", "chown", "f", None, "chown"),
+    ("import os; os.setxattr('f', 'user.k', b'v')", "setxattr", "f", None, "setxattr"),
+    ("import os; os.removexattr('f', 'user.k')", "removexattr", "f", None, "removexattr"),
+    ("import os; os.truncate('f', 5)", "truncate", "f", None, "truncate"),
+    ("import os; os.utime('f', (1, 1))", "utime", "f", None, "utimensat"),
+    ("import os; os.unlink('m')", "unlink", "m", None, "unlink"),
+    ("import os; os.rmdir('d')", "rmdir", "d", None, "rmdir"),
+]
+
+
+def test_every_operation_in_a_subtree_and_nothing_outside(tree):
+    w, o = tree
+    be = backend_for(watch_rule(w, key="k"))
+    try:
+        cwd = os.path.join(w, "deep", "er")
+        for code, op, name, name2, syscall in OPERATIONS:
+            pid = py(code, cwd)
+            got = drain(be)
+            assert len(got) == 1, f"{code}: {got}"
+            ev = got[0]
+            want_access = {"open('f', 'a').close()": "w", "open('f').close()": "r"}.get(code)
+            assert (ev.op, ev.path, ev.path2, ev.syscall, ev.result, ev.access) == (
+                op, f"{cwd}/{name}", f"{cwd}/{name2}" if name2 else None, syscall, 0,
+                want_access), code
+            assert (ev.pid, ev.tid, ev.ppid) == (pid, pid, os.getpid())
+            assert (ev.uid, ev.euid, ev.gid) == (0, 0, 0)
+            assert ev.loginuid == int(open("/proc/self/loginuid").read())
+            assert ev.comm == "python3" or ev.comm.startswith("python")
+            assert ev.exe == PY
+            assert ev.keys == ["k"]
+            assert ev.ino and ev.dev
+        # exec of a program inside the tree
+        prog = os.path.join(w, "prog")
+        shutil.copy("/bin/true", prog)
+        drain(be)
+        proc = subprocess.Popen([prog])
+        proc.wait()
+        got = drain(be)
+        assert [(e.op, e.path, e.pid, e.comm, e.exe) for e in got] == [
+            ("exec", prog, proc.pid, "prog", prog)]
+        # outside: no event, and nothing even submitted to the ring buffer
+        before = be.submitted()
+        py("import os; open('x', 'w').close(); os.chmod('x', 0o600); os.rename('x', 'y');"
+           "os.unlink('y'); os.mkdir('d'); os.rmdir('d')", o)
+        assert drain(be) == []
+        assert be.submitted() == before
+        assert be.lost()["ringbuf"] == 0
+    finally:
+        be.close()
+
+
+def test_nested_mkdir_then_create_has_no_race(tree):
+    w, _ = tree
+    be = backend_for(watch_rule(w))
+    try:
+        subprocess.run(["sh", "-c", "mkdir -p a/b/c && echo x > a/b/c/f"], cwd=w, check=True)
+        # mkdir -p also opens each directory it made, to make the next one inside it
+        assert ops(e for e in drain(be) if e.op != "open") == [("mkdir", f"{w}/a", None), ("mkdir", f"{w}/a/b", None),
+                                  ("mkdir", f"{w}/a/b/c", None),
+                                  ("create", f"{w}/a/b/c/f", None)]
+    finally:
+        be.close()
+
+
+def test_directory_moved_in_is_covered_moved_out_is_not(tree):
+    w, o = tree
+    os.makedirs(f"{o}/d/sub")
+    be = backend_for(watch_rule(w))
+    try:
+        os.rename(f"{o}/d", f"{w}/d")
+        open(f"{w}/d/sub/x", "w").close()
+        os.rename(f"{w}/d", f"{o}/d2")
+        open(f"{o}/d2/sub/y", "w").close()
+        assert ops(drain(be)) == [("rename", f"{o}/d", f"{w}/d"),
+                                  ("create", f"{w}/d/sub/x", None),
+                                  ("rename", f"{w}/d", f"{o}/d2")]
+    finally:
+        be.close()
+
+
+def test_paths_are_absolute_for_relative_and_dirfd_calls(tree):
+    w, _ = tree
+    be = backend_for(watch_rule(w))
+    try:
+        py("import os\nos.chdir('deep')\nopen('er/rel', 'w').close()\n"
+           "fd = os.open('er', os.O_RDONLY | os.O_DIRECTORY)\n"
+           "os.mkdir('viafd', dir_fd=fd)\nos.rename('viafd', '../top', src_dir_fd=fd)\n"
+           "os.chmod('er/rel', 0o600)", w)
+        assert ops(drain(be)) == [
+            ("create", f"{w}/deep/er/rel", None), ("open", f"{w}/deep/er", None),
+            ("mkdir", f"{w}/deep/er/viafd", None),
+            ("rename", f"{w}/deep/er/viafd", f"{w}/top"),
+            ("chmod", f"{w}/deep/er/rel", None)]
+    finally:
+        be.close()
+
+
+def test_file_watch_survives_replacement_and_waits_for_creation(tree):
+    w, _ = tree
+    target = f"{w}/config"
+    later = f"{w}/later"
+    open(target, "w").write("v1")
+    be = backend_for(watch_rule(target, key="cfg"), watch_rule(later, key="later"))
+    try:
+        open(f"{w}/sibling", "w").close()            # not watched
+        open(f"{w}/.config.tmp", "w").write("v2")
+        os.rename(f"{w}/.config.tmp", target)         # editor-style replace
+        os.chmod(target, 0o600)                       # the new file is watched too
+        open(later, "w").close()                      # created after the watch
+        os.chmod(later, 0o600)
+        got = drain(be)
+        assert [(e.op, e.path, e.path2, e.keys) for e in got] == [
+            ("rename", f"{w}/.config.tmp", target, ["cfg"]),
+            ("chmod", target, None, ["cfg"]),
+            ("create", later, None, ["later"]),
+            ("chmod", later, None, ["later"])]
+    finally:
+        be.close()
+
+
+def test_permission_filters(tree):
+    w, _ = tree
+    open(f"{w}/f", "w").close()
+    shutil.copy("/bin/true", f"{w}/prog")
+    rules = [parse_line(f"-a always,exit -F dir={w} -F perm={p} -k {p}").rule for p in "rwxa"]
+    be = backend_for(*rules)
+    try:
+        open(f"{w}/f").close()
+        open(f"{w}/f", "a").close()
+        subprocess.run([f"{w}/prog"], check=True)
+        os.chmod(f"{w}/f", 0o600)
+        os.unlink(f"{w}/f")
+        got = drain(be)
+        assert [(e.op, e.keys) for e in got] == [
+            ("open", ["r"]), ("open", ["w"]), ("exec", ["x"]), ("chmod", ["a", "w"]),
+            ("unlink", ["w"])]
+    finally:
+        be.close()
+
+
+def test_short_lived_process_is_attributed(tree):
+    w, _ = tree
+    open(f"{w}/f", "w").close()
+    be = backend_for(watch_rule(w))
+    try:
+        proc = subprocess.Popen(["chmod", "600", f"{w}/f"])
+        proc.wait()
+        time.sleep(0.2)          # the process is gone well before the event is read
+        got = drain(be)
+        assert [(e.op, e.pid, e.comm, e.exe) for e in got] == [
+            ("chmod", proc.pid, "chmod", shutil.which("chmod"))]
+    finally:
+        be.close()
+
+
+def test_failed_attempt_by_unprivileged_user(tree):
+    w, _ = tree
+    os.mkdir(f"{w}/locked", 0o755)
+    be = backend_for(watch_rule(w))
+    try:
+        py("try:\n    open('locked/f', 'w')\nexcept PermissionError:\n    pass", w, user=NOBODY)
+        got = drain(be)
+        assert [(e.op, e.path, e.result, e.uid) for e in got] == [
+            ("create", f"{w}/locked/f", -13, NOBODY)]
+    finally:
+        be.close()
+
+
+def test_rules_change_at_run_time_without_reload(tree):
+    from fswatchaudit.auditor import Auditor
+    w, o = tree
+    be = backend_for(watch_rule(w, key="w"))
+    seen = []
+    aud = Auditor(be, be.rules, [seen.append])
+    try:
+        bpf = be.bpf
+        aud.apply([parse_line(f"-w {o} -k o")])
+        open(f"{o}/a", "w").close()
+        open(f"{w}/a", "w").close()
+        aud.apply([parse_line(f"-W {w} -k w")])
+        open(f"{w}/b", "w").close()
+        open(f"{o}/b", "w").close()
+        aud.poll_once(0.5)
+        aud.poll_once(0.3)
+        assert be.bpf is bpf          # the same loaded programs
+        assert [(e.op, e.path, e.keys) for e in seen] == [
+            ("create", f"{o}/a", ["o"]), ("create", f"{w}/a", ["w"]),
+            ("create", f"{o}/b", ["o"])]
+    finally:
+        be.close()
+
+
+def test_ring_buffer_overflow_is_counted_and_never_blocks(tree):
+    w, _ = tree
+    be = backend_for(watch_rule(w), ringbuf_pages=2)   # 8 KiB: a few records
+    try:
+        # nobody reads while the workload runs: the kernel must drop and count
+        py("import os\nfor i in range(2000):\n    os.chmod('.', 0o755 if i % 2 else 0o700)",
+           w)
+        got = drain(be)
+        lost = be.lost()["ringbuf"]
+        assert lost > 0
+        assert len(got) + lost == 2000
+    finally:
+        be.close()
+
+
+IO_URING_C = r"""
+#include <liburing.h>
+#include <fcntl.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    struct io_uring ring;
+    if (io_uring_queue_init(4, &ring, 0)) return 2;
+    struct io_uring_sqe *sqe; struct io_uring_cqe *cqe;
+    sqe = io_uring_get_sqe(&ring); io_uring_prep_mkdirat(sqe, AT_FDCWD, argv[1], 0755);
+    io_uring_submit(&ring); io_uring_wait_cqe(&ring, &cqe);
+    if (cqe->res) return 3; io_uring_cqe_seen(&ring, cqe);
+    sqe = io_uring_get_sqe(&ring); io_uring_prep_unlinkat(sqe, AT_FDCWD, argv[2], 0);
+    io_uring_submit(&ring); io_uring_wait_cqe(&ring, &cqe);
+    if (cqe->res) return 4; io_uring_cqe_seen(&ring, cqe);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def uring_prog(tmp_path_factory):
+    if not os.path.exists("/usr/include/liburing.h"):
+        pytest.skip("liburing-dev is not installed (scripts/setup installs it)")
+    d = tmp_path_factory.mktemp("uring")
+    (d / "u.c").write_text(IO_URING_C)
+    subprocess.run(["gcc", "-O2", "-o", str(d / "u"), str(d / "u.c"), "-luring"], check=True)
+    return str(d / "u")
+
+
+def test_io_uring_operations_are_reported(tree, uring_prog):
+    w, _ = tree
+    open(f"{w}/victim", "w").close()
+    be = backend_for(watch_rule(w), exclude_self=True)   # naming a new entry reads the dir
+    try:
+        proc = subprocess.Popen([uring_prog, f"{w}/newdir", f"{w}/victim"])
+        assert proc.wait() == 0
+        got = drain(be)
+        assert [(e.op, e.path, e.pid) for e in got] == [
+            ("mkdir", f"{w}/newdir", proc.pid), ("unlink", f"{w}/victim", proc.pid)]
+    finally:
+        be.close()
+
+
+def test_trace_cli_reports_other_processes_and_auto_picks_ebpf(tree):
+    w, _ = tree
+    out = subprocess.run([sys.executable, "-m", "fswatchaudit", "backends"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert "ebpf       yes" in out.stdout and "(auto picks this)" in out.stdout.split("\n")[1]
+    trace = Trace("--backend", "auto", "-k", "t", w)
+    subprocess.run(["sh", "-c", "echo hi > made; chmod 600 made; rm made"], cwd=w, check=True)
+    trace.wait_for(3)
+    events, stderr, code = trace.stop()
+    assert code == 0, stderr
+    assert "with ebpf" in stderr and "events lost: 0" in stderr
+    assert [(e["op"], e["path"], e["comm"]) for e in events] == [
+        ("create", f"{w}/made", "sh"), ("chmod", f"{w}/made", "chmod"),
+        ("unlink", f"{w}/made", "rm")]
