@@ -1,0 +1,324 @@
+"""Cost of the eBPF backend on a file-operation workload, against no tracing and auditd.
+
+One workload (bench/workload.c, compiled with gcc here) does ROUNDS rounds of
+open(O_CREAT) + write + close, chmod, rename, unlink.  It runs several ways, interleaved
+over a few repetitions so that drifts of the machine hit every way alike:
+
+  baseline    nothing traces
+  unwatched   the eBPF backend runs, watching a sibling directory on the same filesystem
+  watched     the eBPF backend watches the workload's own directory, a consumer reads
+  auditd      `auditctl -w DIR -p wa` (only where auditctl is installed)
+
+Reported: the workload's own wall time (median, and ratio to baseline), events
+delivered, events lost, whether every expected event came exactly once, and the CPU
+time the consumer spent.  Also the start-up time of the backend with 10 rules, measured
+in a fresh process.  Run as root:  .venv/bin/python bench/bench_ebpf.py
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from fswatchaudit.rules import RuleSet, watch_rule  # noqa: E402
+
+AUDIT_KEY = "fswa-bench"
+OPS_PER_ROUND = 6            # open, write, close, chmod, rename, unlink
+EVENTS_PER_ROUND = 4         # create, chmod, rename, unlink
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def build_workload(outdir: str) -> str:
+    exe = os.path.join(outdir, "workload")
+    subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "workload.c")], check=True)
+    return exe
+
+
+def run_workload(exe: str, workdir: str, rounds: int) -> subprocess.Popen:
+    return subprocess.Popen([exe, str(rounds)], cwd=workdir, stdout=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"workload failed with status {proc.returncode}")
+    return int(out)
+
+
+def expected_events(workdir: str, rounds: int) -> set[tuple]:
+    out = set()
+    for i in range(rounds):
+        f, g = f"{workdir}/f{i}", f"{workdir}/g{i}"
+        out |= {("create", f, None), ("chmod", f, None), ("rename", f, g), ("unlink", g, None)}
+    return out
+
+
+def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> dict:
+    from fswatchaudit.backends.ebpf import EbpfBackend
+    rs = RuleSet()
+    rs.add(watch_rule(watch))
+    be = EbpfBackend(rs)
+    be.start()
+    try:
+        seen: collections.Counter = collections.Counter()
+        cpu0 = cpu_seconds()
+        proc = run_workload(exe, workdir, rounds)
+        while proc.poll() is None:
+            for ev in be.read(0.05):
+                seen[(ev.op, ev.path, ev.path2)] += 1
+        ns = finish(proc)
+        while True:                       # what is still in the ring buffer
+            got = be.read(0.2)
+            if not got:
+                break
+            for ev in got:
+                seen[(ev.op, ev.path, ev.path2)] += 1
+        cpu = cpu_seconds() - cpu0
+        lost = sum(be.lost().values())
+    finally:
+        be.close()
+    res = {"ns": ns, "events": sum(seen.values()), "lost": lost, "consumer_cpu": cpu}
+    if check:
+        want = expected_events(workdir, rounds)
+        got = set(seen)
+        res["missing"] = len(want - got)
+        res["unexpected"] = sum(seen[k] for k in got - want)
+        res["duplicates"] = sum(n - 1 for n in seen.values() if n > 1)
+        res["exactly_once"] = not (res["missing"] or res["unexpected"] or res["duplicates"])
+    return res
+
+
+# -- auditd ------------------------------------------------------------------------------
+
+AUDITD_CONF = """\
+log_file = {log}
+log_format = RAW
+log_group = root
+priority_boost = 4
+flush = INCREMENTAL_ASYNC
+freq = 50
+num_logs = 5
+max_log_file = 0
+max_log_file_action = IGNORE
+space_left = 2
+space_left_action = IGNORE
+admin_space_left = 1
+admin_space_left_action = IGNORE
+disk_full_action = IGNORE
+disk_error_action = IGNORE
+"""
+
+
+def audit_status() -> dict[str, int]:
+    out = subprocess.run(["auditctl", "-s"], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"^(\w+) (\d+)", out, re.M)}
+
+
+class Auditd:
+    """auditd for the measurement: ours (own config and log) unless one already runs."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.proc: subprocess.Popen | None = None
+        self.log: str | None = None
+        self.before = audit_status()
+
+    def __enter__(self) -> "Auditd":
+        if not self.before.get("pid") and shutil.which("auditd"):
+            conf = os.path.join(self.tmp, "auditd")
+            os.makedirs(conf, exist_ok=True)
+            self.log = os.path.join(conf, "audit.log")
+            with open(os.path.join(conf, "auditd.conf"), "w") as fh:
+                fh.write(AUDITD_CONF.format(log=self.log))
+            os.chmod(os.path.join(conf, "auditd.conf"), 0o640)
+            self.proc = subprocess.Popen(["auditd", "-n", "-c", conf],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not audit_status().get("pid"):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("auditd did not start")
+                time.sleep(0.05)
+        subprocess.run(["auditctl", "-e", "1", "-b", "8192"], check=True,
+                       stdout=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        # auditd leaves auditing enabled; every process forked then pays for it
+        subprocess.run(["auditctl", "-b", str(self.before.get("backlog_limit", 64)),
+                        "-e", str(self.before.get("enabled", 0))],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def count(self, since: int) -> int | None:
+        """SYSCALL records with our key written to our log after byte offset since."""
+        if self.log is None:
+            return None
+        n = 0
+        with open(self.log, "rb") as fh:
+            fh.seek(since)
+            for line in fh:
+                if line.startswith(b"type=SYSCALL") and AUDIT_KEY.encode() in line:
+                    n += 1
+        return n
+
+    def size(self) -> int:
+        return os.path.getsize(self.log) if self.log and os.path.exists(self.log) else 0
+
+
+def run_auditd(aud: Auditd, exe: str, workdir: str, rounds: int) -> dict:
+    rule = ["-w", workdir, "-p", "wa", "-k", AUDIT_KEY]
+    lost0 = audit_status().get("lost", 0)
+    since = aud.size()
+    subprocess.run(["auditctl", *rule], check=True, stdout=subprocess.DEVNULL)
+    try:
+        cpu_aud0 = auditd_cpu(aud)
+        ns = finish(run_workload(exe, workdir, rounds))
+    finally:
+        subprocess.run(["auditctl", "-W", *rule[1:]], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)                     # auditd writes asynchronously
+    return {"ns": ns, "events": aud.count(since),
+            "lost": audit_status().get("lost", 0) - lost0,
+            "consumer_cpu": auditd_cpu(aud) - cpu_aud0 if cpu_aud0 is not None else None}
+
+
+def auditd_cpu(aud: Auditd) -> float | None:
+    pid = aud.proc.pid if aud.proc else audit_status().get("pid")
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- start-up -----------------------------------------------------------------------------
+
+STARTUP_CODE = r"""
+import json, os, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+t0 = time.perf_counter()
+from fswatchaudit.backends.ebpf import EbpfBackend
+from fswatchaudit.rules import RuleSet, watch_rule
+import bcc
+t1 = time.perf_counter()
+base = tempfile.mkdtemp(prefix="fswa-bench-start-")
+rs = RuleSet()
+for i in range(int(sys.argv[2])):
+    os.mkdir(f"{base}/d{i}")
+    rs.add(watch_rule(f"{base}/d{i}", key=f"k{i}"))
+t2 = time.perf_counter()
+be = EbpfBackend(rs)
+be.start()
+t3 = time.perf_counter()
+be.close()
+t4 = time.perf_counter()
+for i in range(int(sys.argv[2])):
+    os.rmdir(f"{base}/d{i}")
+os.rmdir(base)
+print(json.dumps({"import": t1 - t0, "start": t3 - t2, "close": t4 - t3}))
+"""
+
+
+def measure_startup(nrules: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", STARTUP_CODE, os.path.dirname(HERE),
+                          str(nrules)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=50000,
+                    help=f"workload rounds ({OPS_PER_ROUND} file operations each)")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions of every way")
+    ap.add_argument("--no-auditd", action="store_true", help="skip the auditd comparison")
+    ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the eBPF backend and auditctl need it")
+
+    tmp = tempfile.mkdtemp(prefix="fswa-bench-", dir="/tmp")
+    workdir, elsewhere = os.path.join(tmp, "work"), os.path.join(tmp, "elsewhere")
+    os.mkdir(workdir)
+    os.mkdir(elsewhere)
+    exe = build_workload(tmp)
+    use_auditd = bool(shutil.which("auditctl")) and not args.no_auditd
+    results: dict[str, list[dict]] = collections.defaultdict(list)
+    try:
+        startup = [measure_startup(10) for _ in range(args.repeat)]
+        aud = Auditd(tmp) if use_auditd else None
+        for rep in range(args.repeat):
+            results["baseline"].append({"ns": finish(run_workload(exe, workdir, args.rounds))})
+            results["unwatched"].append(run_ebpf(exe, workdir, elsewhere, args.rounds, False))
+            results["watched"].append(run_ebpf(exe, workdir, workdir, args.rounds, True))
+            if aud is not None:
+                with aud:
+                    results["auditd -w DIR -p wa"].append(
+                        run_auditd(aud, exe, workdir, args.rounds))
+            print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if args.json:
+        print(json.dumps({"startup": startup, "results": results}, indent=1))
+    report(args, startup, results)
+
+
+def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
+    base = statistics.median(r["ns"] for r in results["baseline"])
+    nops = args.rounds * OPS_PER_ROUND
+    print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
+          f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
+          f"median of {args.repeat} runs; kernel {os.uname().release}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| way | wall time | ratio | events delivered | events lost | exactly once "
+          "| consumer CPU |")
+    print("|---|---|---|---|---|---|---|")
+    for way, runs in results.items():
+        ns = statistics.median(r["ns"] for r in runs)
+        events = [r.get("events") for r in runs]
+        lost = [r.get("lost") for r in runs]
+        once = [r.get("exactly_once") for r in runs]
+        cpu = [r.get("consumer_cpu") for r in runs]
+
+        def cell(values: list, fmt: str = "{}") -> str:
+            if all(v is None for v in values):
+                return "-"
+            return ", ".join("?" if v is None else fmt.format(v) for v in values)
+        once_cell = "-" if all(v is None for v in once) else (
+            "yes" if all(once) else "NO: " + "; ".join(
+                f"missing {r['missing']} dup {r['duplicates']} extra {r['unexpected']}"
+                for r in runs))
+        print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.3f}x | {cell(events)} | "
+              f"{cell(lost)} | {once_cell} | {cell(cpu, '{:.2f} s')} |")
+    st = [s["start"] for s in startup]
+    print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
+          f"median {statistics.median(st):.3f} s (runs: "
+          + ", ".join(f"{s:.3f}" for s in st) + "); "
+          f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
+          f"close {statistics.median(s['close'] for s in startup):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
