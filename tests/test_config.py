@@ -1,0 +1,93 @@
+"""The daemon's configuration file: defaults, documentation, and a clear error for
+every unknown or bad key."""
+import os
+
+import pytest
+
+from fswatchaudit import config
+from fswatchaudit.config import Config, ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "systemd", "fswatchaudit.conf")
+
+
+def test_empty_file_is_the_defaults():
+    assert config.parse("") == Config()
+    assert config.parse("# only a comment\n\n   \n") == Config()
+
+
+def test_shipped_example_sets_every_key_to_its_default():
+    with open(EXAMPLE) as fh:
+        text = fh.read()
+    keys = [line.split("=")[0].strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert sorted(keys) == sorted(config.KEYS)
+    assert config.load(EXAMPLE) == Config()
+
+
+def test_values_are_converted():
+    cfg = config.parse("""
+        rules_dir = /srv/rules.d
+        log_dir = "/srv/log"          # quoted
+        log_file = fs.log
+        rotate_size = 512K
+        rotate_count = 0
+        flush_interval = 0.25
+        fsync = never
+        ring_buffer_size = 1M
+        backend = inotify
+        disk_full_action = drop-oldest
+        space_left = 5%
+        control_socket = /run/x/ctl.sock
+        status_interval = 2
+    """, "test.conf")
+    assert cfg.rotate_size == 512 * 1024
+    assert cfg.rotate_count == 0
+    assert cfg.flush_interval == 0.25
+    assert cfg.log_path == "/srv/log/fs.log"
+    assert cfg.ring_buffer_size == 1 << 20
+    assert cfg.space_left_bytes(1000) == 50
+    assert config.parse("space_left = 1M").space_left_bytes(10 ** 9) == 1 << 20
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("log_dri = /x", 1, "unknown key 'log_dri' (did you mean 'log_dir'?)"),
+    ("\nfrobnicate = 1", 2, "unknown key 'frobnicate'"),
+    ("rotate_size = big", 1, "rotate_size: bad size 'big'"),
+    ("rotate_size = 1", 1, "rotate_size: '1' is too small"),
+    ("rotate_count = -1", 1, "rotate_count: -1 is out of range"),
+    ("rotate_count = many", 1, "rotate_count: bad count 'many'"),
+    ("flush_interval = 0", 1, "flush_interval: 0 is out of range"),
+    ("fsync = sometimes", 1, "fsync: bad value 'sometimes': choose from flush, rotate, never"),
+    ("ring_buffer_size = 3M", 1, "ring_buffer_size: '3M' is not a power of two"),
+    ("backend = dtrace", 1, "backend: bad value 'dtrace'"),
+    ("disk_full_action = panic", 1, "disk_full_action: bad value 'panic'"),
+    ("space_left = 120%", 1, "space_left: 120% is out of range"),
+    ("log_dir = var/log", 1, "log_dir: 'var/log' is not an absolute path"),
+    ("log_file = a/b", 1, "log_file: 'a/b' must be a plain file name"),
+    ("backend", 1, "expected 'key = value'"),
+    ("= inotify", 1, "expected 'key = value'"),
+    ("backend = inotify\nbackend = auto", 2, "backend given twice (first on line 1)"),
+])
+def test_errors_name_file_line_and_key(text, line, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "x.conf")
+    assert str(info.value).startswith(f"x.conf:{line}: ")
+    assert message in str(info.value)
+
+
+def test_load_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        config.load(str(tmp_path / "missing.conf"))
+
+
+def test_daemon_refuses_bad_config(tmp_path):
+    import subprocess
+    import sys
+    conf = tmp_path / "bad.conf"
+    conf.write_text("log_dir = /tmp\nflush_intervall = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "fswatchaudit", "daemon", "--config",
+                           str(conf)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"{conf}:2: unknown key 'flush_intervall' (did you mean 'flush_interval'?)" \
+        in proc.stderr
