@@ -149,7 +149,7 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
             backend.restrict_to_mount_namespace(container.mntns)
         if command is not None:
             child, release = _start_held(command)
-            backend.add_process(child, children=True)
+            backend.add_process(child, children=True, announce=False)
         for pid in args.pid:
             backend.add_process(pid, children=args.children)
     except BackendUnavailable as exc:

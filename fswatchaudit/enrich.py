@@ -21,12 +21,13 @@ PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 
 
 def attach_keys(rules: RuleSet) -> Processor:
-    """Drop events no rule selects; list the keys of every rule that does."""
+    """Drop events no rule selects; list the keys of every rule that does.  With no rule
+    at all (a per-process audit of everything), the backend's scope decides alone."""
     def process(ev: Event) -> Event | None:
         if ev.keys:
             return ev
         matched = rules.match(ev)
-        if not matched:
+        if not matched and len(rules):
             return None
         ev.keys = sorted({r.key for r in matched if r.key})
         return ev

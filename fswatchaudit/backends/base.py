@@ -55,9 +55,11 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"{self.name} cannot change rules at run time")
 
     # -- scopes (per-process and container audits); only kernel backends can do them --
-    def add_process(self, pid: int, children: bool = True) -> None:
+    def add_process(self, pid: int, children: bool = True, announce: bool = True) -> None:
         """Audit this process (and, with children, every process it forks from now on).
-        With audited processes and no path rule, everything they touch is reported."""
+        With audited processes and no path rule, everything they touch is reported.
+        Each process entering the audit gets a state record (announce=False: not this
+        one now, it is about to exec)."""
         raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
 
     def remove_process(self, pid: int) -> None:

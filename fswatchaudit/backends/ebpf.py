@@ -368,18 +368,21 @@ class EbpfBackend(Backend):
     def restrict_to_mount_namespace(self, mntns: int | None) -> None:
         self._set_config(mntns=mntns or 0)
 
-    def add_process(self, pid: int, children: bool = True) -> None:
+    def add_process(self, pid: int, children: bool = True, announce: bool = True) -> None:
+        """announce=False: the process is about to exec; its record comes with the exec."""
         from ..scope import process_tree, read_process_state
-        pids = process_tree(pid) if children else [pid]
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
+        pids = process_tree(pid) if children else [pid]
         table = self.bpf[b"audited"]
         flag = AUDIT_CHILDREN if children else 0
         for p in pids:
             table[table.Key(p)] = table.Leaf(flag)
             self.audited.add(p)
             st = read_process_state(p, "initial" if p == pid else "descendant")
-            if st is not None:
+            if st is not None and announce:
+                if self.container is not None:
+                    st.container = self.container.identity()
                 self.batch.append(st)
         self._set_config(scope_processes=1)
 
@@ -403,9 +406,6 @@ class EbpfBackend(Backend):
          loginuid, nspid, n_base1, n_base2, n_exe, has_name1, has_name2, _walk, data_len,
          comm) = HEADER.unpack_from(raw)
         parts = raw[HEADER.size:HEADER.size + data_len].split(b"\0")
-        if kind == EV_STATE:
-            self._on_fork(pid, ppid)
-            return
         pos = 0
         base1, pos = self._path(parts, n_base1, pos)
         name1 = None
@@ -417,6 +417,15 @@ class EbpfBackend(Backend):
             name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
         exe, pos = self._path(parts, n_exe, pos) if n_exe else (None, pos)
 
+        comm_text = comm.split(b"\0", 1)[0].decode(errors="replace")
+        if kind == EV_STATE or (kind == EV_EXEC and pid in self.audited):
+            # a process entering the audit (fork: it is still a copy of its parent) or
+            # becoming another program: who it is, from the kernel, at that moment
+            self.audited.add(pid)
+            self.batch.append(self._state(pid, ppid, uid, euid, gid, loginuid, comm_text,
+                                          exe, ktime, "fork" if kind == EV_STATE else "exec"))
+            if kind == EV_STATE:
+                return
         path = base1 if name1 is None else os.path.normpath(os.path.join(base1, name1))
         path2 = None if name2 is None else os.path.normpath(os.path.join(base2, name2))
         syscall = self.tp_names.get(tp_id)
@@ -450,7 +459,7 @@ class EbpfBackend(Backend):
                    result=0 if kind in (EV_EXEC, EV_URING) else (0 if ret >= 0 else ret),
                    dev=user_dev(kdev) if kdev else None, ino=ino or None,
                    pid=pid, tid=tid, ppid=ppid, uid=uid, euid=euid, gid=gid,
-                   loginuid=loginuid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+                   loginuid=loginuid, comm=comm_text,
                    exe=exe, access=access)
         if kind == EV_URING:
             ev.result = None
@@ -462,12 +471,22 @@ class EbpfBackend(Backend):
         ev.keys = sorted({r.key for r in matched if r.key})
         self.batch.append(ev)
 
-    def _on_fork(self, pid: int, ppid: int) -> None:
-        from ..scope import read_process_state
-        self.audited.add(pid)
-        st = read_process_state(pid, "fork") or ProcessState(pid=pid, ppid=ppid,
-                                                             reason="fork")
-        self.batch.append(st)
+    def _state(self, pid: int, ppid: int, uid: int, euid: int, gid: int, loginuid: int,
+               comm: str, exe: str | None, ktime: int, reason: str) -> ProcessState:
+        st = ProcessState(pid=pid, ppid=ppid, uid=uid, euid=euid, gid=gid,
+                          loginuid=loginuid, comm=comm, exe=exe, start_time=ktime,
+                          reason=reason)
+        try:
+            st.cwd = os.readlink(f"/proc/{pid}/cwd")
+            with open(f"/proc/{pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"NSpid:"):
+                        st.nspid = int(line.split()[-1])
+        except (OSError, ValueError):
+            pass
+        if self.container is not None:
+            st.container = self.container.identity()
+        return st
 
     def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.bpf is not None
