@@ -53,6 +53,8 @@ OFFSETS = {
     "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",
     "OFF_VFSMOUNT_MNT_ROOT": "vfsmount.mnt_root", "OFF_MM_EXE_FILE": "mm_struct.exe_file",
     "OFF_BINPRM_FILE": "linux_binprm.file",
+    "OFF_TASK_THREAD_PID": "task_struct.thread_pid", "OFF_PID_LEVEL": "pid.level",
+    "OFF_PID_NUMBERS": "pid.numbers", "OFF_UPID_NR": "upid.nr",
 }
 
 # Permission classes, as in probes.c.
@@ -224,7 +226,8 @@ class EbpfBackend(Backend):
             flags += [f"-DOFF_REGS_ARG{i}={off}" for i, off in enumerate(syscall_arg_offsets(btf))]
         except (OSError, BTFError) as exc:
             raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
-        flags += [f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+        flags += [f"-DSIZEOF_UPID={btf.size('upid')}",
+                  f"-DRINGBUF_PAGES={self.ringbuf_pages}",
                   f"-DEVENT_HEADER_SIZE={HEADER.size}"]
         return flags
 
@@ -423,7 +426,8 @@ class EbpfBackend(Backend):
             # becoming another program: who it is, from the kernel, at that moment
             self.audited.add(pid)
             self.batch.append(self._state(pid, ppid, uid, euid, gid, loginuid, comm_text,
-                                          exe, ktime, "fork" if kind == EV_STATE else "exec"))
+                                          exe, ktime, "fork" if kind == EV_STATE else "exec",
+                                          nspid))
             if kind == EV_STATE:
                 return
         path = base1 if name1 is None else os.path.normpath(os.path.join(base1, name1))
@@ -464,7 +468,7 @@ class EbpfBackend(Backend):
         if kind == EV_URING:
             ev.result = None
         if self.container is not None:
-            ev.container = self.container.identity()
+            ev.container = dict(self.container.identity(), pid=nspid)
         matched = self.rules.match(ev)
         if not matched and not self.audited:
             return
@@ -472,17 +476,14 @@ class EbpfBackend(Backend):
         self.batch.append(ev)
 
     def _state(self, pid: int, ppid: int, uid: int, euid: int, gid: int, loginuid: int,
-               comm: str, exe: str | None, ktime: int, reason: str) -> ProcessState:
+               comm: str, exe: str | None, ktime: int, reason: str,
+               nspid: int) -> ProcessState:
         st = ProcessState(pid=pid, ppid=ppid, uid=uid, euid=euid, gid=gid,
                           loginuid=loginuid, comm=comm, exe=exe, start_time=ktime,
-                          reason=reason)
+                          reason=reason, nspid=nspid or None)
         try:
             st.cwd = os.readlink(f"/proc/{pid}/cwd")
-            with open(f"/proc/{pid}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"NSpid:"):
-                        st.nspid = int(line.split()[-1])
-        except (OSError, ValueError):
+        except OSError:
             pass
         if self.container is not None:
             st.container = self.container.identity()

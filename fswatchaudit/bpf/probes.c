@@ -192,6 +192,16 @@ static __always_inline u64 task_mntns(void *task)
     return read_u32(mnt_ns, OFF_MNT_NS_INUM);
 }
 
+/* The pid as the task's own pid namespace sees it (inside a container). */
+static __always_inline u32 task_nspid(void *task)
+{
+    void *pidp = read_ptr(task, OFF_TASK_THREAD_PID);
+    if (!pidp)
+        return 0;
+    u32 level = read_u32(pidp, OFF_PID_LEVEL);
+    return read_u32(pidp, OFF_PID_NUMBERS + (u64)level * SIZEOF_UPID + OFF_UPID_NR);
+}
+
 /* Is the current task in scope (per-process audit, container)? */
 static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths)
 {
@@ -444,7 +454,7 @@ static __always_inline struct event *new_event(u32 kind)
     e->gid = read_u32(cred, OFF_CRED_GID);
     e->loginuid = read_u32(task, OFF_TASK_LOGINUID);
     e->mntns = task_mntns(task);
-    e->nspid = 0;
+    e->nspid = task_nspid(task);
     e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = 0;
     e->data_len = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
@@ -770,6 +780,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
     e->ppid = ptgid;
     e->pid = ctgid;
     e->tid = read_u32(child, OFF_TASK_PID);
+    e->nspid = task_nspid(child);
     submit(ctx, e);
     return 0;
 }
