@@ -34,7 +34,7 @@ EXIT_CODES_HELP = """exit codes:
 DEFAULT_RULES = "default.rules"
 
 # Modules that add their own subcommands with register(subparsers).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("daemon", "control")
 
 
 def default_rules_text() -> str:

@@ -1,0 +1,423 @@
+"""Service mode: ``fswatchaudit daemon``.
+
+Threads and who does what:
+  consumer   Auditor.run(): reads the backend, writes events; rule changes run here
+             (Auditor.call), so the backend and the log see one caller.
+  control    the control socket (control.py), one request at a time.
+  main       supervision: signals arrive as bytes on a wakeup pipe (the handlers only
+             set flags), and reload, rotation, disk checks, sd_notify STATUS and
+             shutdown are done from here.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import inspect
+import os
+import select
+import signal
+import stat
+import sys
+import threading
+import time
+from typing import Any
+
+from . import backends, config as config_mod, diag, rules as rules_mod
+from .auditor import Auditor
+from .backends.base import BackendUnavailable
+from .config import Config, ConfigError
+from .control import ControlServer
+from .rules import RuleError, RuleSet
+from .sdnotify import Notifier
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NO_BACKEND = 3
+
+# Settings a reload cannot change in a running daemon.
+RESTART_KEYS = ("backend", "ring_buffer_size", "log_dir", "log_file", "control_socket")
+
+
+def load_rules(rules_dir: str) -> RuleSet:
+    """The rules of rules_dir/*.rules, all or nothing; a missing directory is no rules."""
+    if not os.path.isdir(rules_dir):
+        raise RuleError("rules directory does not exist", rules_dir)
+    return rules_mod.load([rules_dir])
+
+
+def prepare_log_dir(path: str) -> None:
+    """Create the log directory root-only; never through a symlink."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    os.makedirs(parent, 0o755, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "log directory is not a directory (a symlink is "
+                      "not followed)", path)
+
+
+def make_backend(cfg: Config, rules: RuleSet, log) -> backends.Backend:
+    cls, probes = backends.select(cfg.backend)
+    log.info("backend selected", detail=backends.selection_reason(probes))
+    kwargs: dict[str, Any] = {}
+    if "ringbuf_pages" in inspect.signature(cls.__init__).parameters:
+        kwargs["ringbuf_pages"] = max(1, cfg.ring_buffer_size // os.sysconf("SC_PAGE_SIZE"))
+    backend = cls(rules, **kwargs)
+    backend.start()
+    return backend
+
+
+def writer_options(cfg: Config) -> dict[str, Any]:
+    """LogWriter keyword arguments for a configuration."""
+    return {"flush_interval": cfg.flush_interval, "fsync": cfg.fsync,
+            "rotate_size": cfg.rotate_size, "rotate_count": cfg.rotate_count,
+            "disk_full": cfg.disk_full_action, "space_left": cfg.space_left}
+
+
+class Daemon:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self.log = diag.get_logger("daemon")
+        self.notifier = Notifier()
+        self.cfg: Config | None = None
+        self.backend: backends.Backend | None = None
+        self.writer = None
+        self.auditor: Auditor | None = None
+        self.control: ControlServer | None = None
+        self.consumer: threading.Thread | None = None
+        self.consumer_error: BaseException | None = None
+        self.started = time.time()
+        self.reloads = 0
+        self.suspended: str | None = None   # why auditing stopped (disk-full "stop")
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()       # one rule change at a time
+
+    # -- start -------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.cfg = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        cfg = self.cfg
+        try:
+            rules = load_rules(cfg.rules_dir)
+        except RuleError as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            prepare_log_dir(cfg.log_dir)
+        except OSError as exc:
+            print(f"fswatchaudit: cannot use log directory {cfg.log_dir}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            self.backend = make_backend(cfg, rules, self.log)
+        except BackendUnavailable as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            return EXIT_NO_BACKEND
+        except RuleError as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            self._open_writer(rules)
+            self.auditor = Auditor(self.backend, rules, [self.writer.write_event],
+                                   state_sinks=[self.writer.write_state],
+                                   on_lost=self.writer.write_lost)
+            self.control = ControlServer(cfg.control_socket, self.handle_request)
+        except OSError as exc:
+            print(f"fswatchaudit: {exc.filename or ''}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            self._teardown()
+            return EXIT_FAILURE
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._install_signals(wake_w)
+        self._start_consumer()
+        self.control.start()
+        self.log.info("auditing", backend=self.backend.name, rules=len(rules),
+                      log=cfg.log_path, socket=cfg.control_socket)
+        self.notifier.ready(self.status_line())
+        try:
+            return self._supervise(wake_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _open_writer(self, rules: RuleSet) -> None:
+        from . import log as log_mod
+        from .cli import log_header
+        assert self.cfg is not None and self.backend is not None
+        self.writer = log_mod.LogWriter(
+            self.cfg.log_path, log_header(self.backend.name, rules, daemon=True),
+            **writer_options(self.cfg))
+        self._record_rules(rules, "start")
+
+    def _install_signals(self, wake_w: int) -> None:
+        def flag(signum: int, frame: object) -> None:
+            self._pending.add(signum)   # the wakeup fd wakes the supervisor
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, flag)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    def _start_consumer(self) -> None:
+        assert self.auditor is not None
+        auditor = self.auditor
+
+        def consume() -> None:
+            try:
+                auditor.run()
+            except BaseException as exc:  # reported by the supervisor
+                self.consumer_error = exc
+        self.consumer = threading.Thread(target=consume, name="consumer", daemon=True)
+        self.consumer.start()
+        # Rule changes must go through the loop once it runs: wait until it does.
+        while getattr(auditor, "_loop_thread", None) is None and self.consumer.is_alive():
+            time.sleep(0.005)
+
+    # -- supervision ---------------------------------------------------------------
+    def _supervise(self, wake_r: int) -> int:
+        assert self.cfg is not None
+        next_status = time.monotonic() + self.cfg.status_interval
+        status = EXIT_OK
+        while True:
+            timeout = max(0.0, min(1.0, next_status - time.monotonic()))
+            ready, _, _ = select.select([wake_r], [], [], timeout)
+            if ready:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            pending, self._pending = self._pending, set()
+            if pending & {signal.SIGTERM, signal.SIGINT}:
+                self.log.info("stopping", signal=signal.Signals(
+                    max(pending & {signal.SIGTERM, signal.SIGINT})).name)
+                break
+            if signal.SIGHUP in pending:
+                self.reload()
+            if signal.SIGUSR1 in pending:
+                self.rotate()
+            if self.consumer is not None and not self.consumer.is_alive() \
+                    and self.suspended is None:
+                self.log.error("consumer stopped", error=str(self.consumer_error))
+                status = EXIT_FAILURE
+                break
+            self._check_disk()
+            if time.monotonic() >= next_status:
+                self.notifier.status(self.status_line())
+                next_status = time.monotonic() + self.cfg.status_interval
+        self.notifier.stopping()
+        self._teardown()
+        return status
+
+    def _check_disk(self) -> None:
+        """Carry out the "stop" disk-full action once the writer reports a full disk."""
+        if self.suspended is not None or self.writer is None:
+            return
+        if getattr(self.writer, "stopped", False):
+            self.suspend(getattr(self.writer, "stop_reason", None) or "log disk full")
+
+    def suspend(self, reason: str) -> None:
+        """Stop auditing but keep answering status, so the cause can be seen."""
+        self.suspended = reason
+        self.log.error("AUDITING STOPPED", reason=reason,
+                       action=self.cfg.disk_full_action if self.cfg else None)
+        if self.auditor is not None:
+            self.auditor.stop()
+        if self.consumer is not None:
+            self.consumer.join(30)
+        if self.backend is not None:
+            self.backend.close()
+        self.notifier.status(self.status_line())
+
+    def _teardown(self) -> None:
+        """Flush everything: stop taking requests, drain the backend, close the log."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.auditor is not None:
+            self.auditor.stop()
+        if self.consumer is not None:
+            self.consumer.join(60)
+        lost = None
+        if self.backend is not None:
+            if self.suspended is None:
+                lost = self.backend.lost()
+                self.backend.close()
+        if self.writer is not None:
+            if lost is not None:
+                self.writer.write_lost(lost)
+            self.writer.close()
+            self.writer = None
+        self.notifier.close()
+
+    # -- reload, rotate, rules -------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration and rules.d; on any error keep what runs."""
+        assert self.cfg is not None and self.auditor is not None
+        self.notifier.reloading()
+        ok = True
+        try:
+            new_cfg = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            self.log.error("reload refused: bad configuration, previous one stays",
+                           error=str(exc))
+            new_cfg, ok = self.cfg, False
+        for key in RESTART_KEYS:
+            if getattr(new_cfg, key) != getattr(self.cfg, key):
+                self.log.warning("setting changes only at restart", key=key,
+                                 running=getattr(self.cfg, key),
+                                 configured=getattr(new_cfg, key))
+        if ok:
+            self.cfg = new_cfg
+            setter = getattr(self.writer, "configure", None)
+            if setter is not None:
+                setter(**writer_options(new_cfg))
+        if self.suspended is None:
+            try:
+                rules = load_rules(new_cfg.rules_dir)
+            except RuleError as exc:
+                self.log.error("reload refused: bad rules, previous rules stay",
+                               error=str(exc))
+                ok = False
+            else:
+                if self._change(lambda: self.auditor.replace_rules(rules), "reload"):
+                    ok = False
+                else:
+                    self.log.info("reloaded", rules=len(self.auditor.rules),
+                                  digest=self.auditor.rules.digest())
+        self.reloads += 1
+        self.notifier.ready(self.status_line())
+        return ok
+
+    def _change(self, fn, reason: str) -> str | None:
+        """Run a rule change on the consumer thread and log the rules now in force;
+        None on success, else the error."""
+        assert self.auditor is not None
+        auditor = self.auditor
+
+        def on_loop() -> Any:
+            result = fn()
+            self._record_rules(auditor.rules, reason)
+            return result
+        with self._lock:
+            try:
+                auditor.call(on_loop, timeout=60)
+            except RuleError as exc:
+                self.log.error("rule change refused", reason=reason, error=str(exc))
+                return str(exc)
+            except Exception as exc:  # backend refused (limits, vanished paths)
+                self.log.error("rule change failed", reason=reason, error=str(exc))
+                return str(exc)
+        return None
+
+    def _record_rules(self, rules: RuleSet, reason: str) -> None:
+        if self.writer is not None:
+            self.writer.write_rules(rules.texts(), rules.digest(), reason=reason)
+
+    def rotate(self) -> str | None:
+        if self.writer is None:
+            return None
+        try:
+            path = self.writer.rotate()
+        except OSError as exc:
+            self.log.error("rotation failed", error=exc.strerror or str(exc))
+            return None
+        self.log.info("log rotated", file=path)
+        return path
+
+    # -- control requests (control thread) --------------------------------------------
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op == "list":
+            assert self.auditor is not None
+            return {"ok": True, "rules": self.auditor.rules.texts()}
+        if op == "rotate":
+            path = self.rotate()
+            if path is None:
+                return {"ok": False, "error": "rotation failed (see the daemon's log)"}
+            return {"ok": True, "file": path}
+        if op in ("add", "delete", "delete-all"):
+            if self.suspended is not None:
+                return {"ok": False, "error": f"auditing stopped: {self.suspended}"}
+            if op == "delete-all":
+                cmd = rules_mod.Command("delete-all")
+            else:
+                text = req.get("rule")
+                if not isinstance(text, str):
+                    return {"ok": False, "usage": True, "error": "missing rule text"}
+                try:
+                    cmd = rules_mod.parse_line(text, "<control>")
+                except RuleError as exc:
+                    return {"ok": False, "usage": True, "error": exc.reason}
+                if cmd is None or cmd.action not in ("add", "delete"):
+                    return {"ok": False, "usage": True, "error": "not a rule to add or "
+                            "delete: use -w/-a or -W/-d"}
+                if cmd.action != op:
+                    cmd = rules_mod.Command(op, cmd.rule, cmd.source, cmd.line)
+            assert self.auditor is not None
+            auditor = self.auditor
+            error = self._change(lambda: auditor.apply([cmd]), op)
+            if error is not None:
+                return {"ok": False, "error": error}
+            self.log.info("rules changed", op=op, rule=cmd.rule.text() if cmd.rule else None,
+                          rules=len(auditor.rules))
+            return {"ok": True, "rules": auditor.rules.texts()}
+        return {"ok": False, "usage": True, "error": f"unknown op {op!r}"}
+
+    # -- status ----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        assert self.cfg is not None
+        out: dict[str, Any] = {"pid": os.getpid(), "state": "running"
+                               if self.suspended is None else "stopped: " + self.suspended}
+        if self.backend is not None:
+            out["backend"] = self.backend.name
+        if self.auditor is not None:
+            out["rules"] = len(self.auditor.rules)
+            out["rules_digest"] = self.auditor.rules.digest()
+            out["events"] = self.auditor.events
+            out["events_lost"] = dict(self.auditor.last_lost)
+        stats = getattr(self.writer, "stats", None)
+        if callable(stats):
+            out.update(stats())
+        out["log_dir"] = self.cfg.log_dir
+        out["config"] = self.config_path or config_mod.DEFAULT_PATH
+        out["reloads"] = self.reloads
+        out["uptime"] = round(time.time() - self.started, 1)
+        return out
+
+    def status_line(self) -> str:
+        st = self.status()
+        lost = sum(st.get("events_lost", {}).values())
+        text = (f"{st.get('backend', '?')}: {st.get('rules', 0)} rules, "
+                f"{st.get('events', 0)} events, {lost} lost")
+        if "events_dropped" in st:
+            text += f", {st['events_dropped']} not written"
+        if self.suspended:
+            text += f"; AUDITING STOPPED: {self.suspended}"
+        return text
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("fswatchaudit: the daemon must run as root", file=sys.stderr)
+        return EXIT_USAGE
+    return Daemon(args.config).run()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "daemon", help="run as a service: rules.d, msgpack logs, control socket",
+        description="Audit the rules of rules.d into rotated msgpack logs until SIGTERM. "
+                    "SIGHUP reloads the configuration and rules.d, SIGUSR1 rotates the log. "
+                    "Control it with `fswatchaudit ctl`.")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"configuration file (default: {config_mod.DEFAULT_PATH} if it "
+                        "exists, else the built-in defaults)")
+    p.set_defaults(func=cmd_daemon)
