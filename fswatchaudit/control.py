@@ -311,12 +311,10 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_socket() -> str:
-    """The socket of the default configuration file (or the built-in default)."""
-    try:
-        return config_mod.load(None).control_socket
-    except config_mod.ConfigError:
-        return config_mod.DEFAULTS.control_socket
+def configured_socket(path: str | None) -> str:
+    """The control socket named by a configuration file (None: the default one, or the
+    built-in default when there is none)."""
+    return config_mod.load(path).control_socket
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -330,6 +328,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "put lasting rules in rules.d.")
     p.add_argument("--socket", default=None, metavar="PATH",
                    help="control socket (default: control_socket of the configuration)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"daemon configuration to take the socket from (default: "
+                        f"{config_mod.DEFAULT_PATH} if it exists)")
     p.add_argument("-w", dest="watch", metavar="PATH", help="add a watch")
     p.add_argument("-W", dest="unwatch", metavar="PATH", help="delete a watch")
     p.add_argument("-a", "-A", dest="append", metavar="always,exit", help="add a rule")
@@ -357,5 +358,9 @@ def _ctl_entry(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.socket is None:
-        args.socket = default_socket()
+        try:
+            args.socket = configured_socket(args.config)
+        except config_mod.ConfigError as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            return 2
     return cmd_ctl(args)

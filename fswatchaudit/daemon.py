@@ -92,6 +92,7 @@ class Daemon:
         self.consumer_error: BaseException | None = None
         self.started = time.time()
         self.reloads = 0
+        self.write_errors = 0
         self.suspended: str | None = None   # why auditing stopped (disk-full "stop")
         self._pending: set[int] = set()
         self._lock = threading.Lock()       # one rule change at a time
@@ -125,9 +126,9 @@ class Daemon:
             return EXIT_USAGE
         try:
             self._open_writer(rules)
-            self.auditor = Auditor(self.backend, rules, [self.writer.write_event],
-                                   state_sinks=[self.writer.write_state],
-                                   on_lost=self.writer.write_lost)
+            self.auditor = Auditor(self.backend, rules, [self._guard(self.writer.write_event)],
+                                   state_sinks=[self._guard(self.writer.write_state)],
+                                   on_lost=self._guard(self.writer.write_lost))
             self.control = ControlServer(cfg.control_socket, self.handle_request)
         except OSError as exc:
             print(f"fswatchaudit: {exc.filename or ''}: {exc.strerror or exc}",
@@ -156,6 +157,19 @@ class Daemon:
             self.cfg.log_path, log_header(self.backend.name, rules, daemon=True),
             **writer_options(self.cfg))
         self._record_rules(rules, "start")
+
+    def _guard(self, write):
+        """A log write that fails is counted and reported, never the end of the consumer
+        (the writer itself carries out the disk-full policy)."""
+        def sink(item) -> None:
+            try:
+                write(item)
+            except Exception as exc:
+                self.write_errors += 1
+                if self.write_errors == 1 or self.write_errors % 10000 == 0:
+                    self.log.error("LOG WRITE FAILED", error=str(exc),
+                                   failures=self.write_errors)
+        return sink
 
     def _install_signals(self, wake_w: int) -> None:
         def flag(signum: int, frame: object) -> None:
@@ -383,9 +397,16 @@ class Daemon:
             out["rules_digest"] = self.auditor.rules.digest()
             out["events"] = self.auditor.events
             out["events_lost"] = dict(self.auditor.last_lost)
+            if self.suspended is None and self.backend is not None:
+                try:  # the backend is read on the consumer thread only
+                    out["events_lost"] = self.auditor.call(self.backend.lost, timeout=5)
+                except Exception:
+                    pass
         stats = getattr(self.writer, "stats", None)
         if callable(stats):
             out.update(stats())
+        if self.write_errors:
+            out["write_errors"] = self.write_errors
         out["log_dir"] = self.cfg.log_dir
         out["config"] = self.config_path or config_mod.DEFAULT_PATH
         out["reloads"] = self.reloads
