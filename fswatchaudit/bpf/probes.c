@@ -56,8 +56,6 @@
 #define AT_FDCWD_VALUE  (-100)
 #define ERR_EACCES      13
 #define ERR_EPERM       1
-#define S_IFMT_MASK     0170000
-#define S_IFDIR_BITS    0040000
 
 /* ---- maps --------------------------------------------------------------------------- */
 
@@ -94,8 +92,7 @@ struct pending {
     u32 ntouched;
     u64 args[6];
     u64 touched[MAX_TOUCHED];   /* struct inode * */
-    u8 dir_touched;             /* a directory's ctime moved: an entry was created */
-    u8 pad[7];
+    u8 pad[8];
 };
 BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
 
@@ -541,10 +538,6 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
             p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
             p->ntouched = n + 1;
         }
-        u16 mode = 0;
-        bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
-        if ((mode & S_IFMT_MASK) == S_IFDIR_BITS)
-            p->dir_touched = 1;
         return 0;
     }
     /* No syscall in progress: an io_uring worker (or another kernel path) acting for a
@@ -640,7 +633,15 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             return 0;
         void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
         void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
-        u8 created = (flags & FLAG_CREAT) && pc.dir_touched;
+        /* created: the open changed the directory the file is in (an overlay copy-up
+         * changes the upper directory, not this one) */
+        u8 created = 0;
+        if (flags & FLAG_CREAT) {
+            void *dir = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
+            for (int i = 0; i < MAX_TOUCHED; i++)
+                if (i < pc.ntouched && pc.touched[i] == (u64)dir)
+                    created = 1;
+        }
         u8 need = open_perm(flags, created);
         if (!all_paths && !(watched_perms(dentry, mnt) & need))
             return 0;
