@@ -50,15 +50,49 @@ def build_workload(outdir: str) -> str:
     return exe
 
 
-def run_workload(exe: str, workdir: str, rounds: int) -> subprocess.Popen:
-    return subprocess.Popen([exe, str(rounds)], cwd=workdir, stdout=subprocess.PIPE, text=True)
+TRACING_PROG_TYPES = ("tracepoint", "raw_tracepoint", "tracing", "kprobe", "perf_event",
+                      "lsm")
 
 
-def finish(proc: subprocess.Popen) -> int:
-    out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"workload failed with status {proc.returncode}")
-    return int(out)
+def tracing_programs() -> int:
+    """BPF programs of tracing kinds loaded on the host right now (any owner)."""
+    try:
+        out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return sum(1 for p in json.loads(out or "[]") if p.get("type") in TRACING_PROG_TYPES)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return -1
+
+
+def wait_quiet(limit: float) -> int:
+    """Wait up to limit seconds for other tools' tracing programs to go away (they
+    would slow the baseline too); returns how many are still loaded."""
+    deadline = time.monotonic() + limit
+    while True:
+        n = tracing_programs()
+        if n <= 0 or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.5)
+
+
+class Workload:
+    """One run of the workload; its own timing and its CPU time (user + system, which
+    includes the BPF programs run in its syscalls)."""
+
+    def __init__(self, exe: str, workdir: str, rounds: int) -> None:
+        self.proc = subprocess.Popen([exe, str(rounds)], cwd=workdir, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def finish(self) -> dict:
+        out = self.proc.stdout.read()
+        _, status, ru = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.proc.returncode != 0:
+            raise SystemExit(f"workload failed with status {self.proc.returncode}")
+        return {"ns": int(out), "workload_cpu": ru.ru_utime + ru.ru_stime}
 
 
 def expected_events(workdir: str, rounds: int) -> set[tuple]:
@@ -78,11 +112,11 @@ def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> di
     try:
         seen: collections.Counter = collections.Counter()
         cpu0 = cpu_seconds()
-        proc = run_workload(exe, workdir, rounds)
-        while proc.poll() is None:
+        work = Workload(exe, workdir, rounds)
+        while not os.waitid(os.P_PID, work.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
             for ev in be.read(0.05):
                 seen[(ev.op, ev.path, ev.path2)] += 1
-        ns = finish(proc)
+        timing = work.finish()
         while True:                       # what is still in the ring buffer
             got = be.read(0.2)
             if not got:
@@ -93,7 +127,7 @@ def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> di
         lost = sum(be.lost().values())
     finally:
         be.close()
-    res = {"ns": ns, "events": sum(seen.values()), "lost": lost, "consumer_cpu": cpu}
+    res = dict(timing, events=sum(seen.values()), lost=lost, consumer_cpu=cpu)
     if check:
         want = expected_events(workdir, rounds)
         got = set(seen)
@@ -190,11 +224,11 @@ def run_auditd(aud: Auditd, exe: str, workdir: str, rounds: int) -> dict:
     subprocess.run(["auditctl", *rule], check=True, stdout=subprocess.DEVNULL)
     try:
         cpu_aud0 = auditd_cpu(aud)
-        ns = finish(run_workload(exe, workdir, rounds))
+        timing = Workload(exe, workdir, rounds).finish()
     finally:
         subprocess.run(["auditctl", "-W", *rule[1:]], stdout=subprocess.DEVNULL)
     time.sleep(1.0)                     # auditd writes asynchronously
-    return {"ns": ns, "events": aud.count(since),
+    return {**timing, "events": aud.count(since),
             "lost": audit_status().get("lost", 0) - lost0,
             "consumer_cpu": auditd_cpu(aud) - cpu_aud0 if cpu_aud0 is not None else None}
 
@@ -254,6 +288,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of every way")
     ap.add_argument("--no-auditd", action="store_true", help="skip the auditd comparison")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
+                    help="before each run, wait up to this long for other tools' BPF "
+                         "tracing programs to be gone (default %(default)s)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the eBPF backend and auditctl need it")
@@ -269,13 +306,19 @@ def main() -> None:
         startup = [measure_startup(10) for _ in range(args.repeat)]
         aud = Auditd(tmp) if use_auditd else None
         for rep in range(args.repeat):
-            results["baseline"].append({"ns": finish(run_workload(exe, workdir, args.rounds))})
-            results["unwatched"].append(run_ebpf(exe, workdir, elsewhere, args.rounds, False))
-            results["watched"].append(run_ebpf(exe, workdir, workdir, args.rounds, True))
+            def measured(run) -> dict:
+                foreign = wait_quiet(args.wait_quiet)
+                return dict(run(), foreign_progs=foreign)
+            results["baseline"].append(measured(
+                lambda: Workload(exe, workdir, args.rounds).finish()))
+            results["unwatched"].append(measured(
+                lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False)))
+            results["watched"].append(measured(
+                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True)))
             if aud is not None:
                 with aud:
-                    results["auditd -w DIR -p wa"].append(
-                        run_auditd(aud, exe, workdir, args.rounds))
+                    results["auditd -w DIR -p wa"].append(measured(
+                        lambda: run_auditd(aud, exe, workdir, args.rounds)))
             print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,22 +330,22 @@ def main() -> None:
 
 def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
     base = statistics.median(r["ns"] for r in results["baseline"])
+    base_cpu = statistics.median(r["workload_cpu"] for r in results["baseline"])
     nops = args.rounds * OPS_PER_ROUND
     print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
           f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
           f"median of {args.repeat} runs; kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs\n")
-    print("| way | wall time | ratio | events delivered | events lost | exactly once "
-          "| consumer CPU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| way | wall time | ratio | workload CPU | ratio | events delivered | events lost "
+          "| exactly once | consumer CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for way, runs in results.items():
         ns = statistics.median(r["ns"] for r in runs)
-        events = [r.get("events") for r in runs]
-        lost = [r.get("lost") for r in runs]
+        wcpu = statistics.median(r["workload_cpu"] for r in runs)
         once = [r.get("exactly_once") for r in runs]
-        cpu = [r.get("consumer_cpu") for r in runs]
 
-        def cell(values: list, fmt: str = "{}") -> str:
+        def cell(key: str, fmt: str = "{}") -> str:
+            values = [r.get(key) for r in runs]
             if all(v is None for v in values):
                 return "-"
             return ", ".join("?" if v is None else fmt.format(v) for v in values)
@@ -310,15 +353,19 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
             "yes" if all(once) else "NO: " + "; ".join(
                 f"missing {r['missing']} dup {r['duplicates']} extra {r['unexpected']}"
                 for r in runs))
-        print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.3f}x | {cell(events)} | "
-              f"{cell(lost)} | {once_cell} | {cell(cpu, '{:.2f} s')} |")
+        print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
+              f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
+              f"{cell('consumer_cpu', '{:.2f} s')} |")
     st = [s["start"] for s in startup]
     print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
           f"median {statistics.median(st):.3f} s (runs: "
           + ", ".join(f"{s:.3f}" for s in st) + "); "
           f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
           f"close {statistics.median(s['close'] for s in startup):.3f} s")
-
+    foreign = sum(1 for runs in results.values() for r in runs if r.get("foreign_progs"))
+    if foreign:
+        print(f"\nWARNING: in {foreign} runs other tools' BPF tracing programs were loaded "
+              "(they slow every run, the baseline too): the ratios are not clean")
 
 if __name__ == "__main__":
     main()
