@@ -32,7 +32,8 @@ def tree():
 def run_step(step, watched, outside) -> int:
     code = step.code.format(W=watched, O=outside) if "{" in step.code and not step.shell \
         else step.code
-    cmd = ["sh", "-ec", code] if step.shell else [sys.executable, "-c", code]
+    # -I: imports never look in the (watched) cwd
+    cmd = ["sh", "-ec", code] if step.shell else [sys.executable, "-I", "-c", code]
     if step.user is not None:
         cmd = ["setpriv", f"--reuid={step.user}", f"--regid={step.user}",
                "--clear-groups", "--", *cmd]
