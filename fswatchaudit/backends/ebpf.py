@@ -14,6 +14,7 @@ fswatchaudit/bpf/include.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import errno
 import os
 import stat
@@ -22,6 +23,7 @@ import time
 from importlib import resources
 
 from .. import syscalls
+from ..bpf.ringbuf import RingReader
 from ..bpf.btf import BTF, VMLINUX_BTF, BTFError
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
@@ -210,6 +212,7 @@ class EbpfBackend(Backend):
         self.exclude_self = exclude_self
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
+        self.ring: RingReader | None = None
         self.batch: list[Event | ProcessState] = []
         self.tp_names: dict[int, str] = {}      # syscall number -> syscall name
         self.container = None
@@ -292,7 +295,7 @@ class EbpfBackend(Backend):
             spec_map[spec_map.Key(nr)] = value
         self.mounts = mount_points()
         self._sync_watches()
-        bpf[b"events"].open_ring_buffer(self._on_record)
+        self.ring = RingReader(bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE)
 
     # -- rules -> the watched map ------------------------------------------------------
     def _host_path(self, path: str) -> str:
@@ -403,8 +406,8 @@ class EbpfBackend(Backend):
         comps.reverse()
         return "/" + "/".join(comps), pos + n
 
-    def _on_record(self, ctx, data, size) -> None:
-        raw = ctypes.string_at(data, size)
+    def _on_record(self, data: memoryview, off: int, size: int) -> None:
+        raw = bytes(data[off:off + size])
         (ktime, kind, tp_id, ret, flags, kdev, ino, mntns, pid, tid, ppid, uid, euid, gid,
          loginuid, nspid, n_base1, n_base2, n_exe, has_name1, has_name2, _walk, data_len,
          comm) = HEADER.unpack_from(raw)
@@ -491,7 +494,8 @@ class EbpfBackend(Backend):
 
     def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.bpf is not None
-        self.bpf.ring_buffer_poll(max(0, int(timeout * 1000)))
+        if self.ring.wait(timeout):
+            self.ring.consume(self._on_record)
         out, self.batch = self.batch, []
         return _merge_uring(out)
 
@@ -510,6 +514,9 @@ class EbpfBackend(Backend):
                 "pending_full": self._counter(CNT_PENDING_FULL)}
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

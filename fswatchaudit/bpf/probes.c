@@ -30,6 +30,12 @@
 #define MAX_PENDING     65536
 #define MAX_AUDITED     65536
 #define COMM_LEN        16
+/* Waking the reader for every record costs the audited process a cross-CPU wakeup per
+ * operation; records are sent without one and every WAKEUP_EVERY-th record on a CPU
+ * wakes the reader (which also polls on its own every few milliseconds). */
+#define WAKEUP_EVERY    64
+#define RB_NO_WAKEUP    1       /* BPF_RB_NO_WAKEUP */
+#define RB_FORCE_WAKEUP 2       /* BPF_RB_FORCE_WAKEUP */
 
 /* permission classes, as in auditctl -p */
 #define PERM_R 1
@@ -123,7 +129,8 @@ BPF_HASH(uring_new, u32, u64, 16384);
 #define CNT_SUBMITTED   0
 #define CNT_LOST        1
 #define CNT_PENDING_FULL 2
-#define NCOUNTERS       3
+#define CNT_UNSIGNALLED 3       /* records sent since this CPU last woke the reader */
+#define NCOUNTERS       4
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 
 /* the record sent to user space: a fixed header, then NUL-separated strings */
@@ -475,7 +482,14 @@ static __always_inline void submit(void *ctx, struct event *e)
     u32 size = __builtin_offsetof(struct event, data) + (off & (DATA_SIZE * 2 - 1));
     if (size > sizeof(*e))
         size = sizeof(*e);
-    if (events.ringbuf_output(e, size, 0) == 0)
+    u32 idx = CNT_UNSIGNALLED;
+    u64 *unsignalled = counters.lookup(&idx);
+    u64 wake = RB_NO_WAKEUP;
+    if (unsignalled && ++*unsignalled >= WAKEUP_EVERY) {
+        *unsignalled = 0;
+        wake = RB_FORCE_WAKEUP;
+    }
+    if (events.ringbuf_output(e, size, wake) == 0)
         count(CNT_SUBMITTED);
     else
         count(CNT_LOST);

@@ -10,12 +10,16 @@ Layout of the mapping: page 0 is the consumer position (the only page user space
 write); from page 1 on, the producer position page, then the data area mapped twice in
 a row so that a record wrapping around the end is contiguous.  Each record starts with
 an 8-byte header: u32 length with a busy and a discard bit, u32 page offset.
+
+Producers that send without waking the reader (BPF_RB_NO_WAKEUP, to spare the audited
+process a wakeup per record) are caught by wait(), which also looks every few ms.
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
 import select
+import time
 from typing import Callable
 
 HDR_SIZE = 8                  # BPF_RINGBUF_HDR_SZ
@@ -23,6 +27,7 @@ BUSY_BIT = 1 << 31            # BPF_RINGBUF_BUSY_BIT: reserved, not yet committe
 DISCARD_BIT = 1 << 30         # BPF_RINGBUF_DISCARD_BIT: committed as discarded
 LEN_MASK = ~(BUSY_BIT | DISCARD_BIT) & 0xFFFFFFFF
 RECORD_ALIGN = 8
+POLL_INTERVAL = 0.01         # seconds between looks when no wakeup came
 
 
 class RingReader:
@@ -49,9 +54,16 @@ class RingReader:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to timeout seconds for data; True when some may be there."""
-        if self._cons.value != self._prod[0]:
-            return True
-        return bool(self._poll.poll(max(0.0, timeout)))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._cons.value != self._prod[0]:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # producers may send without a wakeup: look again after a short while
+            if self._poll.poll(min(left, POLL_INTERVAL)):
+                return True
 
     def consume(self, handle: Callable[[memoryview, int, int], None]) -> int:
         """Call handle(data, offset, length) for every committed record, in order, then
