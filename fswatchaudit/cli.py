@@ -256,6 +256,9 @@ def cmd_log_show(args: argparse.Namespace) -> int:
     except log_mod.LogFormatError as exc:
         print(f"fswatchaudit: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:            # `log show | head`: the reader has had enough
+        sys.stderr.close()
+        return EXIT_OK
     except OSError as exc:
         print(f"fswatchaudit: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
