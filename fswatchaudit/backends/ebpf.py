@@ -121,6 +121,9 @@ SYSCALL_ARG_REGS = {
     "x86_64": ("di", "si", "dx", "r10", "r8", "r9"),
     "aarch64": ("regs",) * 6,     # regs[0..5]
 }
+# Where the syscall number stays during the syscall (read at the raw sys_exit).
+SYSCALL_NR_REG = {"x86_64": "pt_regs.orig_ax", "aarch64": "pt_regs.syscallno"}
+MAX_SYSCALL_NR = 1024
 UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
                   "/usr/include/asm-generic/unistd.h")
 MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
@@ -227,10 +230,12 @@ class EbpfBackend(Backend):
             btf = BTF()
             flags = [f"-D{name}={btf.offset(member)}" for name, member in OFFSETS.items()]
             flags += [f"-DOFF_REGS_ARG{i}={off}" for i, off in enumerate(syscall_arg_offsets(btf))]
+            flags.append(f"-DOFF_REGS_SYSCALL_NR={btf.offset(SYSCALL_NR_REG[os.uname().machine])}")
         except (OSError, BTFError) as exc:
             raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
         flags += [f"-DSIZEOF_UPID={btf.size('upid')}",
                   f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+                  f"-DMAX_SYSCALL_NR={MAX_SYSCALL_NR}",
                   f"-DEVENT_HEADER_SIZE={HEADER.size}"]
         return flags
 
@@ -284,7 +289,8 @@ class EbpfBackend(Backend):
         self.time_offset = t0 - time.monotonic_ns()
         specs = self._specs(tfs)
         numbers = syscall_numbers()
-        self.tp_names = {numbers[name]: name for name in specs if name in numbers}
+        self.tp_names = {numbers[name]: name for name in specs
+                         if numbers.get(name, MAX_SYSCALL_NR) < MAX_SYSCALL_NR}
         self.bpf = self._compile()
         bpf = self.bpf
         spec_map = bpf[b"syscall_spec"]
@@ -292,6 +298,7 @@ class EbpfBackend(Backend):
             value = spec_map.Leaf()
             (value.dfd1, value.path1, value.dfd2, value.path2, value.fd, value.flags,
              value.kind, value.perm, value.flags_in_struct, value.fixed_flags) = specs[name]
+            value.active = 1
             spec_map[spec_map.Key(nr)] = value
         self.mounts = mount_points()
         self._sync_watches()

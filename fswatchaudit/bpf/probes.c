@@ -87,18 +87,24 @@ struct syscall_spec {
     u8 kind;                    /* KIND_* */
     u8 perm;                    /* PERM_* class of the operation (opens: from flags) */
     u8 flags_in_struct;         /* openat2: flags is the first u64 of struct open_how */
-    u8 pad[3];
+    u8 active;                  /* 1: a filesystem syscall this program follows */
+    u8 pad[2];
     u64 fixed_flags;            /* creat(): the flags it implies */
 };
-BPF_HASH(syscall_spec, u32, struct syscall_spec, 512);
+/* an array, not a hash: both raw syscall tracepoints look it up for every syscall of
+ * every process, and an array lookup is a bounds check and an add */
+BPF_ARRAY(syscall_spec, struct syscall_spec, MAX_SYSCALL_NR);
 
-/* pending: thread id -> the syscall in progress and the inodes it changed so far */
+/* pending: thread id -> the syscall in progress and the inodes it changed so far.
+ * A thread's entry stays after its syscall (active = 0) and is reused by the next one:
+ * a lookup instead of an insert and a delete per syscall. */
 struct pending {
     u32 tp_id;                  /* syscall number */
     u32 ntouched;
     u64 args[6];
-    u64 touched[MAX_TOUCHED];   /* struct inode * */
-    u8 pad[8];
+    u64 touched[MAX_TOUCHED];   /* struct inode *, each at most once */
+    u8 active;                  /* a followed syscall is in progress */
+    u8 pad[7];
 };
 BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
 
@@ -527,16 +533,26 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 {
     u32 nr = ctx->args[1];
     struct syscall_spec *spec = syscall_spec.lookup(&nr);
-    if (!spec)
+    if (!spec || !spec->active)
         return 0;
     void *regs = (void *)ctx->args[0];
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending p = {};
-    p.tp_id = nr;
+    struct pending *p = pending.lookup(&tid);
+    if (!p) {
+        struct pending fresh = {};
+        if (pending.update(&tid, &fresh) != 0) {
+            count(CNT_PENDING_FULL);
+            return 0;
+        }
+        p = pending.lookup(&tid);
+        if (!p)
+            return 0;
+    }
+    p->tp_id = nr;
+    p->ntouched = 0;
     for (int i = 0; i < 6; i++)
-        p.args[i] = syscall_arg(regs, i);
-    if (pending.update(&tid, &p) != 0)
-        count(CNT_PENDING_FULL);
+        p->args[i] = syscall_arg(regs, i);
+    p->active = 1;
     return 0;
 }
 
@@ -546,8 +562,11 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
     void *inode = (void *)ctx->args[0];
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending *p = pending.lookup(&tid);
-    if (p) {
+    if (p && p->active) {
         u32 n = p->ntouched;
+        for (int i = 0; i < MAX_TOUCHED; i++)
+            if (i < n && p->touched[i] == (u64)inode)
+                return 0;       /* rename within a directory touches it twice */
         if (n < MAX_TOUCHED) {
             p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
             p->ntouched = n + 1;
@@ -611,14 +630,18 @@ static __always_inline u8 open_perm(u64 flags, u8 created)
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
+    /* every syscall ends here: leave at once unless it is one we follow */
+    u32 nr = read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR);
+    struct syscall_spec *spec = syscall_spec.lookup(&nr);
+    if (!spec || !spec->active)
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending *p = pending.lookup(&tid);
-    if (!p)
+    if (!p || !p->active)
         return 0;
+    p->active = 0;
     struct pending pc = *p;
-    pending.delete(&tid);
-    struct syscall_spec *spec = syscall_spec.lookup(&pc.tp_id);
-    if (!spec)
+    if (pc.tp_id != nr)
         return 0;
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
