@@ -103,7 +103,8 @@ class ProcessFacts:
         self.cache.pop(pid, None)
 
 
-def _ns_inode(pid: int | str, ns: str) -> int | None:
+def ns_inode(pid: int | str, ns: str) -> int | None:
+    """The inode number of a process's namespace (what `ls -l /proc/PID/ns` shows)."""
     try:
         link = os.readlink(f"/proc/{pid}/ns/{ns}")
     except OSError:
@@ -116,16 +117,16 @@ class ContainerFacts:
     container's identity (mount and pid namespace inodes, cgroup)."""
 
     def __init__(self) -> None:
-        self.host_mnt = _ns_inode("self", "mnt")
+        self.host_mnt = ns_inode("self", "mnt")
         self.cache: OrderedDict[int, dict | None] = OrderedDict()
 
     def lookup(self, pid: int) -> dict | None:
         if pid in self.cache:
             return self.cache[pid]
-        mnt = _ns_inode(pid, "mnt")
+        mnt = ns_inode(pid, "mnt")
         info = None
         if mnt is not None and mnt != self.host_mnt:
-            info = {"id": f"mnt:{mnt}", "mntns": mnt, "pidns": _ns_inode(pid, "pid")}
+            info = {"id": f"mnt:{mnt}", "mntns": mnt, "pidns": ns_inode(pid, "pid")}
             try:
                 with open(f"/proc/{pid}/cgroup") as fh:
                     info["cgroup"] = fh.read().strip().split("::", 1)[-1]

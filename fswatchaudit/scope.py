@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .enrich import read_proc_facts
+from .enrich import ns_inode, read_proc_facts
 from .events import ProcessState
 
 CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
@@ -19,15 +19,6 @@ CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 
 class ScopeError(ValueError):
     """A scope that cannot be set up; the message says what was not found."""
-
-
-def ns_inode(pid: int | str, ns: str) -> int | None:
-    """The inode number of a process's namespace (what `ls -l /proc/PID/ns` shows)."""
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/{ns}")
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])
 
 
 def boot_ticks_to_ns(ticks: int) -> int:

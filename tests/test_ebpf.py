@@ -13,7 +13,7 @@ from fswatchaudit.backends import probe
 from fswatchaudit.events import Event
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
 
-from tracehelp import REPO, Trace
+from tracehelp import REPO, Trace, drain
 
 EBPF = probe("ebpf")
 pytestmark = pytest.mark.skipif(not EBPF.usable, reason=f"eBPF backend: {EBPF.reason}")
@@ -32,16 +32,6 @@ def backend_for(*rules, **kw):
     be = EbpfBackend(rs, **kw)
     be.start()
     return be
-
-
-def drain(be, quiet=0.3):
-    """Everything the kernel has sent, until it has been quiet for a moment."""
-    out = []
-    while True:
-        got = be.read(quiet)
-        if not got:
-            return [e for e in out if isinstance(e, Event)]
-        out += got
 
 
 def py(code, cwd, user=None):

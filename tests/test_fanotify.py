@@ -12,7 +12,7 @@ from fswatchaudit.auditor import Auditor
 from fswatchaudit.backends import probe
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
 
-from tracehelp import Trace
+from tracehelp import Trace, drain
 
 FAN = probe("fanotify")
 pytestmark = pytest.mark.skipif(not FAN.usable, reason=f"fanotify backend: {FAN.reason}")
@@ -36,15 +36,6 @@ def backend_for(*rules, **kw):
     be = FanotifyBackend(rs, **kw)
     be.start()
     return be
-
-
-def drain(be, quiet=0.3):
-    out = []
-    while True:
-        got = be.read(quiet)
-        if not got:
-            return out
-        out += got
 
 
 def test_trace_cli_attributes_events_to_processes(tree):

@@ -82,3 +82,15 @@ def readable_by_others(path: str) -> bool:
         if parent == path:
             return True
         path = parent
+
+
+def drain(backend, quiet: float = 0.3) -> list:
+    """The events a backend has, read until it has been quiet for a moment (process
+    state records are left out)."""
+    from fswatchaudit.events import Event
+    out = []
+    while True:
+        got = backend.read(quiet)
+        if not got:
+            return [e for e in out if isinstance(e, Event)]
+        out += got

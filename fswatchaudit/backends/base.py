@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import abc
+import os
+import stat
 from typing import ClassVar
 
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleSet
+
+
+def entry_op(path: str, is_dir: bool) -> str:
+    """Which create-like operation made a new directory entry, for backends that are
+    only told "created": looked up at once (the entry may be gone: then "create")."""
+    if is_dir:
+        return "mkdir"
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "create"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if not stat.S_ISREG(st.st_mode):
+        return "mknod"
+    if st.st_nlink > 1:
+        return "link"   # a new name for an existing file
+    return "create"
 
 
 class BackendUnavailable(RuntimeError):

@@ -27,7 +27,6 @@ import errno
 import os
 import select
 import signal
-import stat
 import struct
 import time
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from collections import OrderedDict
 from ..enrich import read_proc_facts
 from ..events import Event
 from ..rules import Rule, RuleError, RuleSet
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, entry_op
 
 # fanotify_init flags
 FAN_CLOEXEC = 0x1
@@ -297,19 +296,6 @@ class FanotifyBackend(Backend):
         self._process(ev, pid, pidfd)
         out.append(ev)
 
-    def _create_op(self, path: str, is_dir: bool) -> str:
-        if is_dir:
-            return "mkdir"
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return "create"
-        if stat.S_ISLNK(st.st_mode):
-            return "symlink"
-        if not stat.S_ISREG(st.st_mode):
-            return "mknod"
-        return "link" if st.st_nlink > 1 else "create"
-
     def read(self, timeout: float) -> list[Event]:
         out: list[Event] = []
         poller = select.poll()
@@ -363,7 +349,7 @@ class FanotifyBackend(Backend):
             if mask & FAN_CREATE:
                 if is_dir:
                     self._remember(infos, path)
-                op = self._create_op(path, is_dir)
+                op = entry_op(path, is_dir)
                 self._emit(out, op, path, None, pid, pidfd)
                 if op == "create":
                     self.fresh[path] = now

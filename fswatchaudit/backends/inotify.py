@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 
 from inotify_simple import INotify, flags
 
 from ..events import Event
 from ..rules import Rule, RuleError, RuleSet
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, entry_op
 
 # What a directory watch asks for: every entry change, attribute change and close.
 # IN_OPEN is asked for only to keep two close-writes of one file apart: the kernel merges
@@ -33,23 +32,6 @@ DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.
 # How long a created file's first close-write, or a scanned entry's queued IN_CREATE, is
 # waited for before the bookkeeping for it is dropped.
 MEMORY_SECONDS = 5.0
-
-
-def _create_op(path: str, is_dir: bool) -> str:
-    """Which create-like op made this entry: inotify only says IN_CREATE."""
-    if is_dir:
-        return "mkdir"
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return "create"
-    if stat.S_ISLNK(st.st_mode):
-        return "symlink"
-    if not stat.S_ISREG(st.st_mode):
-        return "mknod"
-    if st.st_nlink > 1:
-        return "link"   # a new name for an existing file
-    return "create"
 
 
 class InotifyBackend(Backend):
@@ -112,7 +94,7 @@ class InotifyBackend(Backend):
             for entry in entries:
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if report is not None:
-                    op = _create_op(entry.path, is_dir)
+                    op = entry_op(entry.path, is_dir)
                     self._emit(report, op, entry.path)
                     now = time.monotonic()
                     self.scanned[entry.path] = now
@@ -221,7 +203,7 @@ class InotifyBackend(Backend):
             if e.mask & flags.CREATE:
                 if self.scanned.pop(path, None) is not None:
                     continue  # already reported by the scan of its new parent
-                op = _create_op(path, is_dir)
+                op = entry_op(path, is_dir)
                 self._emit(out, op, path)
                 if is_dir and self._in_subtree(path):
                     self._watch_tree(path, report=out)
