@@ -137,3 +137,45 @@ def test_overflow_is_counted(tmp_path):
         assert len(events) < limit + 10
     finally:
         be.close()
+
+
+def test_log_file_has_every_event_after_sigterm(dirs):
+    """trace -o: SIGTERM flushes the buffered writer; the log holds what was printed."""
+    import signal
+    watched, out = dirs
+    log = os.path.join(os.path.dirname(watched), "trace.log")
+    trace = Trace("--backend", "inotify", "-o", log, watched)
+    for i in range(50):
+        open(os.path.join(watched, f"f{i}"), "w").close()
+    trace.wait_for(50)
+    printed, stderr, code = trace.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    import subprocess, sys, json
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "log", "show", "--json", log],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    logged = [rec for rec in records if "t" not in rec]
+    assert logged == printed and len(logged) == 50
+    assert records[0]["t"] == "hdr" and records[0]["backend"] == "inotify"
+    assert os.stat(log).st_mode & 0o777 == 0o600
+
+
+def test_rules_check_prints_normalised_rules_and_names_bad_lines(tmp_path):
+    import subprocess, sys
+    good = tmp_path / "a.rules"
+    good.write_text("# identity\n-w /etc/passwd -p wa -k passwd\n"
+                    "-a exit,always -F dir=/srv -S fs-create -k srv\n")
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check", str(good)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == [
+        "-w /etc/passwd -p wa -k passwd",
+        "-a always,exit -F arch=b64 -F dir=/srv -S fs-create -k srv"]
+    bad = tmp_path / "b.rules"
+    bad.write_text("-w /etc/group\n-a always,exit -F dir=/srv -S mkdri\n")
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check", str(bad)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert f"{bad}:2: unknown syscall or alias 'mkdri' (did you mean 'mkdir'?)" in r.stderr
+    assert r.stdout == ""
