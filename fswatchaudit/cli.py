@@ -300,6 +300,8 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="audit this process (repeatable); with no PATH, all it touches")
+    p.add_argument("--children", dest="children", action="store_true", default=True,
+                   help="with --pid: also audit every process it starts (the default)")
     p.add_argument("--no-children", dest="children", action="store_false",
                    help="with --pid: do not follow the processes it starts")
     p.add_argument("--container", metavar="ID|PID",
