@@ -62,7 +62,8 @@ def r_pid_parent(state):
     return state["ppid"]
 
 
-def test_process_added_mid_run_and_its_new_children(tmpdir_):
+@pytest.mark.parametrize("children", [True, False])
+def test_process_added_mid_run_and_its_new_children(tmpdir_, children):
     go = os.path.join(tmpdir_, "go")
     code = (f"import os, time\nwhile not os.path.exists({go!r}):\n    time.sleep(0.02)\n"
             f"open({tmpdir_!r} + '/by-parent', 'w').close()\n"
@@ -70,7 +71,7 @@ def test_process_added_mid_run_and_its_new_children(tmpdir_):
             f"    os._exit(0)\nos.waitpid(pid, 0)\n")
     proc = subprocess.Popen([sys.executable, "-I", "-c", code])
     try:
-        trace = Trace("--pid", str(proc.pid))
+        trace = Trace("--pid", str(proc.pid), *([] if children else ["--no-children"]))
         open(go, "w").close()               # the test process itself is not audited
         assert proc.wait(30) == 0
         time.sleep(0.3)
@@ -81,11 +82,12 @@ def test_process_added_mid_run_and_its_new_children(tmpdir_):
     events, states = split(lines)
     creates = [(e["path"], e["ppid"] == proc.pid, e["pid"] == proc.pid)
                for e in events if e["op"] == "create"]
-    assert creates == [(f"{tmpdir_}/by-parent", False, True),
-                       (f"{tmpdir_}/by-child", True, False)]
+    assert creates == [(f"{tmpdir_}/by-parent", False, True)] + (
+        [(f"{tmpdir_}/by-child", True, False)] if children else [])
     assert not any(e.get("path") == go for e in events)
     assert states[0]["pid"] == proc.pid and states[0]["reason"] == "initial"
-    assert any(st["reason"] == "fork" and st["ppid"] == proc.pid for st in states)
+    assert any(st["reason"] == "fork" and st["ppid"] == proc.pid for st in states) \
+        == children
 
 
 BUSYBOX = shutil.which("busybox")
