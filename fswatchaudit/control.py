@@ -307,7 +307,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         for line in format_status(reply.get("status", {})):
             print(line)
     elif msg["op"] == "rotate":
-        print(f"rotated: {reply.get('file', '')}")
+        print(f"rotated: {reply.get('file') or 'old log deleted (rotate_count = 0)'}")
     return 0
 
 

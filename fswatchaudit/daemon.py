@@ -73,9 +73,12 @@ def make_backend(cfg: Config, rules: RuleSet, log) -> backends.Backend:
 
 def writer_options(cfg: Config) -> dict[str, Any]:
     """LogWriter keyword arguments for a configuration."""
+    space_left: int | str = cfg.space_left
+    if not cfg.space_left.endswith("%"):
+        space_left = config_mod.parse_size(cfg.space_left)
     return {"flush_interval": cfg.flush_interval, "fsync": cfg.fsync,
             "rotate_size": cfg.rotate_size, "rotate_count": cfg.rotate_count,
-            "disk_full": cfg.disk_full_action, "space_left": cfg.space_left}
+            "disk_full": cfg.disk_full_action, "space_left": space_left}
 
 
 class Daemon:
@@ -333,16 +336,17 @@ class Daemon:
         if self.writer is not None:
             self.writer.write_rules(rules.texts(), rules.digest(), reason=reason)
 
-    def rotate(self) -> str | None:
+    def rotate(self) -> tuple[bool, str | None]:
+        """(done, the newest rotated file; None with rotate_count = 0)."""
         if self.writer is None:
-            return None
+            return False, None
         try:
             path = self.writer.rotate()
         except OSError as exc:
             self.log.error("rotation failed", error=exc.strerror or str(exc))
-            return None
+            return False, None
         self.log.info("log rotated", file=path)
-        return path
+        return True, path
 
     # -- control requests (control thread) --------------------------------------------
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +357,8 @@ class Daemon:
             assert self.auditor is not None
             return {"ok": True, "rules": self.auditor.rules.texts()}
         if op == "rotate":
-            path = self.rotate()
-            if path is None:
+            done, path = self.rotate()
+            if not done:
                 return {"ok": False, "error": "rotation failed (see the daemon's log)"}
             return {"ok": True, "file": path}
         if op in ("add", "delete", "delete-all"):
@@ -396,12 +400,8 @@ class Daemon:
             out["rules"] = len(self.auditor.rules)
             out["rules_digest"] = self.auditor.rules.digest()
             out["events"] = self.auditor.events
+            # as of the consumer's last poll (the backend is read on that thread only)
             out["events_lost"] = dict(self.auditor.last_lost)
-            if self.suspended is None and self.backend is not None:
-                try:  # the backend is read on the consumer thread only
-                    out["events_lost"] = self.auditor.call(self.backend.lost, timeout=5)
-                except Exception:
-                    pass
         stats = getattr(self.writer, "stats", None)
         if callable(stats):
             out.update(stats())
@@ -418,8 +418,8 @@ class Daemon:
         lost = sum(st.get("events_lost", {}).values())
         text = (f"{st.get('backend', '?')}: {st.get('rules', 0)} rules, "
                 f"{st.get('events', 0)} events, {lost} lost")
-        if "events_dropped" in st:
-            text += f", {st['events_dropped']} not written"
+        if st.get("records_dropped"):
+            text += f", {st['records_dropped']} log records not written"
         if self.suspended:
             text += f"; AUDITING STOPPED: {self.suspended}"
         return text

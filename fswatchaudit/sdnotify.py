@@ -45,8 +45,9 @@ class Notifier:
         with self._lock:
             try:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX,
-                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # non-blocking: a manager that does not read must not stall us
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM
+                                               | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
                 self._sock.sendto(data, self.address)
                 return True
             except OSError:

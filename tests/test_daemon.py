@@ -1,0 +1,481 @@
+"""The real `fswatchaudit daemon`, started as root in a subprocess with its own rules.d,
+log directory, control socket and a fake $NOTIFY_SOCKET; its logs are read back with
+`fswatchaudit log show --json --all`."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from fswatchaudit import control
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs as root")
+
+# inotify always; auto is whatever is best here (eBPF once it is usable).
+BACKENDS = ["inotify", "auto"]
+
+
+def fswatchaudit(*args: str, check: bool = True, timeout: float = 60
+                 ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "fswatchaudit", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fswatchaudit {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def wait_until(cond, what: str, timeout: float = 30.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """One daemon run in a scratch directory: base/{rules.d,log,run,w}."""
+
+    def __init__(self, base: str, backend: str, abstract_notify: bool = False,
+                 **settings: object) -> None:
+        self.base = base
+        self.rules_dir = os.path.join(base, "rules.d")
+        self.log_dir = settings.pop("log_dir", os.path.join(base, "log"))
+        self.socket = os.path.join(base, "run", "control.sock")
+        self.conf = os.path.join(base, "fswatchaudit.conf")
+        os.makedirs(self.rules_dir, exist_ok=True)
+        conf = {"rules_dir": self.rules_dir, "log_dir": self.log_dir,
+                "control_socket": self.socket, "backend": backend,
+                "status_interval": 0.2, "space_left": "0", **settings}
+        self.write_config(conf)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract_notify:
+            name = f"fswa-test-{os.getpid()}-{id(self)}"
+            self.notify.bind("\0" + name)
+            self.notify_address = "@" + name
+        else:
+            self.notify_address = os.path.join(base, "notify")
+            self.notify.bind(self.notify_address)
+        self.messages: list[dict[str, str]] = []
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._collect, daemon=True).start()
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = os.path.join(base, "daemon.stderr")
+
+    def write_config(self, conf: dict) -> None:
+        with open(self.conf, "w") as fh:
+            fh.write("".join(f"{k} = {v}\n" for k, v in conf.items()))
+
+    def write_rules(self, name: str, text: str) -> None:
+        with open(os.path.join(self.rules_dir, name), "w") as fh:
+            fh.write(text)
+
+    def start(self) -> None:
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify_address)
+        self.stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fswatchaudit", "daemon", "--config", self.conf],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
+
+    def stderr_text(self) -> str:
+        with open(self.stderr_path) as fh:
+            return fh.read()
+
+    def _collect(self) -> None:
+        """Read every datagram as it comes (a full socket queue would lose messages)."""
+        while True:
+            try:
+                data = self.notify.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.inbox.put(dict(line.split("=", 1)
+                                for line in data.decode().splitlines() if line))
+
+    def wait_message(self, key: str, timeout: float = 120.0) -> dict[str, str]:
+        """The next sd_notify message carrying key (all are kept in .messages)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {key} from the daemon; stderr:\n"
+                                     + self.stderr_text())
+            try:
+                msg = self.inbox.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.inbox.empty():
+                    raise AssertionError(f"daemon exited {self.proc.returncode} before "
+                                         f"{key}:\n" + self.stderr_text())
+                continue
+            self.messages.append(msg)
+            if key in msg:
+                return msg
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return fswatchaudit("ctl", "--socket", self.socket, *args, check=check)
+
+    def status(self) -> dict:
+        """Status over the socket directly (polled often; `ctl -s` is tested once)."""
+        reply = control.request(self.socket, {"op": "status"})
+        assert reply["ok"], reply
+        return reply["status"]
+
+    def rules(self) -> list[str]:
+        return self.ctl("-l").stdout.splitlines()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=120)
+        self.stderr.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.shutdown(socket.SHUT_RDWR)
+        self.notify.close()
+
+    def records(self) -> list[dict]:
+        out = fswatchaudit("log", "show", "--json", "--all",
+                           os.path.join(self.log_dir, "audit.log")).stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+
+def events(records: list[dict]) -> list[dict]:
+    return [r for r in records if "op" in r and "seq" in r]
+
+
+def count(records: list[dict], op: str, path: str) -> int:
+    return sum(1 for e in events(records) if e["op"] == op and e.get("path") == path)
+
+
+@pytest.fixture
+def base():
+    d = tempfile.mkdtemp(prefix="fswa-daemon-", dir="/tmp")
+    yield d
+    subprocess.run(["umount", "-q", os.path.join(d, "log")], check=False)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Workload:
+    """mkdir DIR/NAME-N in a loop on its own thread until stopped: events that happen
+    while rules change."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory, self.name = directory, name
+        self.made: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            path = os.path.join(self.directory, f"{self.name}-{n}")
+            os.mkdir(path)
+            self.made.append(path)
+            n += 1
+            time.sleep(0.002)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join()
+        return self.made
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_daemon_lifecycle(base, backend):
+    w = {n: os.path.join(base, "w", n) for n in "abc"}
+    for d in w.values():
+        os.makedirs(d)
+    dm = Daemon(base, backend)
+    dm.write_rules("10-a.rules", f"-w {w['a']} -p wa -k a\n")
+    expected: list[str] = []     # mkdir'ed paths that must be logged exactly once
+    unexpected: list[str] = []   # mkdir'ed paths no rule covered
+    try:
+        unexpected.append(os.path.join(w["a"], "before-start"))
+        os.mkdir(unexpected[-1])
+        dm.start()
+        ready = dm.wait_message("READY")
+        assert ready["READY"] == "1"
+        assert not any("READY" in m for m in dm.messages[:-1])
+        # READY=1 means watching: an operation right after it is recorded.
+        expected.append(os.path.join(w["a"], "right-after-ready"))
+        os.mkdir(expected[-1])
+
+        st = json.loads(dm.ctl("-s", "--json").stdout)["status"]
+        assert st["rules"] == 1 and st["state"] == "running"
+        assert st["log_file"] == os.path.join(dm.log_dir, "audit.log")
+        assert "events_lost" in st and "buffer_fill" in st and "records_written" in st
+        if backend != "auto":
+            assert st["backend"] == backend
+        sock = os.lstat(dm.socket)
+        assert stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == 0
+
+        # add and delete a rule over the socket while operations go on
+        load = Workload(w["a"], "during-ctl")
+        dm.ctl("-w", w["b"], "-p", "wa", "-k", "b")
+        expected.append(os.path.join(w["b"], "added"))
+        os.mkdir(expected[-1])
+        assert dm.rules() == [f"-w {w['a']} -p wa -k a", f"-w {w['b']} -p wa -k b"]
+        dm.ctl("-a", "always,exit", "-F", f"dir={w['c']}", "-S", "fs-create", "-k", "c")
+        expected.append(os.path.join(w["c"], "added-by-a"))
+        os.mkdir(expected[-1])
+        dm.ctl("-d", "always,exit", "-F", f"dir={w['c']}", "-S", "fs-create", "-k", "c")
+        dm.ctl("-W", w["b"], "-p", "wa", "-k", "b")
+        unexpected.append(os.path.join(w["b"], "after-delete"))
+        os.mkdir(unexpected[-1])
+        unexpected.append(os.path.join(w["c"], "after-delete"))
+        os.mkdir(unexpected[-1])
+        bad = dm.ctl("-W", w["b"], "-p", "wa", "-k", "b", check=False)
+        assert bad.returncode != 0 and "no such rule" in bad.stderr
+        bad = dm.ctl("-w", "relative/path", check=False)
+        assert bad.returncode == 2 and "relative" in bad.stderr
+        expected += load.stop()
+        assert dm.rules() == [f"-w {w['a']} -p wa -k a"]
+
+        # SIGHUP with a changed rules file: c comes, a stays (never unwatched)
+        load = Workload(w["a"], "during-reload")
+        dm.write_rules("10-a.rules", f"-w {w['a']} -p wa -k a\n-w {w['c']} -p wa -k c\n")
+        dm.proc.send_signal(signal.SIGHUP)
+        dm.wait_message("RELOADING")
+        dm.wait_message("READY")
+        expected.append(os.path.join(w["c"], "after-reload"))
+        os.mkdir(expected[-1])
+        expected += load.stop()
+        assert dm.rules() == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+
+        # a broken file: refused with file:line, the previous rules stay in force
+        dm.write_rules("20-bad.rules", "# comment\n-w relative/path\n")
+        dm.proc.send_signal(signal.SIGHUP)
+        dm.wait_message("RELOADING")
+        dm.wait_message("READY")
+        wait_until(lambda: "20-bad.rules:2:" in dm.stderr_text(), "the reload error")
+        assert dm.rules() == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+        expected.append(os.path.join(w["c"], "after-bad-reload"))
+        os.mkdir(expected[-1])
+        os.unlink(os.path.join(dm.rules_dir, "20-bad.rules"))
+
+        # rotation: SIGUSR1 and ctl --rotate
+        dm.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(os.path.join(dm.log_dir, "audit.log.1")),
+                   "rotation on SIGUSR1")
+        expected.append(os.path.join(w["a"], "after-rotate"))
+        os.mkdir(expected[-1])
+        dm.ctl("--rotate")
+        assert os.path.exists(os.path.join(dm.log_dir, "audit.log.2"))
+        expected.append(os.path.join(w["a"], "last"))
+        os.mkdir(expected[-1])
+
+        st = dm.status()
+        assert st["rules"] == 2
+        assert dm.wait_message("STATUS")["STATUS"]
+        assert dm.stop() == 0
+        dm.wait_message("STOPPING")
+    finally:
+        dm.kill()
+    assert "Traceback" not in dm.stderr_text()
+
+    records = dm.records()
+    for path in expected:
+        assert count(records, "mkdir", path) == 1, path
+    for path in unexpected:
+        assert count(records, "mkdir", path) == 0, path
+    seqs = [e["seq"] for e in events(records)]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+    # every rule change is in the log, with the rules then in force
+    changes = rule_records(records)
+    assert [c["reason"] for c in changes] == \
+        ["start", "add", "add", "delete", "delete", "reload"]
+    assert changes[-1]["rules"] == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+
+
+def rule_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("t") == "rules"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_rules_at_start_exit_2(base, backend):
+    dm = Daemon(base, backend)
+    dm.write_rules("10-ok.rules", f"-w {base} -p wa\n")
+    dm.write_rules("20-bad.rules", "\n-w /x -p q\n")
+    try:
+        dm.start()
+        assert dm.proc.wait(timeout=60) == 2
+    finally:
+        dm.kill()
+    assert "20-bad.rules:2: bad permission letters 'q'" in dm.stderr_text()
+    assert not any("READY" in m for m in dm.messages)
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """systemd-analyze verify on the shipped unit, ExecStart pointed at this checkout's
+    command (verify insists that the program exists)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: scripts/setup installs Debian's systemd"
+    exe = os.path.join(os.path.dirname(sys.executable), "fswatchaudit")
+    assert os.access(exe, os.X_OK)
+    with open(os.path.join(REPO, "systemd", "fswatchaudit.service")) as fh:
+        unit = fh.read()
+    assert "\nExecStart=/usr/local/bin/fswatchaudit daemon " in unit
+    unit = unit.replace("\nExecStart=/usr/local/bin/fswatchaudit ", f"\nExecStart={exe} ")
+    path = tmp_path / "fswatchaudit.service"
+    path.write_text(unit)
+    proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fswatchaudit.service" not in proc.stderr, proc.stderr
+    for line in ("Type=notify", "Restart=on-failure", "ProtectSystem=strict",
+                 "ReadWritePaths=/var/log/fswatchaudit", "ProtectHome=read-only",
+                 "PrivateTmp=yes", "NoNewPrivileges=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert f"\n{line}\n" in unit
+
+
+# -- disk full ------------------------------------------------------------------------
+
+def mount_tmpfs(path: str, size: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+                   check=True)
+
+
+def fill(directory: str, name: str = "filler") -> str:
+    """Take every free block of the file system."""
+    path = os.path.join(directory, name)
+    chunk = b"\0" * 4096
+    with open(path, "wb", buffering=0) as fh:
+        while True:
+            try:
+                fh.write(chunk)
+            except OSError:
+                break
+    return path
+
+
+def mkdirs(directory: str, prefix: str, n: int) -> list[str]:
+    made = []
+    for i in range(n):
+        path = os.path.join(directory, f"{prefix}-{i}")
+        os.mkdir(path)
+        made.append(path)
+    return made
+
+
+def start_on_tmpfs(base: str, backend: str, size: str, **settings) -> tuple[Daemon, str]:
+    watched = os.path.join(base, "w")
+    os.makedirs(watched)
+    mount_tmpfs(os.path.join(base, "log"), size)
+    dm = Daemon(base, backend, abstract_notify=True, flush_interval=0.05, **settings)
+    dm.write_rules("10-w.rules", f"-w {watched} -p wa -k w\n")
+    dm.start()
+    dm.wait_message("READY")
+    return dm, watched
+
+
+def flushed(dm: Daemon, n: int) -> bool:
+    """The daemon has seen n events and its buffer is empty (written or dropped)."""
+    st = dm.status()
+    return st.get("events", 0) >= n and st.get("buffer_bytes") == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disk_full_keep_going(base, backend):
+    dm, w = start_on_tmpfs(base, backend, "512k", disk_full_action="keep-going",
+                           rotate_size="64K", rotate_count=2)
+    try:
+        before = mkdirs(w, "before", 20)
+        wait_until(lambda: flushed(dm, 20), "events written before the disk fills")
+        assert dm.status()["records_dropped"] == 0
+        filler = fill(dm.log_dir)
+        during = mkdirs(w, "during", 200)
+        st = wait_until(lambda: (s := dm.status()).get("records_dropped", 0) > 0 and s,
+                        "events counted as not written")
+        assert st["state"] == "running"
+        os.unlink(filler)
+        after = mkdirs(w, "after", 20)
+        wait_until(lambda: dm.status().get("events", 0) >= 240, "events after the disk full")
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    err = dm.stderr_text()
+    assert "Traceback" not in err
+    assert "disk" in err.lower()
+    records = dm.records()
+    for path in before + after:
+        assert count(records, "mkdir", path) == 1, path
+    assert all(count(records, "mkdir", p) <= 1 for p in during)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disk_full_drop_oldest(base, backend):
+    # 1M file system, 512K must stay free: rotated 64K files go, oldest first
+    dm, w = start_on_tmpfs(base, backend, "1m", disk_full_action="drop-oldest",
+                           rotate_size="64K", rotate_count=100, space_left="512K")
+    made: list[str] = []
+    try:
+        # batches smaller than one rotated file: each write needs at most one deletion
+        for batch in range(60):
+            made += mkdirs(w, f"b{batch}", 100)
+            wait_until(lambda: flushed(dm, len(made)), "events written")
+        assert dm.status()["records_dropped"] == 0
+        st = dm.status()
+        assert st["state"] == "running"
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    err = dm.stderr_text()
+    assert "Traceback" not in err
+    rotated = sorted(int(n.rsplit(".", 1)[1]) for n in os.listdir(dm.log_dir)
+                     if n.startswith("audit.log."))
+    assert rotated and rotated == list(range(1, len(rotated) + 1))
+    assert os.statvfs(dm.log_dir).f_bavail * os.statvfs(dm.log_dir).f_frsize > 256 * 1024
+    records = dm.records()
+    # the oldest files went, the newest events are all there, none twice
+    assert count(records, "mkdir", made[0]) == 0
+    for path in made[-1000:]:
+        assert count(records, "mkdir", path) == 1, path
+    assert all(count(records, "mkdir", p) <= 1 for p in made)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disk_full_stop(base, backend):
+    dm, w = start_on_tmpfs(base, backend, "512k", disk_full_action="stop")
+    try:
+        before = mkdirs(w, "before", 20)
+        wait_until(lambda: flushed(dm, 20), "events written before the disk fills")
+        assert dm.status()["records_dropped"] == 0
+        fill(dm.log_dir)
+        mkdirs(w, "during", 200)
+        st = wait_until(lambda: (s := dm.status())["state"] != "running" and s,
+                        "auditing to stop")
+        assert st["state"].startswith("stopped")
+        wait_until(lambda: "AUDITING STOPPED" in dm.wait_message("STATUS")["STATUS"],
+                   "STATUS= to say that auditing stopped")
+        refused = dm.ctl("-w", w, check=False)
+        assert refused.returncode != 0 and "auditing stopped" in refused.stderr
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    err = dm.stderr_text()
+    assert "Traceback" not in err
+    assert "AUDITING STOPPED" in err
+    records = dm.records()
+    for path in before:
+        assert count(records, "mkdir", path) == 1, path
