@@ -90,6 +90,7 @@ class LogWriter:
         self.records_written = 0
         self.bytes_written = 0
         self.records_dropped = 0
+        self._gap_noted = self._gap_pending = 0   # dropped records already reported
         self.last_error: str | None = None
         self.stopped = False
         self.stop_reason: str | None = None
@@ -257,8 +258,11 @@ class LogWriter:
                 if self.rotate_size and self._size + sum(map(len, batch)) > self.rotate_size \
                         and self._size > 0:
                     self._rotate_files()
-                self._write_all(batch)
-                self.records_written += len(batch)
+                gap = self._gap_record()
+                self._write_all(gap + batch)
+                self.records_written += len(gap) + len(batch)
+                if gap:
+                    self._gap_noted = self._gap_pending
                 if self.fsync == "flush":
                     os.fsync(self._fd)
                 if self.last_error:
@@ -280,6 +284,17 @@ class LogWriter:
                                error=self.last_error, dropped=len(batch),
                                action=self.disk_full if full else "count")
                 return
+
+    def _gap_record(self) -> list[bytes]:
+        """A "dropped" record written in front of the first batch stored after records
+        were dropped, so that a reader sees where coverage has a gap."""
+        total = self.records_dropped
+        if total <= self._gap_noted:
+            return []
+        self._gap_pending = total
+        return [self._packer.pack({"t": "dropped", "time": time.time_ns(),
+                                   "count": total - self._gap_noted, "total": total,
+                                   "reason": self.last_error or "memory limit"})]
 
     def rotate(self) -> str | None:
         """Rotate now (SIGUSR1, ctl --rotate): flush, move files along, reopen."""
