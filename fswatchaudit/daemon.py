@@ -233,9 +233,7 @@ class Daemon:
 
     def _check_disk(self) -> None:
         """Carry out the "stop" disk-full action once the writer reports a full disk."""
-        if self.suspended is not None or self.writer is None:
-            return
-        if getattr(self.writer, "stopped", False):
+        if self.suspended is None and getattr(self.writer, "stopped", False):
             self.suspend(getattr(self.writer, "stop_reason", None) or "log disk full")
 
     def suspend(self, reason: str) -> None:

@@ -410,7 +410,7 @@ def test_disk_full_keep_going(base, backend):
         assert st["state"] == "running"
         os.unlink(filler)
         after = mkdirs(w, "after", 20)
-        wait_until(lambda: dm.status().get("events", 0) >= 240, "events after the disk full")
+        wait_until(lambda: flushed(dm, 240), "events after the disk full")
         assert dm.stop() == 0
     finally:
         dm.kill()
@@ -421,6 +421,11 @@ def test_disk_full_keep_going(base, backend):
     for path in before + after:
         assert count(records, "mkdir", path) == 1, path
     assert all(count(records, "mkdir", p) <= 1 for p in during)
+    # the gap is in the log, between the last event before it and the first after
+    gaps = [r for r in records if r.get("t") == "dropped"]
+    assert gaps and gaps[0]["count"] >= 1
+    at = records.index(gaps[0])
+    assert not any(e.get("path") in after for e in records[:at])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
