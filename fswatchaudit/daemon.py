@@ -11,6 +11,7 @@ Threads and who does what:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import inspect
 import os
@@ -272,42 +273,46 @@ class Daemon:
 
     # -- reload, rotate, rules -------------------------------------------------------
     def reload(self) -> bool:
-        """SIGHUP: re-read the configuration and rules.d; on any error keep what runs."""
+        """SIGHUP: re-read the configuration and rules.d.  Both are read completely
+        first; any error and nothing changes (the error names file and line)."""
         assert self.cfg is not None and self.auditor is not None
+        auditor = self.auditor
         self.notifier.reloading()
-        ok = True
         try:
-            new_cfg = config_mod.load(self.config_path)
-        except ConfigError as exc:
-            self.log.error("reload refused: bad configuration, previous one stays",
-                           error=str(exc))
-            new_cfg, ok = self.cfg, False
-        for key in RESTART_KEYS:
-            if getattr(new_cfg, key) != getattr(self.cfg, key):
-                self.log.warning("setting changes only at restart", key=key,
-                                 running=getattr(self.cfg, key),
-                                 configured=getattr(new_cfg, key))
-        if ok:
-            self.cfg = new_cfg
+            try:
+                new_cfg = config_mod.load(self.config_path)
+            except ConfigError as exc:
+                self.log.error("reload refused: bad configuration, nothing changed",
+                               error=str(exc))
+                return False
+            rules = None
+            if self.suspended is None:
+                try:
+                    rules = load_rules(new_cfg.rules_dir)
+                except RuleError as exc:
+                    self.log.error("reload refused: bad rules, previous rules stay",
+                                   error=str(exc))
+                    return False
+            if rules is not None and self._change(lambda: auditor.replace_rules(rules),
+                                                  "reload"):
+                return False
+            kept = {}
+            for key in RESTART_KEYS:
+                if getattr(new_cfg, key) != getattr(self.cfg, key):
+                    self.log.warning("setting changes only at restart", key=key,
+                                     running=getattr(self.cfg, key),
+                                     configured=getattr(new_cfg, key))
+                    kept[key] = getattr(self.cfg, key)
+            self.cfg = dataclasses.replace(new_cfg, **kept)
             setter = getattr(self.writer, "configure", None)
             if setter is not None:
-                setter(**writer_options(new_cfg))
-        if self.suspended is None:
-            try:
-                rules = load_rules(new_cfg.rules_dir)
-            except RuleError as exc:
-                self.log.error("reload refused: bad rules, previous rules stay",
-                               error=str(exc))
-                ok = False
-            else:
-                if self._change(lambda: self.auditor.replace_rules(rules), "reload"):
-                    ok = False
-                else:
-                    self.log.info("reloaded", rules=len(self.auditor.rules),
-                                  digest=self.auditor.rules.digest())
-        self.reloads += 1
-        self.notifier.ready(self.status_line())
-        return ok
+                setter(**writer_options(self.cfg))
+            self.log.info("reloaded", rules=len(auditor.rules),
+                          digest=auditor.rules.digest())
+            return True
+        finally:
+            self.reloads += 1
+            self.notifier.ready(self.status_line())
 
     def _change(self, fn, reason: str) -> str | None:
         """Run a rule change on the consumer thread and log the rules now in force;

@@ -63,6 +63,7 @@ class Daemon:
         conf = {"rules_dir": self.rules_dir, "log_dir": self.log_dir,
                 "control_socket": self.socket, "backend": backend,
                 "status_interval": 0.2, "space_left": "0", **settings}
+        self.settings = conf
         self.write_config(conf)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         if abstract_notify:
@@ -159,6 +160,13 @@ class Daemon:
         return [json.loads(line) for line in out.splitlines()]
 
 
+def as_nobody(*args: str) -> subprocess.CompletedProcess:
+    """fswatchaudit ARGS as uid/gid 65534 without supplementary groups."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--", sys.executable, "-m", "fswatchaudit", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
 def events(records: list[dict]) -> list[dict]:
     return [r for r in records if "op" in r and "seq" in r]
 
@@ -229,6 +237,18 @@ def test_daemon_lifecycle(base, backend):
             assert st["backend"] == backend
         sock = os.lstat(dm.socket)
         assert stat.S_IMODE(sock.st_mode) == 0o600 and sock.st_uid == 0
+        assert stat.S_IMODE(os.lstat(os.path.dirname(dm.socket)).st_mode) == 0o700
+        # root only: the modes keep uid 65534 out, and with them loosened SO_PEERCRED does
+        out = as_nobody("ctl", "--socket", dm.socket, "-l")
+        assert out.returncode == 1 and "permission denied (root only)" in out.stderr
+        modes = {p: stat.S_IMODE(os.stat(p).st_mode)
+                 for p in (base, os.path.dirname(dm.socket), dm.socket)}
+        for p in modes:
+            os.chmod(p, 0o777 if p == dm.socket else 0o711)
+        out = as_nobody("ctl", "--socket", dm.socket, "-w", w["a"])
+        assert out.returncode == 1 and "permission denied: root only" in out.stderr
+        for p, mode in modes.items():
+            os.chmod(p, mode)
 
         # add and delete a rule over the socket while operations go on
         load = Workload(w["a"], "during-ctl")
@@ -255,6 +275,8 @@ def test_daemon_lifecycle(base, backend):
         # SIGHUP with a changed rules file: c comes, a stays (never unwatched)
         load = Workload(w["a"], "during-reload")
         dm.write_rules("10-a.rules", f"-w {w['a']} -p wa -k a\n-w {w['c']} -p wa -k c\n")
+        other = "inotify" if backend == "auto" else "auto"
+        dm.write_config({**dm.settings, "backend": other, "flush_interval": 0.5})
         dm.proc.send_signal(signal.SIGHUP)
         dm.wait_message("RELOADING")
         dm.wait_message("READY")
@@ -262,6 +284,16 @@ def test_daemon_lifecycle(base, backend):
         os.mkdir(expected[-1])
         expected += load.stop()
         assert dm.rules() == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+        assert "setting changes only at restart" in dm.stderr_text()
+        assert dm.status()["backend"] == st["backend"]
+
+        # a bad configuration on reload is refused, the running one stays
+        dm.write_config({**dm.settings, "rotate_cuont": 3})
+        dm.proc.send_signal(signal.SIGHUP)
+        dm.wait_message("READY")
+        wait_until(lambda: "unknown key 'rotate_cuont'" in dm.stderr_text(),
+                   "the configuration error")
+        dm.write_config(dm.settings)
 
         # a broken file: refused with file:line, the previous rules stay in force
         dm.write_rules("20-bad.rules", "# comment\n-w relative/path\n")
