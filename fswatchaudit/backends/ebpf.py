@@ -61,7 +61,14 @@ OFFSETS = {
 
 # Permission classes, as in probes.c.
 PERM_BITS = {"r": 1, "w": 2, "x": 4, "a": 8}
-KIND_PLAIN, KIND_OPEN = 0, 1
+KIND_PLAIN, KIND_OPEN, KIND_MOUNT = 0, 1, 2
+MOVES_MAYBE, MOVES_ALWAYS = 1, 2
+# Syscalls that can move or remove a directory, and those that make a filesystem
+# reachable: after them the kernel's cache of directory verdicts is expired.
+MOVING_SYSCALLS = {"rename": MOVES_MAYBE, "renameat": MOVES_MAYBE, "renameat2": MOVES_MAYBE,
+                   "unlinkat": MOVES_MAYBE, "rmdir": MOVES_ALWAYS}
+MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount")
+GEN_USER = 1
 EV_SYSCALL, EV_EXEC, EV_URING, EV_FAILED, EV_STATE = 1, 2, 3, 4, 5
 AUDIT_CHILDREN = 1
 CNT_SUBMITTED, CNT_LOST, CNT_PENDING_FULL = 0, 1, 2
@@ -229,7 +236,10 @@ class EbpfBackend(Backend):
         try:
             btf = BTF()
             flags = [f"-D{name}={btf.offset(member)}" for name, member in OFFSETS.items()]
-            flags += [f"-DOFF_REGS_ARG{i}={off}" for i, off in enumerate(syscall_arg_offsets(btf))]
+            arg_offs = syscall_arg_offsets(btf)
+            flags += [f"-DOFF_REGS_ARG{i}={off}" for i, off in enumerate(arg_offs)]
+            flags += [f"-DREGS_SPAN_START={min(arg_offs)}",
+                      f"-DREGS_SPAN_LEN={max(arg_offs) + 8 - min(arg_offs)}"]
             flags.append(f"-DOFF_REGS_SYSCALL_NR={btf.offset(SYSCALL_NR_REG[os.uname().machine])}")
         except (OSError, BTFError) as exc:
             raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
@@ -252,7 +262,8 @@ class EbpfBackend(Backend):
             raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None
 
     def _specs(self, tfs: str) -> dict[str, tuple]:
-        """Per syscall: (dfd1, path1, dfd2, path2, fd, flags, kind, perm, in_struct, fixed)."""
+        """Per syscall: (dfd1, path1, dfd2, path2, fd, flags, kind, perm, in_struct, fixed,
+        moves)."""
         specs = {}
         for name, ops in syscalls.SYSCALL_OPS.items():
             if "exec" in ops:
@@ -276,7 +287,10 @@ class EbpfBackend(Backend):
                     perm |= PERM_BITS[letter]
             fixed = O_CREAT | O_WRONLY | O_TRUNC if name == "creat" else 0
             specs[name] = (dfd1, path1, dfd2, path2, fd, flags, kind, perm,
-                           1 if name == "openat2" else 0, fixed)
+                           1 if name == "openat2" else 0, fixed, MOVING_SYSCALLS.get(name, 0))
+        for name in MOUNT_SYSCALLS:
+            if syscall_args(tfs, name) is not None:
+                specs[name] = (-1, -1, -1, -1, -1, -1, KIND_MOUNT, 0, 0, 0, 0)
         return specs
 
     def start(self) -> None:
@@ -297,7 +311,8 @@ class EbpfBackend(Backend):
         for nr, name in self.tp_names.items():
             value = spec_map.Leaf()
             (value.dfd1, value.path1, value.dfd2, value.path2, value.fd, value.flags,
-             value.kind, value.perm, value.flags_in_struct, value.fixed_flags) = specs[name]
+             value.kind, value.perm, value.flags_in_struct, value.fixed_flags,
+             value.moves) = specs[name]
             value.active = 1
             spec_map[spec_map.Key(nr)] = value
         self.mounts = mount_points()
@@ -351,6 +366,10 @@ class EbpfBackend(Backend):
                 del table[k]
             except KeyError:
                 pass
+        if wanted != self.watch_values:
+            gens = self.bpf[b"gens"]
+            key = gens.Key(GEN_USER)
+            gens[key] = gens.Leaf(gens[key].value + 1)     # the kernel's verdicts expire
         self.watch_values = wanted
         self._set_config()
 

@@ -27,6 +27,7 @@
 #define DATA_SIZE       16384   /* string area of one record */
 #define DATA_MASK       (DATA_SIZE - 1)
 #define MAX_WATCHES     65536
+#define DIR_CACHE_SIZE  65536
 #define MAX_PENDING     65536
 #define MAX_AUDITED     65536
 #define COMM_LEN        16
@@ -46,6 +47,14 @@
 /* syscall argument roles (syscall_spec.kind) */
 #define KIND_PLAIN      0       /* path or fd arguments; reported if a changed inode is watched */
 #define KIND_OPEN       1       /* returns an fd: the opened file decides */
+#define KIND_MOUNT      2       /* makes a filesystem reachable: directory verdicts expire */
+
+/* syscall_spec.moves: can the syscall move or remove a directory? */
+#define MOVES_MAYBE     1       /* rename*, unlinkat: yes when two directories changed */
+#define MOVES_ALWAYS    2       /* rmdir */
+#define AT_REMOVEDIR_FLAG 0x200
+#define S_IFMT_MASK     0170000
+#define S_IFDIR_BITS    0040000
 
 /* record kinds (event.kind) */
 #define EV_SYSCALL      1
@@ -88,7 +97,8 @@ struct syscall_spec {
     u8 perm;                    /* PERM_* class of the operation (opens: from flags) */
     u8 flags_in_struct;         /* openat2: flags is the first u64 of struct open_how */
     u8 active;                  /* 1: a filesystem syscall this program follows */
-    u8 pad[2];
+    u8 moves;                   /* MOVES_* */
+    u8 pad[1];
     u64 fixed_flags;            /* creat(): the flags it implies */
 };
 /* an array, not a hash: both raw syscall tracepoints look it up for every syscall of
@@ -104,9 +114,27 @@ struct pending {
     u64 args[6];
     u64 touched[MAX_TOUCHED];   /* struct inode *, each at most once */
     u8 active;                  /* a followed syscall is in progress */
-    u8 pad[7];
+    u8 overflow;                /* it changed more than MAX_TOUCHED inodes */
+    u8 pad[6];
 };
 BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
+
+/* dir_cache: directory (dev, ino) -> what the watches grant to its direct entries, from
+ * a walk up to its filesystem's root.  An entry holds while both generations in gens
+ * are those it was computed under: GEN_KERNEL moves when a directory is moved to
+ * another parent or removed (its ancestry, or whose its inode number is, changes) or a
+ * filesystem is mounted (a device number may be reused), GEN_USER when user space
+ * changes the watched map.  A directory renamed within its parent keeps its entries. */
+struct dir_verdict {
+    u64 kgen;
+    u64 ugen;
+    u8 below;                   /* PERM_* granted to entries of this directory */
+    u8 pad[7];
+};
+BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
+#define GEN_KERNEL      0
+#define GEN_USER        1
+BPF_ARRAY(gens, u64, 2);
 
 /* audited: tgid -> flags, for per-process audits (AUDIT_CHILDREN: follow forks) */
 #define AUDIT_CHILDREN 1
@@ -290,19 +318,6 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
     return 0;
 }
 
-/* Permission mask that watches grant to the object at (mnt, dentry): its own watch,
- * its parent's child watch, and subtree watches of every ancestor. */
-static __always_inline u8 watched_perms(void *dentry, void *mnt)
-{
-    struct walk w = {};
-    w.dentry = dentry;
-    w.mnt = mnt;
-    for (u32 i = 0; i < WATCH_DEPTH; i++)
-        if (watch_step(i, &w))
-            break;
-    return w.perms;
-}
-
 /* The dentry of an inode (its first alias; directories have exactly one). */
 static __always_inline void *inode_dentry(void *inode)
 {
@@ -312,18 +327,117 @@ static __always_inline void *inode_dentry(void *inode)
     return (char *)first - OFF_DENTRY_D_ALIAS;
 }
 
-/* Perms for a changed inode: its own entry, then its ancestors via its dentry. */
+static __always_inline void inode_key(void *inode, struct watch_key *key)
+{
+    void *sb = read_ptr(inode, OFF_INODE_I_SB);
+    key->dev = read_u32(sb, OFF_SB_S_DEV);
+    key->ino = read_u64(inode, OFF_INODE_I_INO);
+}
+
+static __always_inline u64 gen(u32 which)
+{
+    u64 *g = gens.lookup(&which);
+    return g ? *g : 0;
+}
+
+static __always_inline void bump_kernel_gen(void)
+{
+    u32 which = GEN_KERNEL;
+    u64 *g = gens.lookup(&which);
+    if (g)
+        __sync_fetch_and_add(g, 1);
+}
+
+/* What watches grant to the entries of directory dentry dir (inside its filesystem):
+ * from dir_cache, or by walking up and remembering the answer. */
+static __always_inline u8 dir_below(void *dir)
+{
+    void *dir_inode = read_ptr(dir, OFF_DENTRY_D_INODE);
+    if (!dir_inode)
+        return 0;
+    struct watch_key key = {};
+    inode_key(dir_inode, &key);
+    u64 kgen = gen(GEN_KERNEL), ugen = gen(GEN_USER);
+    struct dir_verdict *c = dir_cache.lookup(&key);
+    if (c && c->kgen == kgen && c->ugen == ugen)
+        return c->below;
+    struct walk w = {};
+    w.dentry = dir;
+    for (u32 i = 1; i < WATCH_DEPTH; i++)
+        if (watch_step(i, &w))
+            break;
+    struct dir_verdict v = {};
+    v.kgen = kgen;
+    v.ugen = ugen;
+    v.below = w.perms;
+    dir_cache.update(&key, &v);
+    return w.perms;
+}
+
+/* Perms for an object inside its filesystem: its own watch, then what its directory
+ * grants. */
+static __always_inline u8 object_perms(void *inode, void *dentry)
+{
+    struct watch_key key = {};
+    inode_key(inode, &key);
+    struct watch_val *own = watched.lookup(&key);
+    u8 perms = own ? own->self : 0;
+    if (!dentry)
+        return perms;
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    if (!parent || parent == dentry)
+        return perms;
+    return perms | dir_below(parent);
+}
+
+/* Perms for a changed inode (found through its first dentry). */
 static __always_inline u8 inode_perms(void *inode)
 {
-    void *dentry = inode_dentry(inode);
-    if (dentry)
-        return watched_perms(dentry, NULL);
-    struct watch_key key = {};
-    void *sb = read_ptr(inode, OFF_INODE_I_SB);
-    key.dev = read_u32(sb, OFF_SB_S_DEV);
-    key.ino = read_u64(inode, OFF_INODE_I_INO);
-    struct watch_val *w = watched.lookup(&key);
-    return w ? w->self : 0;
+    return object_perms(inode, inode_dentry(inode));
+}
+
+/* Perms for the object at (mnt, dentry) (an opened or executed file): as inside its
+ * filesystem, plus subtree watches above the mount it is reached through. */
+static __always_inline u8 watched_perms(void *dentry, void *mnt)
+{
+    void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+    u8 perms = inode ? object_perms(inode, dentry) : 0;
+    void *mount = (char *)mnt - OFF_MOUNT_MNT;
+    if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
+        return perms;           /* a top mount: nothing above it */
+    struct walk w = {};
+    w.dentry = read_ptr(mnt, OFF_VFSMOUNT_MNT_ROOT);
+    w.mnt = mnt;
+    for (u32 i = 2; i < WATCH_DEPTH; i++)
+        if (watch_step(i, &w))
+            break;
+    return perms | w.perms;
+}
+
+static __always_inline int is_dir(void *inode)
+{
+    u16 mode = 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
+    return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
+}
+
+/* After a syscall that may have moved or removed a directory: expire dir_cache. */
+static __always_inline void note_moves(struct pending *pc, struct syscall_spec *spec)
+{
+    if (spec->moves == MOVES_ALWAYS || pc->overflow) {
+        bump_kernel_gen();
+        return;
+    }
+    if (spec->flags >= 0 && (pc->args[spec->flags & 7] & AT_REMOVEDIR_FLAG)) {
+        bump_kernel_gen();
+        return;
+    }
+    int dirs = 0;
+    for (int i = 0; i < MAX_TOUCHED; i++)
+        if (i < pc->ntouched && is_dir((void *)pc->touched[i]))
+            dirs++;
+    if (dirs >= 2)
+        bump_kernel_gen();
 }
 
 /* Append a string (a user path argument) at the record's write position. */
@@ -515,19 +629,9 @@ static __always_inline void set_inode(struct event *e, void *inode)
  * The raw sys_enter tracepoint fires for every syscall; all but the filesystem ones
  * (those with an entry in syscall_spec) leave at the first lookup.  Two raw tracepoints
  * instead of one tracepoint per syscall keep attach and detach fast. */
-static __always_inline u64 syscall_arg(void *regs, int i)
-{
-    u64 off;
-    switch (i) {
-    case 0: off = OFF_REGS_ARG0; break;
-    case 1: off = OFF_REGS_ARG1; break;
-    case 2: off = OFF_REGS_ARG2; break;
-    case 3: off = OFF_REGS_ARG3; break;
-    case 4: off = OFF_REGS_ARG4; break;
-    default: off = OFF_REGS_ARG5; break;
-    }
-    return read_u64(regs, off);
-}
+/* The six argument registers lie within REGS_SPAN_LEN bytes of pt_regs from
+ * REGS_SPAN_START: one read instead of six. */
+#define REG_SLOT(off) (((off) - REGS_SPAN_START) / 8)
 
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
@@ -550,8 +654,15 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     }
     p->tp_id = nr;
     p->ntouched = 0;
-    for (int i = 0; i < 6; i++)
-        p->args[i] = syscall_arg(regs, i);
+    p->overflow = 0;
+    u64 span[REGS_SPAN_LEN / 8] = {};
+    bpf_probe_read_kernel(span, sizeof(span), (char *)regs + REGS_SPAN_START);
+    p->args[0] = span[REG_SLOT(OFF_REGS_ARG0)];
+    p->args[1] = span[REG_SLOT(OFF_REGS_ARG1)];
+    p->args[2] = span[REG_SLOT(OFF_REGS_ARG2)];
+    p->args[3] = span[REG_SLOT(OFF_REGS_ARG3)];
+    p->args[4] = span[REG_SLOT(OFF_REGS_ARG4)];
+    p->args[5] = span[REG_SLOT(OFF_REGS_ARG5)];
     p->active = 1;
     return 0;
 }
@@ -570,9 +681,14 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         if (n < MAX_TOUCHED) {
             p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
             p->ntouched = n + 1;
+        } else {
+            p->overflow = 1;
         }
         return 0;
     }
+    /* a directory changed outside a followed syscall (io_uring rename or unlink...) */
+    if (is_dir(inode))
+        bump_kernel_gen();
     /* No syscall in progress: an io_uring worker (or another kernel path) acting for a
      * process.  Check it here, there will be no syscall exit. */
     u32 zero = 0;
@@ -642,6 +758,16 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     p->active = 0;
     struct pending pc = *p;
     if (pc.tp_id != nr)
+        return 0;
+    if ((s64)ctx->args[1] >= 0) {
+        if (spec->kind == KIND_MOUNT) {
+            bump_kernel_gen();
+            return 0;
+        }
+        if (spec->moves)
+            note_moves(&pc, spec);
+    }
+    if (spec->kind == KIND_MOUNT)
         return 0;
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
