@@ -140,13 +140,49 @@ def test_directory_moved_in_is_covered_moved_out_is_not(tree):
     os.makedirs(f"{o}/d/sub")
     be = backend_for(watch_rule(w))
     try:
+        # the kernel has judged sub (not watched) before the move: that verdict must go
+        open(f"{o}/d/sub/before", "w").close()
         os.rename(f"{o}/d", f"{w}/d")
         open(f"{w}/d/sub/x", "w").close()
         os.rename(f"{w}/d", f"{o}/d2")
         open(f"{o}/d2/sub/y", "w").close()
+        os.rename(f"{o}/d2", f"{w}/d3")                # a move without a rename of sub
+        os.chmod(f"{w}/d3/sub/x", 0o600)
         assert ops(drain(be)) == [("rename", f"{o}/d", f"{w}/d"),
                                   ("create", f"{w}/d/sub/x", None),
-                                  ("rename", f"{w}/d", f"{o}/d2")]
+                                  ("rename", f"{w}/d", f"{o}/d2"),
+                                  ("rename", f"{o}/d2", f"{w}/d3"),
+                                  ("chmod", f"{w}/d3/sub/x", None)]
+    finally:
+        be.close()
+
+
+def test_removed_directory_and_new_watches_are_judged_afresh(tree):
+    w, o = tree
+    os.makedirs(f"{o}/sub")
+    be = backend_for(watch_rule(w, key="w"))
+    try:
+        open(f"{o}/sub/a", "w").close()               # sub judged: not watched
+        rule = watch_rule(o, key="o")
+        be.add_rule(be.rules.add(rule), rule)
+        open(f"{o}/sub/b", "w").close()               # watched now
+        assert ops(drain(be)) == [("create", f"{o}/sub/b", None)]
+        be.remove_rule(be.rules.remove(rule), rule)
+        before = be.submitted()
+        open(f"{o}/sub/c", "w").close()               # not any more
+        # directories removed and made again (inode numbers are reused) are new places:
+        # nothing judged under the watch may stick to a directory made outside it
+        for i in range(20):
+            os.mkdir(f"{w}/n{i}")
+            open(f"{w}/n{i}/f", "w").close()
+            os.unlink(f"{w}/n{i}/f")
+            os.rmdir(f"{w}/n{i}")
+            os.mkdir(f"{o}/m{i}")
+            open(f"{o}/m{i}/f", "w").close()
+        assert ops(drain(be)) == [x for i in range(20) for x in (
+            ("mkdir", f"{w}/n{i}", None), ("create", f"{w}/n{i}/f", None),
+            ("unlink", f"{w}/n{i}/f", None), ("rmdir", f"{w}/n{i}", None))]
+        assert be.submitted() - before == 20 * 4     # the kernel sent nothing else
     finally:
         be.close()
 
