@@ -89,6 +89,19 @@ def recv_frame(sock: socket.socket) -> dict[str, Any] | None:
     return msg
 
 
+def _discard_input(conn: socket.socket) -> None:
+    """Read what the peer already sent (briefly) before closing: closing with unread
+    data would reset the connection, and the peer might lose the reply."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(0.2)
+    try:
+        for _ in range(16):
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+
+
 def peer_uid(sock: socket.socket) -> int:
     """The uid the peer had when it connected (SO_PEERCRED)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -183,6 +196,7 @@ class ControlServer:
             self.refused += 1
             self.log.warning("control connection refused", uid=uid)
             send_frame(conn, {"ok": False, "error": "permission denied: root only"})
+            _discard_input(conn)
             return
         while True:
             req = recv_frame(conn)
@@ -215,7 +229,10 @@ def request(path: str, msg: dict[str, Any], timeout: float = 30.0) -> dict[str, 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        send_frame(sock, msg)
+        try:
+            send_frame(sock, msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the request was read: the refusal is waiting below
         reply = recv_frame(sock)
     if reply is None:
         raise ProtocolError("the daemon closed the connection without a reply")
