@@ -54,6 +54,8 @@ OFFSETS = {
     "OFF_MOUNT_MNT_PARENT": "mount.mnt_parent",
     "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",
     "OFF_VFSMOUNT_MNT_ROOT": "vfsmount.mnt_root", "OFF_MM_EXE_FILE": "mm_struct.exe_file",
+    "OFF_TASK_GROUP_LEADER": "task_struct.group_leader",
+    "OFF_TASK_START_TIME": "task_struct.start_time",
     "OFF_BINPRM_FILE": "linux_binprm.file",
     "OFF_TASK_THREAD_PID": "task_struct.thread_pid", "OFF_PID_LEVEL": "pid.level",
     "OFF_PID_NUMBERS": "pid.numbers", "OFF_UPID_NR": "upid.nr",
@@ -78,7 +80,9 @@ HEADER = struct.Struct("<QIIqQQQQ8I6HI16s")
 AT_REMOVEDIR = 0x200
 O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 3, 1, 2, 0o100, 0o1000
 CREATED_FLAG_SHIFT = 32
-URING_NEW_ENTRY = 1       # EV_URING: dev/ino are of a new entry of the directory in path
+URING_NEW_ENTRY = 1
+EXE_AS_BEFORE = 0xFFFF    # n_exe: the program is the one this process's last record named
+MAX_EXES = 65536       # EV_URING: dev/ino are of a new entry of the directory in path
 
 # io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
 IORING_OPS = {18: "create", 28: "create", 35: "rename", 36: "unlink", 37: "mkdir",
@@ -223,6 +227,7 @@ class EbpfBackend(Backend):
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.ring: RingReader | None = None
+        self.exes: dict[int, str] = {}          # tgid -> its program, as last sent
         self.batch: list[Event | ProcessState] = []
         self.tp_names: dict[int, str] = {}      # syscall number -> syscall name
         self.container = None
@@ -447,7 +452,15 @@ class EbpfBackend(Backend):
         name2 = None
         if has_name2:
             name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
-        exe, pos = self._path(parts, n_exe, pos) if n_exe else (None, pos)
+        if n_exe == EXE_AS_BEFORE:
+            exe = self.exes.get(pid) or _proc_exe(pid)
+        elif n_exe:
+            exe, pos = self._path(parts, n_exe, pos)
+            if len(self.exes) >= MAX_EXES:
+                self.exes.clear()
+            self.exes[pid] = exe
+        else:
+            exe = None
 
         comm_text = comm.split(b"\0", 1)[0].decode(errors="replace")
         if kind == EV_STATE or (kind == EV_EXEC and pid in self.audited):
@@ -546,6 +559,14 @@ class EbpfBackend(Backend):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _proc_exe(pid: int) -> str | None:
+    """The program of a process whose last record with its path was not delivered."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def _entry_named_by_inode(host_dir: str, ino: int, shown_dir: str) -> str:

@@ -28,6 +28,8 @@
 #define DATA_MASK       (DATA_SIZE - 1)
 #define MAX_WATCHES     65536
 #define DIR_CACHE_SIZE  65536
+#define MAX_EXE_SENT    65536
+#define EXE_AS_BEFORE   0xffff  /* event.n_exe: the same program as this process's last record */
 #define MAX_PENDING     65536
 #define MAX_AUDITED     65536
 #define COMM_LEN        16
@@ -135,6 +137,15 @@ BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE
 #define GEN_KERNEL      0
 #define GEN_USER        1
 BPF_ARRAY(gens, u64, 2);
+
+/* exe_sent: tgid -> the program whose path the process's last delivered record carried.
+ * Later records of the same program leave the path out (n_exe = EXE_AS_BEFORE) and user
+ * space reuses it; the process's start time tells a reused tgid apart. */
+struct exe_seen {
+    u64 start_time;
+    u64 exe_file;               /* struct file * of mm->exe_file */
+};
+BPF_TABLE("lru_hash", u32, struct exe_seen, exe_sent, MAX_EXE_SENT);
 
 /* audited: tgid -> flags, for per-process audits (AUDIT_CHILDREN: follow forks) */
 #define AUDIT_CHILDREN 1
@@ -590,9 +601,17 @@ static __always_inline void submit(void *ctx, struct event *e)
 {
     void *task = (void *)bpf_get_current_task();
     void *mm = read_ptr(task, OFF_TASK_MM);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct exe_seen now = {};
     if (mm) {
         void *exe = read_ptr(mm, OFF_MM_EXE_FILE);
-        if (exe)
+        now.exe_file = (u64)exe;
+        now.start_time = read_u64(read_ptr(task, OFF_TASK_GROUP_LEADER), OFF_TASK_START_TIME);
+        /* records describing another process (a fork's child) always carry the path */
+        struct exe_seen *seen = e->pid == tgid ? exe_sent.lookup(&tgid) : NULL;
+        if (seen && seen->exe_file == now.exe_file && seen->start_time == now.start_time)
+            e->n_exe = EXE_AS_BEFORE;
+        else if (exe)
             e->n_exe = put_path(e, read_ptr(exe, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
                                 read_ptr(exe, OFF_FILE_F_PATH + OFF_PATH_MNT));
     }
@@ -609,10 +628,13 @@ static __always_inline void submit(void *ctx, struct event *e)
         *unsignalled = 0;
         wake = RB_FORCE_WAKEUP;
     }
-    if (events.ringbuf_output(e, size, wake) == 0)
+    if (events.ringbuf_output(e, size, wake) == 0) {
         count(CNT_SUBMITTED);
-    else
+        if (e->n_exe && e->n_exe != EXE_AS_BEFORE && e->pid == tgid)
+            exe_sent.update(&tgid, &now);
+    } else {
         count(CNT_LOST);
+    }
 }
 
 /* Identity of a file for the record. */
