@@ -57,8 +57,11 @@ def prepare_log_dir(path: str) -> None:
         pass
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.ENOTDIR, "log directory is not a directory (a symlink is "
-                      "not followed)", path)
+        raise OSError(errno.ENOTDIR, "not a directory (a symlink is not followed)", path)
+    if st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not root", path)
+    if st.st_mode & 0o022:
+        raise OSError(errno.EPERM, "writable by group or others (chmod go-w)", path)
 
 
 def make_backend(cfg: Config, rules: RuleSet, log) -> backends.Backend:
@@ -130,13 +133,19 @@ class Daemon:
             return EXIT_USAGE
         try:
             self._open_writer(rules)
+        except OSError as exc:
+            print(f"fswatchaudit: cannot write the log {cfg.log_path}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            self._teardown()
+            return EXIT_FAILURE
+        try:
             self.auditor = Auditor(self.backend, rules, [self._guard(self.writer.write_event)],
                                    state_sinks=[self._guard(self.writer.write_state)],
                                    on_lost=self._guard(self.writer.write_lost))
             self.control = ControlServer(cfg.control_socket, self.handle_request)
         except OSError as exc:
-            print(f"fswatchaudit: {exc.filename or ''}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"fswatchaudit: cannot use the control socket {cfg.control_socket}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
             self._teardown()
             return EXIT_FAILURE
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -157,9 +166,13 @@ class Daemon:
         from . import log as log_mod
         from .cli import log_header
         assert self.cfg is not None and self.backend is not None
+        # The header goes in even below space_left (a start on a nearly full disk is
+        # still a start); from then on the disk-full action applies.
+        options = writer_options(self.cfg)
         self.writer = log_mod.LogWriter(
             self.cfg.log_path, log_header(self.backend.name, rules, daemon=True),
-            **writer_options(self.cfg))
+            **{**options, "space_left": 0})
+        self.writer.configure(**options)
         self._record_rules(rules, "start")
 
     def _guard(self, write):

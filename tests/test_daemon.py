@@ -516,3 +516,40 @@ def test_disk_full_stop(base, backend):
     records = dm.records()
     for path in before:
         assert count(records, "mkdir", path) == 1, path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: os.symlink("/tmp", p), "not a directory (a symlink is not followed)"),
+    (lambda p: (os.mkdir(p), os.chmod(p, 0o1777)), "writable by group or others"),
+    (lambda p: (os.mkdir(p), os.chown(p, 65534, 65534)), "owned by uid 65534"),
+])
+def test_unsafe_log_directory_is_refused(base, make, message):
+    dm = Daemon(base, "inotify")
+    dm.write_rules("10.rules", f"-w {base}\n")
+    make(dm.log_dir)
+    try:
+        dm.start()
+        assert dm.proc.wait(timeout=60) == 1
+    finally:
+        dm.kill()
+    assert f"cannot use log directory {dm.log_dir}: {message}" in dm.stderr_text()
+
+
+def test_second_daemon_refuses_a_live_socket(base):
+    first = Daemon(base, "inotify")
+    first.write_rules("10.rules", f"-w {base}\n")
+    second = Daemon(os.path.join(base, "second"), "inotify")
+    second.socket = first.socket
+    second.write_config({**second.settings, "control_socket": first.socket})
+    second.write_rules("10.rules", f"-w {base}\n")
+    try:
+        first.start()
+        first.wait_message("READY")
+        second.start()
+        assert second.proc.wait(timeout=60) == 1
+        assert "another daemon is listening" in second.stderr_text()
+        assert first.status()["state"] == "running"
+        assert first.stop() == 0
+    finally:
+        first.kill()
+        second.kill()
