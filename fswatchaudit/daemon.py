@@ -36,6 +36,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NO_BACKEND = 3
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
 # Settings a reload cannot change in a running daemon.
 RESTART_KEYS = ("backend", "ring_buffer_size", "log_dir", "log_file", "control_socket")
 
@@ -101,7 +103,6 @@ class Daemon:
         self.reloads = 0
         self.write_errors = 0
         self.suspended: str | None = None   # why auditing stopped (disk-full "stop")
-        self._pending: set[int] = set()
         self._lock = threading.Lock()       # one rule change at a time
 
     # -- start -------------------------------------------------------------------
@@ -189,10 +190,13 @@ class Daemon:
         return sink
 
     def _install_signals(self, wake_w: int) -> None:
-        def flag(signum: int, frame: object) -> None:
-            self._pending.add(signum)   # the wakeup fd wakes the supervisor
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, flag)
+        """The interpreter's C-level handler writes each signal's number to the wakeup
+        pipe (that is the flag, and it wakes the supervisor); the Python-level handler
+        has nothing left to do."""
+        def handler(signum: int, frame: object) -> None:
+            pass
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, handler)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
     def _start_consumer(self) -> None:
@@ -218,32 +222,39 @@ class Daemon:
         while True:
             timeout = max(0.0, min(1.0, next_status - time.monotonic()))
             ready, _, _ = select.select([wake_r], [], [], timeout)
+            pending: set[int] = set()
             if ready:
                 try:
-                    os.read(wake_r, 512)
+                    pending = set(os.read(wake_r, 4096))
                 except BlockingIOError:
                     pass
-            pending, self._pending = self._pending, set()
-            if pending & {signal.SIGTERM, signal.SIGINT}:
-                self.log.info("stopping", signal=signal.Signals(
-                    max(pending & {signal.SIGTERM, signal.SIGINT})).name)
+            stop = pending & {signal.SIGTERM, signal.SIGINT}
+            if stop:
+                self.log.info("stopping", signal=signal.Signals(max(stop)).name)
                 break
             if signal.SIGHUP in pending:
-                self.reload()
+                self._safely(self.reload, "reload")
             if signal.SIGUSR1 in pending:
-                self.rotate()
+                self._safely(self.rotate, "rotation")
             if self.consumer is not None and not self.consumer.is_alive() \
                     and self.suspended is None:
                 self.log.error("consumer stopped", error=str(self.consumer_error))
                 status = EXIT_FAILURE
                 break
-            self._check_disk()
+            self._safely(self._check_disk, "disk check")
             if time.monotonic() >= next_status:
-                self.notifier.status(self.status_line())
+                self._safely(lambda: self.notifier.status(self.status_line()), "status")
                 next_status = time.monotonic() + self.cfg.status_interval
         self.notifier.stopping()
         self._teardown()
         return status
+
+    def _safely(self, fn, what: str) -> None:
+        """Supervision goes on whatever one of its duties raises."""
+        try:
+            fn()
+        except Exception as exc:
+            self.log.error(f"{what} failed", error=str(exc), kind=type(exc).__name__)
 
     def _check_disk(self) -> None:
         """Carry out the "stop" disk-full action once the writer reports a full disk."""
