@@ -82,7 +82,8 @@ O_ACCMODE, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 3, 1, 2, 0o100, 0o1000
 CREATED_FLAG_SHIFT = 32
 URING_NEW_ENTRY = 1
 EXE_AS_BEFORE = 0xFFFF    # n_exe: the program is the one this process's last record named
-MAX_EXES = 65536       # EV_URING: dev/ino are of a new entry of the directory in path
+MAX_EXES = 65536
+MAX_CACHED = 16384        # decoded paths and command names kept for reuse       # EV_URING: dev/ino are of a new entry of the directory in path
 
 # io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
 IORING_OPS = {18: "create", 28: "create", 35: "rename", 36: "unlink", 37: "mkdir",
@@ -228,6 +229,8 @@ class EbpfBackend(Backend):
         self.bpf = None
         self.ring: RingReader | None = None
         self.exes: dict[int, str] = {}          # tgid -> its program, as last sent
+        self.paths: dict[tuple[bytes, ...], str] = {}   # decoded directory paths
+        self.comms: dict[bytes, str] = {}
         self.batch: list[Event | ProcessState] = []
         self.tp_names: dict[int, str] = {}      # syscall number -> syscall name
         self.container = None
@@ -433,16 +436,21 @@ class EbpfBackend(Backend):
 
     # -- events ----------------------------------------------------------------------
     def _path(self, parts: list[bytes], n: int, pos: int) -> tuple[str, int]:
-        comps = [p.decode(errors="surrogateescape") for p in parts[pos:pos + n]]
-        comps.reverse()
-        return "/" + "/".join(comps), pos + n
+        key = tuple(parts[pos:pos + n])
+        path = self.paths.get(key)
+        if path is None:
+            path = "/" + "/".join(p.decode(errors="surrogateescape") for p in reversed(key))
+            if len(self.paths) >= MAX_CACHED:
+                self.paths.clear()
+            self.paths[key] = path
+        return path, pos + n
 
     def _on_record(self, data: memoryview, off: int, size: int) -> None:
-        raw = bytes(data[off:off + size])
         (ktime, kind, tp_id, ret, flags, kdev, ino, mntns, pid, tid, ppid, uid, euid, gid,
          loginuid, nspid, n_base1, n_base2, n_exe, has_name1, has_name2, _walk, data_len,
-         comm) = HEADER.unpack_from(raw)
-        parts = raw[HEADER.size:HEADER.size + data_len].split(b"\0")
+         comm) = HEADER.unpack_from(data, off)
+        start = off + HEADER.size
+        parts = bytes(data[start:start + min(data_len, size - HEADER.size)]).split(b"\0")
         pos = 0
         base1, pos = self._path(parts, n_base1, pos)
         name1 = None
@@ -462,7 +470,11 @@ class EbpfBackend(Backend):
         else:
             exe = None
 
-        comm_text = comm.split(b"\0", 1)[0].decode(errors="replace")
+        comm_text = self.comms.get(comm)
+        if comm_text is None:
+            if len(self.comms) >= MAX_CACHED:
+                self.comms.clear()
+            comm_text = self.comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
         if kind == EV_STATE or (kind == EV_EXEC and pid in self.audited):
             # a process entering the audit (fork: it is still a copy of its parent) or
             # becoming another program: who it is, from the kernel, at that moment
@@ -472,8 +484,8 @@ class EbpfBackend(Backend):
                                           nspid))
             if kind == EV_STATE:
                 return
-        path = base1 if name1 is None else os.path.normpath(os.path.join(base1, name1))
-        path2 = None if name2 is None else os.path.normpath(os.path.join(base2, name2))
+        path = base1 if name1 is None else _join(base1, name1)
+        path2 = None if name2 is None else _join(base2, name2)
         syscall = self.tp_names.get(tp_id)
         access = None
         if kind == EV_EXEC:
@@ -559,6 +571,13 @@ class EbpfBackend(Backend):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _join(base: str, name: str) -> str:
+    """base (absolute, normalised by the kernel's walk) joined with a path argument."""
+    if "/" not in name and name not in ("", ".", ".."):
+        return base + "/" + name if base != "/" else "/" + name
+    return os.path.normpath(os.path.join(base, name))
 
 
 def _proc_exe(pid: int) -> str | None:
