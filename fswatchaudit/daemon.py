@@ -107,6 +107,21 @@ class Daemon:
 
     # -- start -------------------------------------------------------------------
     def run(self) -> int:
+        """Start, supervise until SIGTERM, stop; the exit status.  Signals are caught
+        from the first moment: one that comes during start-up (a reload, a stop) is
+        acted on once the daemon is up, never lost or fatal."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._install_signals(wake_w)
+        try:
+            return self._run(wake_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _run(self, wake_r: int) -> int:
         try:
             self.cfg = config_mod.load(self.config_path)
         except ConfigError as exc:
@@ -149,19 +164,12 @@ class Daemon:
                   f"{exc.strerror or exc}", file=sys.stderr)
             self._teardown()
             return EXIT_FAILURE
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._install_signals(wake_w)
         self._start_consumer()
         self.control.start()
         self.log.info("auditing", backend=self.backend.name, rules=len(rules),
                       log=cfg.log_path, socket=cfg.control_socket)
         self.notifier.ready(self.status_line())
-        try:
-            return self._supervise(wake_r)
-        finally:
-            signal.set_wakeup_fd(-1)
-            os.close(wake_r)
-            os.close(wake_w)
+        return self._supervise(wake_r)
 
     def _open_writer(self, rules: RuleSet) -> None:
         from . import log as log_mod

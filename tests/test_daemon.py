@@ -316,9 +316,14 @@ def test_daemon_lifecycle(base, backend):
         assert os.path.exists(os.path.join(dm.log_dir, "audit.log.2"))
         expected.append(os.path.join(w["a"], "last"))
         os.mkdir(expected[-1])
+        assert "state: running" in dm.ctl("-s").stdout.splitlines()
+        dm.ctl("-D")
+        assert dm.rules() == []
+        unexpected.append(os.path.join(w["a"], "after-delete-all"))
+        os.mkdir(unexpected[-1])
 
         st = dm.status()
-        assert st["rules"] == 2
+        assert st["rules"] == 0 and st["reloads"] == 3
         assert dm.wait_message("STATUS")["STATUS"]
         assert dm.stop() == 0
         dm.wait_message("STOPPING")
@@ -336,8 +341,10 @@ def test_daemon_lifecycle(base, backend):
     # every rule change is in the log, with the rules then in force
     changes = rule_records(records)
     assert [c["reason"] for c in changes] == \
-        ["start", "add", "add", "delete", "delete", "reload"]
-    assert changes[-1]["rules"] == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+        ["start", "add", "add", "delete", "delete", "reload", "delete-all"]
+    assert changes[0]["rules"] == [f"-w {w['a']} -p wa -k a"]
+    assert changes[-2]["rules"] == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
+    assert changes[-1]["rules"] == [] and changes[-1]["digest"] != changes[-2]["digest"]
 
 
 def rule_records(records: list[dict]) -> list[dict]:
