@@ -368,8 +368,13 @@ class Daemon:
         return None
 
     def _record_rules(self, rules: RuleSet, reason: str) -> None:
+        """A rules record now, and the header of every later file (after a rotation)
+        names the rules then in force, so each file can be read on its own."""
         if self.writer is not None:
-            self.writer.write_rules(rules.texts(), rules.digest(), reason=reason)
+            texts, digest = rules.texts(), rules.digest()
+            self.writer.write_rules(texts, digest, reason=reason)
+            self.writer.header = {**self.writer.header, "rules": texts,
+                                  "rules_digest": digest}
 
     def rotate(self) -> tuple[bool, str | None]:
         """(done, the newest rotated file; None with rotate_count = 0)."""

@@ -345,6 +345,12 @@ def test_daemon_lifecycle(base, backend):
     assert changes[0]["rules"] == [f"-w {w['a']} -p wa -k a"]
     assert changes[-2]["rules"] == [f"-w {w['a']} -p wa -k a", f"-w {w['c']} -p wa -k c"]
     assert changes[-1]["rules"] == [] and changes[-1]["digest"] != changes[-2]["digest"]
+    # a file begun after a change starts with the rules then in force
+    headers = [r for r in records if r.get("t") == "hdr"]
+    assert len(headers) == 3
+    assert headers[0]["rules_digest"] == changes[0]["digest"]
+    assert headers[-1]["rules_digest"] == changes[-2]["digest"]
+    assert headers[-1]["rules"] == changes[-2]["rules"]
 
 
 def rule_records(records: list[dict]) -> list[dict]:
