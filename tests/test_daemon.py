@@ -566,3 +566,48 @@ def test_second_daemon_refuses_a_live_socket(base):
     finally:
         first.kill()
         second.kill()
+
+
+# -- sd_notify ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notifier_sends_datagrams(tmp_path, abstract):
+    from fswatchaudit.sdnotify import Notifier
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        rx.bind(f"\0fswa-notify-{os.getpid()}")
+        address = f"@fswa-notify-{os.getpid()}"
+    else:
+        address = str(tmp_path / "notify")
+        rx.bind(address)
+    with rx:
+        n = Notifier(address)
+        assert n.enabled
+        assert n.ready("1 rules\nwatching")
+        assert rx.recv(4096) == b"READY=1\nSTATUS=1 rules watching\n"
+        assert n.reloading()
+        msg = rx.recv(4096).decode()
+        assert msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert n.stopping()
+        assert rx.recv(4096) == b"STOPPING=1\n"
+        n.close()
+
+
+def test_notifier_without_socket_does_nothing(monkeypatch):
+    from fswatchaudit.sdnotify import Notifier
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    n = Notifier()
+    assert not n.enabled and not n.ready()
+    assert not Notifier("relative/path").enabled
+
+
+def test_notifier_never_blocks_on_a_manager_that_does_not_read(tmp_path):
+    from fswatchaudit.sdnotify import Notifier
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "notify"))
+    with rx:
+        n = Notifier(str(tmp_path / "notify"))
+        results = [n.status(f"update {i}") for i in range(5000)]
+        assert results[0] and not all(results)
+        assert n.errors == results.count(False)
+        n.close()
