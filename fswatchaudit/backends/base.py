@@ -75,11 +75,13 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"{self.name} cannot change rules at run time")
 
     # -- scopes (per-process and container audits); only kernel backends can do them --
-    def add_process(self, pid: int, children: bool = True, announce: bool = True) -> None:
+    def add_process(self, pid: int, children: bool = True, announce: bool = True,
+                    exclusive: bool = True, key: str | None = None) -> None:
         """Audit this process (and, with children, every process it forks from now on).
         With audited processes and no path rule, everything they touch is reported.
         Each process entering the audit gets a state record (announce=False: not this
-        one now, it is about to exec)."""
+        one now, it is about to exec).  exclusive=False adds the process to an audit of
+        rules instead of narrowing it; its events carry ``key``."""
         raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
 
     def remove_process(self, pid: int) -> None:

@@ -72,7 +72,7 @@ MOVING_SYSCALLS = {"rename": MOVES_MAYBE, "renameat": MOVES_MAYBE, "renameat2": 
 MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount")
 GEN_USER = 1
 EV_SYSCALL, EV_EXEC, EV_URING, EV_FAILED, EV_STATE = 1, 2, 3, 4, 5
-AUDIT_CHILDREN = 1
+AUDIT_CHILDREN, AUDIT_ALL_PATHS = 1, 2
 CNT_SUBMITTED, CNT_LOST, CNT_PENDING_FULL = 0, 1, 2
 
 # The record header, field for field as struct event in probes.c.
@@ -237,6 +237,7 @@ class EbpfBackend(Backend):
         self.mounts: dict[int, str] = {}
         self.time_offset = 0
         self.audited: set[int] = set()
+        self.audit_keys: dict[int, str] = {}     # audited pid -> key of its audit
         self.watch_values: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     # -- loading -----------------------------------------------------------------
@@ -388,7 +389,6 @@ class EbpfBackend(Backend):
         cfg.self_tgid = os.getpid() if self.exclude_self else 0
         for name, value in changes.items():
             setattr(cfg, name, value)
-        cfg.scope_all_paths = 1 if cfg.scope_processes and not len(self.rules) else 0
         cfg_map[0] = cfg
 
     def add_rule(self, rid: int, rule: Rule) -> None:
@@ -408,23 +408,31 @@ class EbpfBackend(Backend):
     def restrict_to_mount_namespace(self, mntns: int | None) -> None:
         self._set_config(mntns=mntns or 0)
 
-    def add_process(self, pid: int, children: bool = True, announce: bool = True) -> None:
-        """announce=False: the process is about to exec; its record comes with the exec."""
+    def add_process(self, pid: int, children: bool = True, announce: bool = True,
+                    exclusive: bool = True, key: str | None = None) -> None:
+        """announce=False: the process is about to exec; its record comes with the exec.
+        exclusive=False (the daemon): the rules keep applying to every process, and
+        everything this one touches is reported besides, with ``key``."""
         from ..scope import process_tree, read_process_state
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
         pids = process_tree(pid) if children else [pid]
         table = self.bpf[b"audited"]
         flag = AUDIT_CHILDREN if children else 0
+        if not exclusive or not len(self.rules):
+            flag |= AUDIT_ALL_PATHS
         for p in pids:
             table[table.Key(p)] = table.Leaf(flag)
             self.audited.add(p)
+            if key:
+                self.audit_keys[p] = key
             st = read_process_state(p, "initial" if p == pid else "descendant")
             if st is not None and announce:
                 if self.container is not None:
                     st.container = self.container.identity()
                 self.batch.append(st)
-        self._set_config(scope_processes=1)
+        if exclusive:
+            self._set_config(scope_processes=1)
 
     def remove_process(self, pid: int) -> None:
         table = self.bpf[b"audited"]
@@ -433,6 +441,7 @@ class EbpfBackend(Backend):
         except KeyError:
             raise RuleError(f"process {pid} is not audited") from None
         self.audited.discard(pid)
+        self.audit_keys.pop(pid, None)
 
     # -- events ----------------------------------------------------------------------
     def _path(self, parts: list[bytes], n: int, pos: int) -> tuple[str, int]:
@@ -479,6 +488,8 @@ class EbpfBackend(Backend):
             # a process entering the audit (fork: it is still a copy of its parent) or
             # becoming another program: who it is, from the kernel, at that moment
             self.audited.add(pid)
+            if kind == EV_STATE and ppid in self.audit_keys:
+                self.audit_keys[pid] = self.audit_keys[ppid]
             self.batch.append(self._state(pid, ppid, uid, euid, gid, loginuid, comm_text,
                                           exe, ktime, "fork" if kind == EV_STATE else "exec",
                                           nspid))
@@ -526,7 +537,10 @@ class EbpfBackend(Backend):
         matched = self.rules.match(ev)
         if not matched and not self.audited:
             return
-        ev.keys = sorted({r.key for r in matched if r.key})
+        keys = {r.key for r in matched if r.key}
+        if pid in self.audit_keys:
+            keys.add(self.audit_keys[pid])
+        ev.keys = sorted(keys)
         self.batch.append(ev)
 
     def _state(self, pid: int, ppid: int, uid: int, euid: int, gid: int, loginuid: int,

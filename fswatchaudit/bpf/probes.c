@@ -147,14 +147,16 @@ struct exe_seen {
 };
 BPF_TABLE("lru_hash", u32, struct exe_seen, exe_sent, MAX_EXE_SENT);
 
-/* audited: tgid -> flags, for per-process audits (AUDIT_CHILDREN: follow forks) */
+/* audited: tgid -> flags, for per-process audits.  AUDIT_CHILDREN: processes it forks
+ * are audited too; AUDIT_ALL_PATHS: everything it touches is reported, watched or not */
 #define AUDIT_CHILDREN 1
+#define AUDIT_ALL_PATHS 2
 BPF_HASH(audited, u32, u8, MAX_AUDITED);
 
 /* config: single slot of global switches set by user space */
 struct config {
     u32 scope_processes;        /* only audited tgids are reported */
-    u32 scope_all_paths;        /* audited tgids: report every path, not only watched ones */
+    u32 pad0;
     u64 mntns;                  /* nonzero: only tasks in this mount namespace */
     u32 have_watches;           /* the watched map is non-empty */
     u32 self_tgid;              /* the auditor itself: never reported (no feedback loop) */
@@ -262,10 +264,12 @@ static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths
         if (task_mntns(task) != cfg->mntns)
             return 0;
     }
-    if (cfg->scope_processes) {
-        if (!audited.lookup(&tgid))
-            return 0;
-        *all_paths = cfg->scope_all_paths;
+    u8 *audit = audited.lookup(&tgid);
+    if (audit) {
+        if (*audit & AUDIT_ALL_PATHS)
+            *all_paths = 1;
+    } else if (cfg->scope_processes) {
+        return 0;
     }
     return 1;
 }
