@@ -12,6 +12,8 @@ Requests: ``{"op": OP, ...}`` with OP one of
   list                     the rules in force, normalised (-l)
   status                   backend, rules, counters, buffer fill, log file
   rotate                   rotate the log now
+  add-pid {"pid": N, "children": BOOL, "key": KEY}  audit everything a process touches
+  remove-pid {"pid": N}    stop auditing it
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``.
 
 Only uid 0 may talk to the daemon: the socket is mode 0600 in a 0700 directory owned by
@@ -287,9 +289,15 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     if any(o is not None for o in rule_opts):
         op, text = rule_text(args)
         msg: dict[str, Any] = {"op": op, "rule": text}
-    elif args.key is not None:
-        print("fswatchaudit: -k goes with a rule (-w, -W, -a or -d)", file=sys.stderr)
+    elif args.key is not None and args.add_pid is None:
+        print("fswatchaudit: -k goes with a rule (-w, -W, -a or -d) or --add-pid",
+              file=sys.stderr)
         return 2
+    elif args.add_pid is not None:
+        msg = {"op": "add-pid", "pid": args.add_pid, "children": args.children,
+               "key": args.key}
+    elif args.remove_pid is not None:
+        msg = {"op": "remove-pid", "pid": args.remove_pid}
     elif args.list:
         msg = {"op": "list"}
     elif args.delete_all:
@@ -325,6 +333,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             print(line)
     elif msg["op"] == "rotate":
         print(f"rotated: {reply.get('file') or 'old log deleted (rotate_count = 0)'}")
+    elif msg["op"] in ("add-pid", "remove-pid"):
+        print("audited processes: " + (" ".join(map(str, reply.get("pids", []))) or "none"))
     return 0
 
 
@@ -362,6 +372,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-D", dest="delete_all", action="store_true", help="delete every rule")
     p.add_argument("-s", dest="status", action="store_true", help="status (the default)")
     p.add_argument("--rotate", action="store_true", help="rotate the log now")
+    p.add_argument("--add-pid", type=int, metavar="PID",
+                   help="audit everything this process (and what it starts) touches")
+    p.add_argument("--remove-pid", type=int, metavar="PID",
+                   help="stop auditing this process")
+    p.add_argument("--no-children", dest="children", action="store_false",
+                   help="with --add-pid: not the processes it starts")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.set_defaults(func=_ctl_entry)
 

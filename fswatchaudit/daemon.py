@@ -427,7 +427,32 @@ class Daemon:
             self.log.info("rules changed", op=op, rule=cmd.rule.text() if cmd.rule else None,
                           rules=len(auditor.rules))
             return {"ok": True, "rules": auditor.rules.texts()}
+        if op in ("add-pid", "remove-pid"):
+            return self._process_request(op, req)
         return {"ok": False, "usage": True, "error": f"unknown op {op!r}"}
+
+    def _process_request(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Add a process (and what it starts) to the running audit, or take it out:
+        everything it touches is reported besides the rules, with its key."""
+        pid = req.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return {"ok": False, "usage": True, "error": "a pid is needed"}
+        if self.suspended is not None:
+            return {"ok": False, "error": f"auditing stopped: {self.suspended}"}
+        assert self.auditor is not None and self.backend is not None
+        backend = self.backend
+        if op == "add-pid":
+            key = req.get("key") or f"pid-{pid}"
+            change = lambda: backend.add_process(pid, children=bool(req.get("children", True)),
+                                                 exclusive=False, key=key)
+        else:
+            change = lambda: backend.remove_process(pid)
+        try:
+            self.auditor.call(change)
+        except (BackendUnavailable, RuleError) as exc:
+            return {"ok": False, "error": str(exc)}
+        self.log.info("process audit changed", op=op, pid=pid)
+        return {"ok": True, "pids": sorted(getattr(backend, "audited", ()))}
 
     # -- status ----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -191,3 +191,47 @@ def test_container_named_by_cgroup_id(container):
     events, _ = split(lines)
     assert events and all(e["container"]["id"] == cid[:12] for e in events)
     assert ("create", "/etc/newfile") in [(e["op"], e["path"]) for e in events]
+
+
+def test_daemon_adds_and_removes_processes_at_run_time(tmpdir_):
+    """ctl --add-pid: everything that process touches is logged besides the rules, with
+    its key, until ctl --remove-pid."""
+    from test_daemon import Daemon
+    watched, elsewhere = os.path.join(tmpdir_, "watched"), os.path.join(tmpdir_, "else")
+    os.mkdir(watched)
+    os.mkdir(elsewhere)
+    code = ("import os, sys, time\nfor step in ('1', '2'):\n"
+            f"    while not os.path.exists({tmpdir_!r} + '/go' + step):\n"
+            "        time.sleep(0.02)\n"
+            f"    open({elsewhere!r} + '/out' + step, 'w').close()\n"
+            f"    open({tmpdir_!r} + '/done' + step, 'w').close()\n")
+    dm = Daemon(os.path.join(tmpdir_, "d"), "ebpf")
+    proc = subprocess.Popen([sys.executable, "-I", "-c", code])
+    try:
+        dm.write_rules("10.rules", f"-w {watched} -k w\n")
+        dm.start()
+        dm.wait_message("READY")
+        out = dm.ctl("--add-pid", str(proc.pid), "-k", "suspect").stdout
+        assert str(proc.pid) in out
+        for step in ("1", "2"):
+            if step == "2":
+                dm.ctl("--remove-pid", str(proc.pid))
+            open(f"{tmpdir_}/go{step}", "w").close()
+            deadline = time.monotonic() + 20
+            while not os.path.exists(f"{tmpdir_}/done{step}"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        open(f"{watched}/by-rule", "w").close()
+        assert proc.wait(20) == 0
+        assert dm.stop() == 0
+        records = dm.records()
+    finally:
+        proc.kill()
+        dm.kill()
+    evs = [r for r in records if r.get("t") is None and "op" in r]
+    created = {(e["path"], tuple(e["keys"])) for e in evs if e["op"] == "create"}
+    assert (f"{elsewhere}/out1", ("suspect",)) in created
+    assert not any(p == f"{elsewhere}/out2" for p, _ in created)
+    assert (f"{watched}/by-rule", ("w",)) in created       # the rules still apply to all
+    states = [r for r in records if r.get("t") == "state"]
+    assert any(s["pid"] == proc.pid for s in states)
