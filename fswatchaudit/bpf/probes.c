@@ -980,8 +980,11 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     void *task = (void *)ctx->args[0];
     u32 pid = read_u32(task, OFF_TASK_PID);
     u32 tgid = read_u32(task, OFF_TASK_TGID);
-    if (pid == tgid)
+    pending.delete(&pid);       /* the thread's entry, kept between its syscalls */
+    if (pid == tgid) {
         audited.delete(&tgid);
+        exe_sent.delete(&tgid);
+    }
     return 0;
 }
 
