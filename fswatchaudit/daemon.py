@@ -490,7 +490,23 @@ class Daemon:
         return text
 
 
+def check(config_path: str | None) -> int:
+    """--check: validate the configuration and rules.d as a start or reload would
+    (for an ExecStartPre, or before `systemctl reload`), without starting anything."""
+    try:
+        cfg = config_mod.load(config_path)
+        rules = load_rules(cfg.rules_dir)
+    except (ConfigError, RuleError) as exc:
+        print(f"fswatchaudit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"configuration ok: {len(rules)} rules from {cfg.rules_dir}, digest "
+          f"{rules.digest()}, log {cfg.log_path}, backend {cfg.backend}")
+    return EXIT_OK
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.check:
+        return check(args.config)
     if os.geteuid() != 0:
         print("fswatchaudit: the daemon must run as root", file=sys.stderr)
         return EXIT_USAGE
@@ -506,4 +522,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help=f"configuration file (default: {config_mod.DEFAULT_PATH} if it "
                         "exists, else the built-in defaults)")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the configuration and rules.d, then exit "
+                        "(0 valid, 2 not)")
     p.set_defaults(func=cmd_daemon)

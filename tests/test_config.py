@@ -91,3 +91,22 @@ def test_daemon_refuses_bad_config(tmp_path):
     assert proc.returncode == 2
     assert f"{conf}:2: unknown key 'flush_intervall' (did you mean 'flush_interval'?)" \
         in proc.stderr
+
+
+def test_daemon_check(tmp_path):
+    import subprocess
+    import sys
+    rules_d = tmp_path / "rules.d"
+    rules_d.mkdir()
+    (rules_d / "10.rules").write_text(f"-w {tmp_path} -p wa -k t\n")
+    conf = tmp_path / "ok.conf"
+    conf.write_text(f"rules_dir = {rules_d}\nlog_dir = {tmp_path}/log\n")
+    cmd = [sys.executable, "-m", "fswatchaudit", "daemon", "--check", "--config", str(conf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"configuration ok: 1 rules from {rules_d}")
+    assert not (tmp_path / "log").exists()
+    (rules_d / "20.rules").write_text("-a always,exit -F dir=/x -S mkdri\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"{rules_d}/20.rules:1: unknown syscall or alias 'mkdri'" in proc.stderr

@@ -381,7 +381,8 @@ def test_systemd_unit_verifies(tmp_path):
     with open(os.path.join(REPO, "systemd", "fswatchaudit.service")) as fh:
         unit = fh.read()
     assert "\nExecStart=/usr/local/bin/fswatchaudit daemon " in unit
-    unit = unit.replace("\nExecStart=/usr/local/bin/fswatchaudit ", f"\nExecStart={exe} ")
+    unit = unit.replace("=/usr/local/bin/fswatchaudit ", f"={exe} ")
+    assert "=/usr/local/bin" not in unit
     path = tmp_path / "fswatchaudit.service"
     path.write_text(unit)
     proc = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
