@@ -39,6 +39,7 @@ class Auditor:
         self._stop = threading.Event()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._loop_thread: threading.Thread | None = None
+        self.running = threading.Event()     # set while run() consumes
 
     # -- control -------------------------------------------------------------
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -135,6 +136,7 @@ class Auditor:
     def run(self, duration: float | None = None) -> None:
         """Consume until stop() or the duration ends; then drain what is already queued."""
         self._loop_thread = threading.current_thread()
+        self.running.set()
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not self._stop.is_set():
@@ -147,6 +149,7 @@ class Auditor:
                 self.poll_once(timeout)
             self.poll_once(0)
         finally:
+            self.running.clear()
             self._loop_thread = None
 
     def lost_total(self) -> int:

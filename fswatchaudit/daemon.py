@@ -175,13 +175,11 @@ class Daemon:
         from . import log as log_mod
         from .cli import log_header
         assert self.cfg is not None and self.backend is not None
-        # The header goes in even below space_left (a start on a nearly full disk is
-        # still a start); from then on the disk-full action applies.
-        options = writer_options(self.cfg)
+        # The writer puts headers in even below space_left (a start on a nearly full
+        # disk is still a start); for events the disk-full action applies.
         self.writer = log_mod.LogWriter(
             self.cfg.log_path, log_header(self.backend.name, rules, daemon=True),
-            **{**options, "space_left": 0})
-        self.writer.configure(**options)
+            **writer_options(self.cfg))
         self._record_rules(rules, "start")
 
     def _guard(self, write):
@@ -219,8 +217,8 @@ class Daemon:
         self.consumer = threading.Thread(target=consume, name="consumer", daemon=True)
         self.consumer.start()
         # Rule changes must go through the loop once it runs: wait until it does.
-        while getattr(auditor, "_loop_thread", None) is None and self.consumer.is_alive():
-            time.sleep(0.005)
+        while not auditor.running.wait(0.05) and self.consumer.is_alive():
+            pass
 
     # -- supervision ---------------------------------------------------------------
     def _supervise(self, wake_r: int) -> int:

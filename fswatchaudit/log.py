@@ -129,7 +129,8 @@ class LogWriter:
             raise OSError(errno.EINVAL, f"log {self.path} is not a regular file")
         self._fd, self._size = fd, st.st_size
         record = self._packer.pack({"t": "hdr", "version": FORMAT_VERSION, **self.header})
-        self._write_all([record])
+        # a file always starts with its header: the space_left threshold is for events
+        self._write_all([record], check_space=False)
 
     def _rotated(self, n: int) -> str:
         return f"{self.name}.{n}"
@@ -183,11 +184,12 @@ class LogWriter:
         if free - need < limit:
             raise DiskFull(errno.ENOSPC, f"free space {free} bytes is below {limit}")
 
-    def _write_all(self, records: list[bytes]) -> None:
+    def _write_all(self, records: list[bytes], check_space: bool = True) -> None:
         """Write whole records or nothing: on failure the file is cut back."""
         data = b"".join(records)
         start = self._size
-        self._check_space(len(data))
+        if check_space:
+            self._check_space(len(data))
         view = memoryview(data)
         try:
             while view:
@@ -253,7 +255,7 @@ class LogWriter:
         if self.stopped:
             self.records_dropped += len(batch)
             return
-        for attempt in range(2):
+        while True:
             try:
                 if self.rotate_size and self._size + sum(map(len, batch)) > self.rotate_size \
                         and self._size > 0:
@@ -272,9 +274,8 @@ class LogWriter:
             except OSError as exc:
                 full = isinstance(exc, DiskFull) or exc.errno in DISK_FULL_ERRNOS
                 self.last_error = f"{exc.strerror or exc}"
-                if full and self.disk_full == "drop-oldest" and attempt == 0 \
-                        and self._drop_oldest():
-                    continue
+                if full and self.disk_full == "drop-oldest" and self._drop_oldest():
+                    continue        # one rotated file fewer: try again
                 if full and self.disk_full == "stop":
                     self.stopped = True
                     self.stop_reason = f"log disk full: {self.last_error}"
