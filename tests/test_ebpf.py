@@ -371,3 +371,21 @@ def test_trace_cli_reports_other_processes_and_auto_picks_ebpf(tree):
     assert [(e["op"], e["path"], e["comm"]) for e in events] == [
         ("create", f"{w}/made", "sh"), ("chmod", f"{w}/made", "chmod"),
         ("unlink", f"{w}/made", "rm")]
+
+
+def test_inode_rule_on_a_file(tree):
+    w, o = tree
+    target = f"{o}/byinode"
+    open(target, "w").close()
+    open(f"{o}/other", "w").close()
+    st = os.stat(target)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    be = backend_for(f"-a always,exit -F inode={st.st_ino} -F dev={dev} -F perm=wa -k ino")
+    try:
+        os.chmod(f"{o}/other", 0o600)                 # same directory, another inode
+        os.chmod(target, 0o600)
+        os.truncate(target, 3)
+        assert [(e.op, e.path, e.ino, e.keys) for e in drain(be)] == [
+            ("chmod", target, st.st_ino, ["ino"]), ("truncate", target, st.st_ino, ["ino"])]
+    finally:
+        be.close()

@@ -386,6 +386,7 @@ class EbpfBackend(Backend):
         cfg_map = self.bpf[b"config"]
         cfg = cfg_map[0]
         cfg.have_watches = 1 if self.watch_values else 0
+        cfg.file_watches = 1 if any(r.kind == "inode" for r in self.rules) else 0
         cfg.self_tgid = os.getpid() if self.exclude_self else 0
         for name, value in changes.items():
             setattr(cfg, name, value)

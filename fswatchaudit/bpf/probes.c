@@ -130,8 +130,9 @@ BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
 struct dir_verdict {
     u64 kgen;
     u64 ugen;
+    u8 own;                     /* PERM_* granted to the directory itself */
     u8 below;                   /* PERM_* granted to entries of this directory */
-    u8 pad[7];
+    u8 pad[6];
 };
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
 #define GEN_KERNEL      0
@@ -156,7 +157,7 @@ BPF_HASH(audited, u32, u8, MAX_AUDITED);
 /* config: single slot of global switches set by user space */
 struct config {
     u32 scope_processes;        /* only audited tgids are reported */
-    u32 pad0;
+    u32 file_watches;           /* some watch may be on a file itself (an inode rule) */
     u64 mntns;                  /* nonzero: only tasks in this mount namespace */
     u32 have_watches;           /* the watched map is non-empty */
     u32 self_tgid;              /* the auditor itself: never reported (no feedback loop) */
@@ -277,8 +278,9 @@ static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths
 struct walk {
     void *dentry;
     void *mnt;                  /* NULL: stay inside the dentry's filesystem */
-    u8 perms;
-    u8 pad[7];
+    u8 perms;                   /* granted to the object the walk started at */
+    u8 below;                   /* granted to an entry of it (when it is a directory) */
+    u8 pad[6];
 };
 
 /* Move from a dentry at the root of its mount to the mount point; 0 at the top. */
@@ -308,12 +310,16 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
         key.ino = read_u64(inode, OFF_INODE_I_INO);
         struct watch_val *v = watched.lookup(&key);
         if (v) {
-            if (depth == 0)
+            if (depth == 0) {
                 w->perms |= v->self;
-            else if (depth == 1)
+                w->below |= v->child | v->subtree;
+            } else if (depth == 1) {
                 w->perms |= v->child | v->subtree;
-            else
+                w->below |= v->subtree;
+            } else {
                 w->perms |= v->subtree;
+                w->below |= v->subtree;
+            }
         }
     }
     void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
@@ -363,46 +369,62 @@ static __always_inline void bump_kernel_gen(void)
         __sync_fetch_and_add(g, 1);
 }
 
-/* What watches grant to the entries of directory dentry dir (inside its filesystem):
- * from dir_cache, or by walking up and remembering the answer. */
-static __always_inline u8 dir_below(void *dir)
+static __always_inline int is_dir(void *inode)
 {
-    void *dir_inode = read_ptr(dir, OFF_DENTRY_D_INODE);
-    if (!dir_inode)
-        return 0;
+    u16 mode = 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
+    return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
+}
+
+/* What watches grant to directory dentry dir (inode dir_inode) and to its entries,
+ * inside its filesystem: from dir_cache, or by walking up and remembering the answer. */
+static __always_inline struct dir_verdict verdict_of(void *dir, void *dir_inode)
+{
     struct watch_key key = {};
     inode_key(dir_inode, &key);
     u64 kgen = gen(GEN_KERNEL), ugen = gen(GEN_USER);
     struct dir_verdict *c = dir_cache.lookup(&key);
     if (c && c->kgen == kgen && c->ugen == ugen)
-        return c->below;
+        return *c;
     struct walk w = {};
     w.dentry = dir;
-    for (u32 i = 1; i < WATCH_DEPTH; i++)
+    for (u32 i = 0; i < WATCH_DEPTH; i++)
         if (watch_step(i, &w))
             break;
     struct dir_verdict v = {};
     v.kgen = kgen;
     v.ugen = ugen;
-    v.below = w.perms;
+    v.own = w.perms;
+    v.below = w.below;
     dir_cache.update(&key, &v);
-    return w.perms;
+    return v;
 }
 
-/* Perms for an object inside its filesystem: its own watch, then what its directory
- * grants. */
+/* Perms for an object inside its filesystem: a directory's verdict, or a file's own
+ * watch (only inode rules put one there) and what its directory grants. */
 static __always_inline u8 object_perms(void *inode, void *dentry)
 {
-    struct watch_key key = {};
-    inode_key(inode, &key);
-    struct watch_val *own = watched.lookup(&key);
-    u8 perms = own ? own->self : 0;
+    u8 perms = 0;
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    int dir = is_dir(inode);
+    if (!dentry || (!dir && cfg && cfg->file_watches)) {
+        struct watch_key key = {};
+        inode_key(inode, &key);
+        struct watch_val *own = watched.lookup(&key);
+        perms = own ? own->self : 0;
+    }
     if (!dentry)
         return perms;
+    if (dir)
+        return verdict_of(dentry, inode).own;
     void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
     if (!parent || parent == dentry)
         return perms;
-    return perms | dir_below(parent);
+    void *parent_inode = read_ptr(parent, OFF_DENTRY_D_INODE);
+    if (!parent_inode)
+        return perms;
+    return perms | verdict_of(parent, parent_inode).below;
 }
 
 /* Perms for a changed inode (found through its first dentry). */
@@ -429,12 +451,6 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt)
     return perms | w.perms;
 }
 
-static __always_inline int is_dir(void *inode)
-{
-    u16 mode = 0;
-    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
-    return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
-}
 
 /* After a syscall that may have moved or removed a directory: expire dir_cache. */
 static __always_inline void note_moves(struct pending *pc, struct syscall_spec *spec)
