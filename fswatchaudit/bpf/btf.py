@@ -17,6 +17,17 @@ KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4,
 KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 7, 8, 9, 10, 11
 KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_FLOAT = 12, 13, 14, 15, 16
 KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 17, 18, 19
+# Bytes that follow a type record, by kind: (fixed, per member/entry of vlen).
+EXTRA_BYTES = [(0, 0)] * 32
+EXTRA_BYTES[KIND_INT] = (4, 0)
+EXTRA_BYTES[KIND_ARRAY] = (12, 0)
+EXTRA_BYTES[KIND_STRUCT] = EXTRA_BYTES[KIND_UNION] = (0, 12)
+EXTRA_BYTES[KIND_ENUM] = (0, 8)
+EXTRA_BYTES[KIND_FUNC_PROTO] = (0, 8)
+EXTRA_BYTES[KIND_VAR] = (4, 0)
+EXTRA_BYTES[KIND_DATASEC] = (0, 12)
+EXTRA_BYTES[KIND_DECL_TAG] = (4, 0)
+EXTRA_BYTES[KIND_ENUM64] = (0, 12)
 TYPE_RECORD = struct.Struct("<III")        # name_off, info, size/type
 MEMBER_RECORD = struct.Struct("<III")      # name_off, type, offset
 
@@ -51,33 +62,18 @@ class BTF:
         data, pos, end = self.data, self.types_start, self.types_end
         unpack = TYPE_RECORD.unpack_from
         offsets = self.offsets
+        by_name = self.by_name
+        name = self._name
+        extra = EXTRA_BYTES
         wanted = (KIND_STRUCT, KIND_UNION)
         while pos < end:
             name_off, info, _ = unpack(data, pos)
             kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
             offsets.append(pos)
             if kind in wanted and name_off:
-                self.by_name.setdefault(self._name(name_off), []).append(len(offsets) - 1)
-            pos += 12
-            if kind == KIND_INT:
-                pos += 4
-            elif kind == KIND_ARRAY:
-                pos += 12
-            elif kind in (KIND_STRUCT, KIND_UNION):
-                pos += 12 * vlen
-            elif kind == KIND_ENUM:
-                pos += 8 * vlen
-            elif kind == KIND_FUNC_PROTO:
-                pos += 8 * vlen
-            elif kind == KIND_VAR:
-                pos += 4
-            elif kind == KIND_DATASEC:
-                pos += 12 * vlen
-            elif kind == KIND_DECL_TAG:
-                pos += 4
-            elif kind == KIND_ENUM64:
-                pos += 12 * vlen
+                by_name.setdefault(name(name_off), []).append(len(offsets) - 1)
+            fixed, per_member = extra[kind]
+            pos += 12 + fixed + per_member * (info & 0xFFFF)
 
     def _members(self, type_id: int):
         pos = self.offsets[type_id]
