@@ -188,8 +188,9 @@ class Auditd:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("auditd did not start")
                 time.sleep(0.05)
-        subprocess.run(["auditctl", "-e", "1", "-b", "8192"], check=True,
-                       stdout=subprocess.DEVNULL)
+        # one setting per call: auditctl applies only the first of several
+        subprocess.run(["auditctl", "-e", "1"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["auditctl", "-b", "8192"], check=True, stdout=subprocess.DEVNULL)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,9 +198,10 @@ class Auditd:
             self.proc.terminate()
             self.proc.wait(30)
         # auditd leaves auditing enabled; every process forked then pays for it
-        subprocess.run(["auditctl", "-b", str(self.before.get("backlog_limit", 64)),
-                        "-e", str(self.before.get("enabled", 0))],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for setting in (["-b", str(self.before.get("backlog_limit", 64))],
+                        ["-e", str(self.before.get("enabled", 0))]):
+            subprocess.run(["auditctl", *setting], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
 
     def count(self, since: int) -> int | None:
         """SYSCALL records with our key written to our log after byte offset since."""
