@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from .rules import LocatedError
+
 DEFAULT_PATH = "/etc/fswatchaudit/fswatchaudit.conf"
 
 BACKENDS = ("auto", "ebpf", "fanotify", "inotify")
@@ -21,17 +23,8 @@ DISK_FULL_ACTIONS = ("keep-going", "drop-oldest", "stop")
 FSYNC_POLICIES = ("flush", "rotate", "never")
 
 
-class ConfigError(ValueError):
+class ConfigError(LocatedError):
     """A configuration that cannot be used; the message says which key and where."""
-
-    def __init__(self, message: str, source: str | None = None, line: int | None = None):
-        self.reason = message
-        self.source = source
-        self.line = line
-        where = ""
-        if source is not None:
-            where = f"{source}:{line}: " if line is not None else f"{source}: "
-        super().__init__(where + message)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from . import syscalls as tables
 from .events import Event
 
 
-class RuleError(ValueError):
-    """A rule that cannot be applied; the message names the problem and where it is."""
+class LocatedError(ValueError):
+    """Bad input read from a file: the message is prefixed with file:line."""
 
     def __init__(self, message: str, source: str | None = None, line: int | None = None):
         self.reason = message
@@ -36,6 +36,10 @@ class RuleError(ValueError):
         if source is not None:
             where = f"{source}:{line}: " if line is not None else f"{source}: "
         super().__init__(where + message)
+
+
+class RuleError(LocatedError):
+    """A rule that cannot be applied; the message names the problem and where it is."""
 
 
 @dataclass(frozen=True)
