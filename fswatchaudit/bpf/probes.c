@@ -12,6 +12,12 @@
  *   timestamp:*  -> remember which inodes the syscall changed (their ctime moved)
  *   sys_exit     -> if a changed inode, or the opened file, lies under a watch whose
  *                   permission mask covers the operation, build a record and submit it
+ *
+ * "Under a watch" is decided by walking up d_parent (at most WATCH_DEPTH levels) at the
+ * time of the operation, so new and moved directories are covered at once; the answer
+ * for each directory is kept in dir_cache until a directory moves or the watches change.
+ * The raw syscall tracepoints fire for every syscall of every process: whatever is not
+ * a followed filesystem syscall leaves at the first array lookup.
  */
 
 #ifndef __always_inline
