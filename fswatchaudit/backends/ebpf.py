@@ -73,7 +73,7 @@ MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount")
 GEN_USER = 1
 EV_SYSCALL, EV_EXEC, EV_URING, EV_FAILED, EV_STATE = 1, 2, 3, 4, 5
 AUDIT_CHILDREN, AUDIT_ALL_PATHS = 1, 2
-CNT_SUBMITTED, CNT_LOST, CNT_PENDING_FULL = 0, 1, 2
+CNT_SUBMITTED, CNT_LOST, CNT_PENDING_FULL, CNT_COMPAT = 0, 1, 2, 4
 
 # The record header, field for field as struct event in probes.c.
 HEADER = struct.Struct("<QIIqQQQQ8I6HI16s")
@@ -136,6 +136,7 @@ SYSCALL_ARG_REGS = {
 # Where the syscall number stays during the syscall (read at the raw sys_exit).
 SYSCALL_NR_REG = {"x86_64": "pt_regs.orig_ax", "aarch64": "pt_regs.syscallno"}
 MAX_SYSCALL_NR = 1024
+TS_COMPAT = 0x0002        # x86 thread_info.status: a 32-bit syscall is running
 UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
                   "/usr/include/asm-generic/unistd.h")
 MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
@@ -250,6 +251,9 @@ class EbpfBackend(Backend):
             flags += [f"-DREGS_SPAN_START={min(arg_offs)}",
                       f"-DREGS_SPAN_LEN={max(arg_offs) + 8 - min(arg_offs)}"]
             flags.append(f"-DOFF_REGS_SYSCALL_NR={btf.offset(SYSCALL_NR_REG[os.uname().machine])}")
+            if os.uname().machine == "x86_64":
+                flags += [f"-DOFF_TASK_TI_STATUS={btf.offset('task_struct.thread_info.status')}",
+                          f"-DTS_COMPAT_BIT={TS_COMPAT}"]
         except (OSError, BTFError) as exc:
             raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
         flags += [f"-DSIZEOF_UPID={btf.size('upid')}",
@@ -576,8 +580,12 @@ class EbpfBackend(Backend):
     def lost(self) -> dict[str, int]:
         if self.bpf is None:
             return {"ringbuf": 0}
-        return {"ringbuf": self._counter(CNT_LOST),
-                "pending_full": self._counter(CNT_PENDING_FULL)}
+        out = {"ringbuf": self._counter(CNT_LOST),
+               "pending_full": self._counter(CNT_PENDING_FULL)}
+        compat = self._counter(CNT_COMPAT)
+        if compat:      # 32-bit syscalls: not judged, so possibly unreported operations
+            out["compat_syscalls"] = compat
+        return out
 
     def close(self) -> None:
         if self.ring is not None:

@@ -184,7 +184,8 @@ BPF_HASH(uring_new, u32, u64, 16384);
 #define CNT_LOST        1
 #define CNT_PENDING_FULL 2
 #define CNT_UNSIGNALLED 3       /* records sent since this CPU last woke the reader */
-#define NCOUNTERS       4
+#define CNT_COMPAT      4       /* 32-bit (compat) syscalls with a followed number, not judged */
+#define NCOUNTERS       5
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 
 /* the record sent to user space: a fixed header, then NUL-separated strings */
@@ -687,6 +688,14 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     struct syscall_spec *spec = syscall_spec.lookup(&nr);
     if (!spec || !spec->active)
         return 0;
+#ifdef OFF_TASK_TI_STATUS
+    /* a 32-bit syscall (ia32 emulation) is numbered from another table: counted, and
+     * neither followed nor mistaken for the 64-bit syscall of the same number */
+    if (read_u32((void *)bpf_get_current_task(), OFF_TASK_TI_STATUS) & TS_COMPAT_BIT) {
+        count(CNT_COMPAT);
+        return 0;
+    }
+#endif
     void *regs = (void *)ctx->args[0];
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending *p = pending.lookup(&tid);
