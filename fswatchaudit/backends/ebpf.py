@@ -137,12 +137,38 @@ SYSCALL_ARG_REGS = {
 SYSCALL_NR_REG = {"x86_64": "pt_regs.orig_ax", "aarch64": "pt_regs.syscallno"}
 MAX_SYSCALL_NR = 1024
 TS_COMPAT = 0x0002        # x86 thread_info.status: a 32-bit syscall is running
+# 32-bit syscalls of 64-bit kernels (ia32 emulation): their argument registers, their
+# number table, and the 64-bit syscall each one is the same operation as (arguments in
+# the same order as far as paths, fds and flags go).  Slots COMPAT_BASE + number.
+COMPAT_BASE = MAX_SYSCALL_NR
+COMPAT_ARG_REGS = {"x86_64": ("bx", "cx", "dx", "si", "di", "bp")}
+COMPAT_UNISTD = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_32.h"}
+COMPAT_NAMES = {"chown32": "chown", "lchown32": "lchown", "fchown32": "fchown",
+                "truncate64": "truncate", "ftruncate64": "ftruncate",
+                "utimensat_time64": "utimensat"}
 UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
                   "/usr/include/asm-generic/unistd.h")
 MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 # Syscalls newer than the libc headers we may find.  Since Linux 5.1 new syscalls get
 # the same number on every architecture.
 NEWER_SYSCALLS = {"fchmodat2": 452, "setxattrat": 463, "removexattrat": 466}
+
+
+def compat_syscalls() -> list[tuple[str, int]]:
+    """(64-bit syscall name, 32-bit number) for the 32-bit syscalls of this machine."""
+    import re
+    path = COMPAT_UNISTD.get(os.uname().machine)
+    try:
+        with open(path or "") as fh:
+            text = fh.read()
+    except OSError:
+        return []
+    out = [(COMPAT_NAMES.get(name, name), int(nr))
+           for name, nr in re.findall(r"#define\s+__NR_(\w+)\s+(\d+)", text)]
+    have = {name for name, _ in out}
+    # syscalls newer than the header have one number on every architecture
+    out += [(name, nr) for name, nr in NEWER_SYSCALLS.items() if name not in have]
+    return [(name, nr) for name, nr in out if nr < MAX_SYSCALL_NR]
 
 
 def syscall_arg_offsets(btf: BTF) -> list[int]:
@@ -229,6 +255,7 @@ class EbpfBackend(Backend):
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.ring: RingReader | None = None
+        self.have_compat = False                # 32-bit syscalls can be judged
         self.exes: dict[int, str] = {}          # tgid -> its program, as last sent
         self.paths: dict[tuple[bytes, ...], str] = {}   # decoded directory paths
         self.comms: dict[bytes, str] = {}
@@ -251,14 +278,21 @@ class EbpfBackend(Backend):
             flags += [f"-DREGS_SPAN_START={min(arg_offs)}",
                       f"-DREGS_SPAN_LEN={max(arg_offs) + 8 - min(arg_offs)}"]
             flags.append(f"-DOFF_REGS_SYSCALL_NR={btf.offset(SYSCALL_NR_REG[os.uname().machine])}")
-            if os.uname().machine == "x86_64":
+            compat_regs = COMPAT_ARG_REGS.get(os.uname().machine)
+            if compat_regs:
+                offs = [btf.offset(f"pt_regs.{r}") for r in compat_regs]
                 flags += [f"-DOFF_TASK_TI_STATUS={btf.offset('task_struct.thread_info.status')}",
                           f"-DTS_COMPAT_BIT={TS_COMPAT}"]
+                flags += [f"-DOFF_CREGS_ARG{i}={off}" for i, off in enumerate(offs)]
+                flags += [f"-DCREGS_SPAN_START={min(offs)}",
+                          f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
         except (OSError, BTFError) as exc:
             raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}")
         flags += [f"-DSIZEOF_UPID={btf.size('upid')}",
                   f"-DRINGBUF_PAGES={self.ringbuf_pages}",
                   f"-DMAX_SYSCALL_NR={MAX_SYSCALL_NR}",
+                  f"-DCOMPAT_BASE={COMPAT_BASE}", f"-DSPEC_SLOTS={2 * COMPAT_BASE}",
+                  f"-DHAVE_COMPAT_TABLE={1 if self.have_compat else 0}",
                   f"-DEVENT_HEADER_SIZE={HEADER.size}"]
         return flags
 
@@ -318,6 +352,10 @@ class EbpfBackend(Backend):
         numbers = syscall_numbers()
         self.tp_names = {numbers[name]: name for name in specs
                          if numbers.get(name, MAX_SYSCALL_NR) < MAX_SYSCALL_NR}
+        if os.uname().machine in COMPAT_ARG_REGS:
+            compat = {COMPAT_BASE + nr: name for name, nr in compat_syscalls() if name in specs}
+            self.have_compat = bool(compat)
+            self.tp_names.update(compat)
         self.bpf = self._compile()
         bpf = self.bpf
         spec_map = bpf[b"syscall_spec"]

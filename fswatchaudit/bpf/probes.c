@@ -111,7 +111,7 @@ struct syscall_spec {
 };
 /* an array, not a hash: both raw syscall tracepoints look it up for every syscall of
  * every process, and an array lookup is a bounds check and an add */
-BPF_ARRAY(syscall_spec, struct syscall_spec, MAX_SYSCALL_NR);
+BPF_ARRAY(syscall_spec, struct syscall_spec, SPEC_SLOTS);
 
 /* pending: thread id -> the syscall in progress and the inodes it changed so far.
  * A thread's entry stays after its syscall (active = 0) and is reused by the next one:
@@ -184,7 +184,7 @@ BPF_HASH(uring_new, u32, u64, 16384);
 #define CNT_LOST        1
 #define CNT_PENDING_FULL 2
 #define CNT_UNSIGNALLED 3       /* records sent since this CPU last woke the reader */
-#define CNT_COMPAT      4       /* 32-bit (compat) syscalls with a followed number, not judged */
+#define CNT_COMPAT      4       /* 32-bit syscalls that could not be judged (no 32-bit table) */
 #define NCOUNTERS       5
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 
@@ -681,21 +681,41 @@ static __always_inline void set_inode(struct event *e, void *inode)
 /* The six argument registers lie within REGS_SPAN_LEN bytes of pt_regs from
  * REGS_SPAN_START: one read instead of six. */
 #define REG_SLOT(off) (((off) - REGS_SPAN_START) / 8)
+#define CREG_SLOT(off) (((off) - CREGS_SPAN_START) / 8)
+
+/* The syscall_spec slot of syscall nr in the current task: the 64-bit table, or for a
+ * 32-bit syscall (ia32 emulation, its own numbering) the 32-bit table from COMPAT_BASE
+ * on; -1 when the syscall is not followed. */
+static __always_inline s32 spec_slot(u32 nr, int *compat)
+{
+    *compat = 0;
+    if (nr >= COMPAT_BASE)
+        return -1;
+    struct syscall_spec *native = syscall_spec.lookup(&nr);
+    int native_on = native && native->active;
+#ifdef OFF_TASK_TI_STATUS
+    u32 cnr = nr + COMPAT_BASE;
+    struct syscall_spec *c = syscall_spec.lookup(&cnr);
+    int compat_on = c && c->active;
+    if (!native_on && !compat_on)
+        return -1;
+    if (read_u32((void *)bpf_get_current_task(), OFF_TASK_TI_STATUS) & TS_COMPAT_BIT) {
+        *compat = 1;
+        return compat_on ? (s32)cnr : -1;
+    }
+#endif
+    return native_on ? (s32)nr : -1;
+}
 
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
-    u32 nr = ctx->args[1];
-    struct syscall_spec *spec = syscall_spec.lookup(&nr);
-    if (!spec || !spec->active)
-        return 0;
-#ifdef OFF_TASK_TI_STATUS
-    /* a 32-bit syscall (ia32 emulation) is numbered from another table: counted, and
-     * neither followed nor mistaken for the 64-bit syscall of the same number */
-    if (read_u32((void *)bpf_get_current_task(), OFF_TASK_TI_STATUS) & TS_COMPAT_BIT) {
-        count(CNT_COMPAT);
+    int compat;
+    s32 slot = spec_slot(ctx->args[1], &compat);
+    if (slot < 0) {
+        if (compat && !HAVE_COMPAT_TABLE)
+            count(CNT_COMPAT);
         return 0;
     }
-#endif
     void *regs = (void *)ctx->args[0];
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending *p = pending.lookup(&tid);
@@ -709,9 +729,24 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         if (!p)
             return 0;
     }
-    p->tp_id = nr;
+    p->tp_id = slot;
     p->ntouched = 0;
     p->overflow = 0;
+#ifdef OFF_TASK_TI_STATUS
+    if (compat) {
+        /* 32-bit arguments, in other registers */
+        u64 cspan[CREGS_SPAN_LEN / 8] = {};
+        bpf_probe_read_kernel(cspan, sizeof(cspan), (char *)regs + CREGS_SPAN_START);
+        p->args[0] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG0)];
+        p->args[1] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG1)];
+        p->args[2] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG2)];
+        p->args[3] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG3)];
+        p->args[4] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG4)];
+        p->args[5] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG5)];
+        p->active = 1;
+        return 0;
+    }
+#endif
     u64 span[REGS_SPAN_LEN / 8] = {};
     bpf_probe_read_kernel(span, sizeof(span), (char *)regs + REGS_SPAN_START);
     p->args[0] = span[REG_SLOT(OFF_REGS_ARG0)];
@@ -804,7 +839,11 @@ static __always_inline u8 open_perm(u64 flags, u8 created)
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     /* every syscall ends here: leave at once unless it is one we follow */
-    u32 nr = read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR);
+    int compat;
+    s32 slot = spec_slot(read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR), &compat);
+    if (slot < 0)
+        return 0;
+    u32 nr = slot;
     struct syscall_spec *spec = syscall_spec.lookup(&nr);
     if (!spec || !spec->active)
         return 0;
