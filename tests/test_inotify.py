@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-from tracehelp import REPO, UNPRIVILEGED_UID, Trace, readable_by_others, sh
+from tracehelp import REPO, UNPRIVILEGED_UID, Trace, sh
 
 # Steps of the workload with the events each one adds.  The trace must have printed a
 # step's events before the next step runs: inotify reports names, and a name removed
@@ -100,8 +100,6 @@ def test_trace_inotify_exact_events(dirs):
 def test_trace_inotify_unprivileged(dirs):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
-    if not readable_by_others(REPO):
-        pytest.skip(f"{REPO} is not readable by an unprivileged user")
     watched, out = dirs
     check(*run_workload(watched, out, user=UNPRIVILEGED_UID), watched)
 

@@ -20,11 +20,18 @@ class Trace:
     def __init__(self, *args: str, user: int | None = None, timeout: float = 60.0):
         self.stdout = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "fswatchaudit", "trace", "--json", *args]
+        env, cwd = None, REPO
         if user is not None:
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
                    "--", *cmd]
+            if not readable_by_others(REPO):
+                # the checkout is out of the user's reach (a clone under /root): run a
+                # copy of the package and its dependencies that it can read
+                cwd = portable_copy()
+                env = dict(os.environ, PYTHONPATH=cwd)
+                cmd[cmd.index(sys.executable)] = "/usr/bin/python3"
         self.proc = subprocess.Popen(cmd, stdout=self.stdout, stderr=subprocess.PIPE,
-                                     cwd=REPO, text=True)
+                                     cwd=cwd, env=env, text=True)
         self.stderr_lines: list[str] = []
         deadline = time.monotonic() + timeout
         while True:
@@ -62,6 +69,34 @@ class Trace:
         self.stdout.seek(0)
         events = [json.loads(line) for line in self.stdout.read().decode().splitlines()]
         return events, "".join(self.stderr_lines) + rest, code
+
+
+_PORTABLE: str | None = None
+
+
+def portable_copy() -> str:
+    """fswatchaudit and its pure dependencies copied where any user can read them."""
+    global _PORTABLE
+    if _PORTABLE is None:
+        import atexit
+        import importlib
+        import shutil
+        base = tempfile.mkdtemp(prefix="fswa-portable-", dir="/tmp")
+        os.chmod(base, 0o755)
+        for name in ("fswatchaudit", "msgpack", "structlog", "inotify_simple"):
+            mod = importlib.import_module(name)
+            src = os.path.dirname(mod.__file__) if mod.__file__.endswith("__init__.py") \
+                else mod.__file__
+            dst = os.path.join(base, os.path.basename(src))
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+        for root, dirs, files in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        atexit.register(shutil.rmtree, base, True)
+        _PORTABLE = base
+    return _PORTABLE
 
 
 def sh(script: str, cwd: str, user: int | None = None) -> None:
