@@ -173,7 +173,7 @@ class Auditd:
         self.log: str | None = None
         self.before = audit_status()
 
-    def __enter__(self) -> "Auditd":
+    def __enter__(self) -> Auditd:
         if not self.before.get("pid") and shutil.which("auditd"):
             conf = os.path.join(self.tmp, "auditd")
             os.makedirs(conf, exist_ok=True)

@@ -9,10 +9,12 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Callable, TextIO
+from typing import TextIO
 
-from . import backends, diag, rules as rules_mod
+from . import backends, diag
+from . import rules as rules_mod
 from .auditor import Auditor
 from .backends.base import BackendUnavailable
 from .events import Event, ProcessState, format_human, format_state

@@ -11,10 +11,10 @@ import dataclasses
 import difflib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from .rules import LocatedError
+from .errors import LocatedError
 
 DEFAULT_PATH = "/etc/fswatchaudit/fswatchaudit.conf"
 

@@ -33,7 +33,8 @@ import stat
 import struct
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 

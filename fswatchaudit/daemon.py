@@ -23,7 +23,9 @@ import threading
 import time
 from typing import Any
 
-from . import backends, config as config_mod, diag, rules as rules_mod
+from . import backends, diag
+from . import config as config_mod
+from . import rules as rules_mod
 from .auditor import Auditor
 from .backends.base import BackendUnavailable
 from .config import Config, ConfigError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from . import syscalls
 from .events import Event
@@ -21,17 +21,8 @@ PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 
 
 def attach_keys(rules: RuleSet) -> Processor:
-    """Drop events no rule selects; list the keys of every rule that does.  With no rule
-    at all (a per-process audit of everything), the backend's scope decides alone."""
-    def process(ev: Event) -> Event | None:
-        if ev.keys:
-            return ev
-        matched = rules.match(ev)
-        if not matched and len(rules):
-            return None
-        ev.keys = sorted({r.key for r in matched if r.key})
-        return ev
-    return process
+    """Drop events no rule selects and attach keys (RuleSet.select decides)."""
+    return rules.select
 
 
 def add_aliases(ev: Event) -> Event:

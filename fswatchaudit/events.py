@@ -46,6 +46,9 @@ class Event:
     access: str | None = None        # open: "r", "w" or "rw"
     stale: bool | None = None        # process facts read after the process had exited
     container: dict[str, Any] | None = None
+    # Not serialised: set by a backend on events of a per-process audit (the keys of
+    # that audit, maybe none); such events are kept whatever the rules say.
+    scope_keys: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Schema-ordered dict without the fields that are unknown."""
@@ -58,7 +61,7 @@ class Event:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Event":
+    def from_dict(cls, data: dict[str, Any]) -> Event:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -22,7 +22,8 @@ import stat
 import sys
 import threading
 import time
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import msgpack
 
@@ -402,8 +403,9 @@ def _human(record: dict[str, Any]) -> str:
         return f"# rules ({record.get('reason')}): {len(record.get('rules', []))} rules, " \
                f"digest {record.get('digest')}"
     if kind == "state":
-        from .events import format_state
         import dataclasses
+
+        from .events import format_state
         known = {f.name for f in dataclasses.fields(ProcessState)}
         return format_state(ProcessState(**{k: v for k, v in record.items() if k in known}))
     return f"# {kind}: {record}"

@@ -18,24 +18,12 @@ import hashlib
 import os
 import shlex
 import stat
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 from . import syscalls as tables
+from .errors import LocatedError
 from .events import Event
-
-
-class LocatedError(ValueError):
-    """Bad input read from a file: the message is prefixed with file:line."""
-
-    def __init__(self, message: str, source: str | None = None, line: int | None = None):
-        self.reason = message
-        self.source = source
-        self.line = line
-        where = ""
-        if source is not None:
-            where = f"{source}:{line}: " if line is not None else f"{source}: "
-        super().__init__(where + message)
 
 
 class RuleError(LocatedError):
@@ -378,7 +366,7 @@ class RuleSet:
         del self.rules[rid]
         return rid
 
-    def copy(self) -> "RuleSet":
+    def copy(self) -> RuleSet:
         return RuleSet(dict(self.rules), self.next_id)
 
     def apply(self, cmds: Iterable[Command]) -> list[str]:
@@ -406,6 +394,19 @@ class RuleSet:
 
     def match(self, ev: Event) -> list[Rule]:
         return [r for r in self.rules.values() if r.matches(ev)]
+
+    def select(self, ev: Event) -> Event | None:
+        """The one place that decides whether an event is reported and with which keys:
+        the keys of every rule that selects it, plus those of the per-process audit it
+        came from.  None: no rule selects it and it is not from an audited process.
+        With no rule at all (an audit of processes only), the backend's scope decides."""
+        matched = self.match(ev)
+        if not matched and ev.scope_keys is None and self.rules:
+            return None
+        keys = {r.key for r in matched if r.key}
+        keys.update(ev.scope_keys or ())
+        ev.keys = sorted(keys)
+        return ev
 
     def digest(self) -> str:
         return hashlib.sha256("\n".join(sorted(self.texts())).encode()).hexdigest()[:16]

@@ -7,14 +7,7 @@ x86_64 and aarch64 (glibc calls the old ``rename``/``unlink``/``chmod`` on x86_6
 """
 from __future__ import annotations
 
-# Operations, normalised across backends.  "attr" is an attribute change whose kind the
-# backend cannot tell (inotify/fanotify report only "attributes changed").
-CREATE_OPS = frozenset({"create", "mkdir", "mknod", "symlink", "link", "rename"})
-REMOVE_OPS = frozenset({"rename", "unlink", "rmdir"})
-ATTR_OPS = frozenset({"chmod", "chown", "setxattr", "removexattr", "truncate", "utime", "attr"})
-OPEN_OPS = frozenset({"open"})
-EXEC_OPS = frozenset({"exec"})
-ALL_OPS = CREATE_OPS | REMOVE_OPS | ATTR_OPS | OPEN_OPS | EXEC_OPS
+from .ops import ALL_OPS, ATTR_OPS, CREATE_OPS, EXEC_OPS, OPEN_OPS, REMOVE_OPS  # noqa: F401
 
 # Alias name -> operations in it.  "open with O_CREAT" in fs-create is the op "create".
 ALIAS_OPS: dict[str, frozenset[str]] = {

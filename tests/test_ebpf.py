@@ -1,5 +1,4 @@
 """The eBPF backend: real programs loaded into the running kernel, real file operations."""
-import ctypes
 import os
 import shutil
 import subprocess
@@ -8,12 +7,10 @@ import tempfile
 import time
 
 import pytest
+from tracehelp import REPO, Trace, drain
 
 from fswatchaudit.backends import probe
-from fswatchaudit.events import Event
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
-
-from tracehelp import REPO, Trace, drain
 
 EBPF = probe("ebpf")
 pytestmark = pytest.mark.skipif(not EBPF.usable, reason=f"eBPF backend: {EBPF.reason}")

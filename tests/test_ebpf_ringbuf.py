@@ -58,6 +58,7 @@ HEAD = struct.Struct("<QI")
 @pytest.fixture(scope="module")
 def ring():
     from bcc import BPF
+
     from fswatchaudit.bpf.ringbuf import RingReader
     if os.uname().machine != "x86_64":
         pytest.skip("the test program uses the x86_64 getppid number")

@@ -2,17 +2,15 @@
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
+from tracehelp import Trace, drain
 
 from fswatchaudit.auditor import Auditor
 from fswatchaudit.backends import probe
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
-
-from tracehelp import Trace, drain
 
 FAN = probe("fanotify")
 pytestmark = pytest.mark.skipif(not FAN.usable, reason=f"fanotify backend: {FAN.reason}")

@@ -4,8 +4,8 @@ import shutil
 import tempfile
 
 import pytest
-
 from tracehelp import REPO, UNPRIVILEGED_UID, Trace, sh
+
 
 # Steps of the workload with the events each one adds.  The trace must have printed a
 # step's events before the next step runs: inotify reports names, and a name removed
@@ -84,7 +84,7 @@ def check(events, stderr, code, watched):
         assert e["time"] > 0
         for unknown in ("pid", "tid", "uid", "comm", "exe", "syscall", "result"):
             assert unknown not in e, f"inotify cannot know {unknown}"
-    assert f"watching 1 paths with inotify" in stderr
+    assert "watching 1 paths with inotify" in stderr
     assert "events lost: 0" in stderr
     for alias in ("fs-create", "fs-remove", "fs-attr", "open"):
         count = sum(alias in ALIASES[op] for op, *_ in expected(watched))
@@ -105,7 +105,8 @@ def test_trace_inotify_unprivileged(dirs):
 
 
 def test_trace_missing_path_is_refused(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     r = subprocess.run([sys.executable, "-m", "fswatchaudit", "trace", "--backend",
                         "inotify", str(tmp_path / "nope")], capture_output=True, text=True,
                        cwd=REPO)
@@ -148,7 +149,9 @@ def test_log_file_has_every_event_after_sigterm(dirs):
     trace.wait_for(50)
     printed, stderr, code = trace.stop(signal.SIGTERM)
     assert code == 0, stderr
-    import subprocess, sys, json
+    import json
+    import subprocess
+    import sys
     r = subprocess.run([sys.executable, "-m", "fswatchaudit", "log", "show", "--json", log],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
@@ -160,7 +163,8 @@ def test_log_file_has_every_event_after_sigterm(dirs):
 
 
 def test_rules_check_prints_normalised_rules_and_names_bad_lines(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     good = tmp_path / "a.rules"
     good.write_text("# identity\n-w /etc/passwd -p wa -k passwd\n"
                     "-a exit,always -F dir=/srv -S fs-create -k srv\n")

@@ -1,7 +1,6 @@
 """msgpack log: round trip, torn tail, flush timing behaviour, rotation, file safety,
 full disk.  Real files; the full-disk cases use a real small tmpfs."""
 import io
-import json
 import os
 import signal
 import subprocess
@@ -11,11 +10,10 @@ import time
 
 import msgpack
 import pytest
+from tracehelp import REPO
 
 from fswatchaudit.events import SCHEMA_KEYS, Event, ProcessState
 from fswatchaudit.log import LogFormatError, LogReader, LogWriter, rotated_files, show
-
-from tracehelp import REPO
 
 HEADER = {"host": "h", "boot_id": "b", "start": 1, "backend": "test", "rules_digest": "d"}
 

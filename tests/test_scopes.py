@@ -8,10 +8,9 @@ import tempfile
 import time
 
 import pytest
+from tracehelp import REPO, Trace
 
 from fswatchaudit.backends import probe
-
-from tracehelp import REPO, Trace
 
 EBPF = probe("ebpf")
 pytestmark = pytest.mark.skipif(not EBPF.usable, reason=f"scopes need eBPF: {EBPF.reason}")

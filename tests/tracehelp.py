@@ -120,12 +120,13 @@ def readable_by_others(path: str) -> bool:
 
 
 def drain(backend, quiet: float = 0.3) -> list:
-    """The events a backend has, read until it has been quiet for a moment (process
-    state records are left out)."""
+    """The events a backend has, read until it has been quiet for a moment, selected
+    and keyed by the rules as the consumer does (process state records are left out)."""
     from fswatchaudit.events import Event
     out = []
     while True:
         got = backend.read(quiet)
         if not got:
-            return [e for e in out if isinstance(e, Event)]
+            events = [e for e in out if isinstance(e, Event)]
+            return [e for e in events if backend.rules.select(e) is not None]
         out += got

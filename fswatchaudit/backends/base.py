@@ -53,7 +53,9 @@ class Backend(abc.ABC):
     def probe(cls) -> tuple[bool, str]:
         """(usable, reason): can this backend run here, and if not, why."""
 
-    def __init__(self, rules: RuleSet) -> None:
+    def __init__(self, rules: RuleSet, queue_size: int | None = None) -> None:
+        """``queue_size``: bytes of the kernel queue where the backend has one to size
+        (the eBPF ring buffer); None for the backend's default.  Others ignore it."""
         self.rules = rules
 
     @abc.abstractmethod

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import errno
 import os
-import stat
 import struct
 import time
 from importlib import resources
 
 from .. import syscalls
-from ..bpf.ringbuf import RingReader
 from ..bpf.btf import BTF, VMLINUX_BTF, BTFError
+from ..bpf.ringbuf import RingReader
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable
@@ -577,13 +575,9 @@ class EbpfBackend(Backend):
             ev.result = None
         if self.container is not None:
             ev.container = dict(self.container.identity(), pid=nspid)
-        matched = self.rules.match(ev)
-        if not matched and not self.audited:
-            return
-        keys = {r.key for r in matched if r.key}
-        if pid in self.audit_keys:
-            keys.add(self.audit_keys[pid])
-        ev.keys = sorted(keys)
+        if pid in self.audited:
+            key = self.audit_keys.get(pid)
+            ev.scope_keys = (key,) if key else ()
         self.batch.append(ev)
 
     def _state(self, pid: int, ppid: int, uid: int, euid: int, gid: int, loginuid: int,

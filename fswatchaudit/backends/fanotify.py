@@ -23,7 +23,6 @@ does not see truncate (a modification).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import select
 import signal
@@ -113,7 +112,8 @@ class FanotifyBackend(Backend):
                            " Linux 5.9 or newer with fanotify is needed")
         return True, "root and fanotify with directory handles and names"
 
-    def __init__(self, rules: RuleSet, unlimited_queue: bool = True) -> None:
+    def __init__(self, rules: RuleSet, queue_size: int | None = None,
+                 unlimited_queue: bool = True) -> None:
         super().__init__(rules)
         self.unlimited_queue = unlimited_queue
         self.fd = -1
@@ -289,10 +289,9 @@ class FanotifyBackend(Backend):
                 ev.dev, ev.ino = st.st_dev, st.st_ino
             except OSError:
                 pass
-        matched = self.rules.match(ev)
-        if not matched:
-            return
-        ev.keys = sorted({r.key for r in matched if r.key})
+        if self.rules.select(ev) is None:
+            return      # cheap to drop here: its process facts are not read
+        ev.keys = []    # the consumer's match attaches them
         self._process(ev, pid, pidfd)
         out.append(ev)
 

@@ -45,7 +45,7 @@ class InotifyBackend(Backend):
             return False, f"inotify_init1 failed: {exc.strerror}"
         return True, "inotify available (no process attribution)"
 
-    def __init__(self, rules: RuleSet) -> None:
+    def __init__(self, rules: RuleSet, queue_size: int | None = None) -> None:
         super().__init__(rules)
         self.inotify: INotify | None = None
         self.wd_path: dict[int, str] = {}       # watch descriptor -> directory path
@@ -176,10 +176,7 @@ class InotifyBackend(Backend):
             path, path2 = None, path   # the new name; the existing one is unknown
         ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
                    access=access)
-        matched = self.rules.match(ev)
-        if matched:
-            ev.keys = sorted({r.key for r in matched if r.key})
-            out.append(ev)
+        out.append(ev)      # the consumer's match (RuleSet.select) decides
 
     def read(self, timeout: float) -> list[Event]:
         assert self.inotify is not None

@@ -20,7 +20,7 @@ import ctypes
 import mmap
 import select
 import time
-from typing import Callable
+from collections.abc import Callable
 
 HDR_SIZE = 8                  # BPF_RINGBUF_HDR_SZ
 BUSY_BIT = 1 << 31            # BPF_RINGBUF_BUSY_BIT: reserved, not yet committed

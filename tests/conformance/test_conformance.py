@@ -7,12 +7,11 @@ import sys
 import tempfile
 
 import pytest
+from tracehelp import REPO, Trace
 
+from conformance.workload import STEPS, expected_for, prepare
 from fswatchaudit import backends
 from fswatchaudit.capabilities import CAPABILITIES, PROCESS_FIELDS, markdown_table
-
-from tracehelp import REPO, Trace
-from conformance.workload import STEPS, UNPRIVILEGED, expected_for, prepare
 
 COMPARED = ("op", "path", "path2", "access", "syscall", "result")
 

@@ -7,7 +7,7 @@ the README's comparison table is generated from.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fswatchaudit.capabilities import CAPABILITIES
 
