@@ -1,6 +1,7 @@
-"""The consumer: one thread reads the backend, runs the enrichment pipeline and hands
-events to sinks (terminal, log writer).  Rule changes are carried out on that same
-thread, between two reads, so the backend never sees two callers at once."""
+"""The consumer: one thread reads the backend and sends one record stream (events,
+process states, lost counts, rule changes, markers) through the processor chain into
+the sinks.  Rule changes are carried out on that same thread, between two reads, so
+the backend and the sinks never see two callers at once."""
 from __future__ import annotations
 
 import queue
@@ -14,26 +15,20 @@ from typing import Any
 from . import syscalls
 from .backends.base import Backend
 from .enrich import Processor, default_pipeline, run_pipeline
-from .events import Event, ProcessState
+from .events import Event, LostCounts, Record, RulesInForce
 from .rules import Command, Rule, RuleSet
-
-Sink = Callable[[Event], None]
-StateSink = Callable[[ProcessState], None]
+from .sinks.base import Fanout, Sink
 
 
 class Auditor:
     def __init__(self, backend: Backend, rules: RuleSet, sinks: list[Sink],
-                 pipeline: list[Processor] | None = None,
-                 on_lost: Callable[[dict[str, int]], None] | None = None,
-                 read_timeout: float = 0.2,
-                 state_sinks: list[StateSink] | None = None) -> None:
+                 pipeline: list[Processor] | None = None, read_timeout: float = 0.2,
+                 on_sink_error: Callable[[Sink, Exception, int], None] | None = None) -> None:
         self.backend = backend
         self.rules = rules
-        self.sinks = sinks
+        self.out = Fanout(sinks, on_sink_error)
         self.pipeline = pipeline if pipeline is not None else default_pipeline(rules)
-        self.on_lost = on_lost
         self.read_timeout = read_timeout
-        self.state_sinks = state_sinks or []
         self.per_alias: Counter[str] = Counter()
         self.events = 0
         self.last_lost: dict[str, int] = {}
@@ -51,11 +46,11 @@ class Auditor:
         self._calls.put((fn, fut))
         return fut.result(timeout)
 
-    def apply(self, cmds: list[Command]) -> list[str]:
+    def apply(self, cmds: list[Command], reason: str = "change") -> list[str]:
         """Apply rule commands atomically to the rules and the backend."""
-        return self.call(lambda: self._apply(cmds))
+        return self.call(lambda: self._apply(cmds, reason))
 
-    def _apply(self, cmds: list[Command]) -> list[str]:
+    def _apply(self, cmds: list[Command], reason: str) -> list[str]:
         # What the kernel recorded under the old rules is judged by the old rules.
         self._dispatch(self.backend.read(0))
         before = dict(self.rules.rules)
@@ -75,18 +70,23 @@ class Auditor:
             raise
         for rid, rule in removed:
             self.backend.remove_rule(rid, rule)
+        if added or removed:
+            self.emit(self.rules_in_force(reason))
         return listed
 
-    def replace_rules(self, new: RuleSet) -> None:
+    def replace_rules(self, new: RuleSet, reason: str = "reload") -> None:
         """Swap in a whole new rule set (reload), adding before removing so that
         rules present in both are never unwatched."""
         def swap() -> None:
-            old_ids = {r.identity(): rid for rid, r in self.rules.items()}
+            old_ids = {r.identity() for r in self.rules}
             cmds = [Command("add", r) for r in new if r.identity() not in old_ids]
             keep = {r.identity() for r in new}
             cmds += [Command("delete", r) for r in self.rules if r.identity() not in keep]
-            self._apply(cmds)
+            self._apply(cmds, reason)
         self.call(swap)
+
+    def rules_in_force(self, reason: str) -> RulesInForce:
+        return RulesInForce(self.rules.texts(), self.rules.digest(), reason)
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,27 +95,29 @@ class Auditor:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    # -- loop ----------------------------------------------------------------
-    def handle(self, ev: Event) -> None:
-        out = run_pipeline(self.pipeline, ev)
+    # -- the stream ----------------------------------------------------------
+    def emit(self, record: Record) -> None:
+        """One record through the processor chain into every sink (consumer thread)."""
+        out = run_pipeline(self.pipeline, record)
         if out is None:
             return
-        self.events += 1
-        for alias in out.aliases:
-            self.per_alias[alias] += 1
-        for sink in self.sinks:
-            sink(out)
+        if type(out) is Event:
+            self.events += 1
+            for alias in out.aliases:
+                self.per_alias[alias] += 1
+        self.out.write(out)
 
     def _dispatch(self, items: list) -> None:
         for item in items:
-            if isinstance(item, ProcessState):
-                self.handle_state(item)
-            else:
-                self.handle(item)
+            self.emit(item)
+        if items:
+            self.out.flush()
 
-    def handle_state(self, st: ProcessState) -> None:
-        for sink in self.state_sinks:
-            sink(st)
+    def _note_lost(self, final: bool = False) -> None:
+        lost = self.backend.lost()
+        if lost != self.last_lost or final:
+            self.last_lost = dict(lost)
+            self.emit(LostCounts(dict(lost)))
 
     def poll_once(self, timeout: float) -> None:
         while True:
@@ -128,11 +130,7 @@ class Auditor:
             except BaseException as exc:  # handed back to the caller
                 fut.set_exception(exc)
         self._dispatch(self.backend.read(timeout))
-        lost = self.backend.lost()
-        if lost != self.last_lost:
-            self.last_lost = dict(lost)
-            if self.on_lost is not None:
-                self.on_lost(dict(lost))
+        self._note_lost()
 
     def run(self, duration: float | None = None) -> None:
         """Consume until stop() or the duration ends; then drain what is already queued."""
@@ -153,13 +151,30 @@ class Auditor:
             self.running.clear()
             self._loop_thread = None
 
-    def lost_total(self) -> int:
-        return sum(self.backend.lost().values())
+    def finish(self) -> dict[str, int]:
+        """After run(): the final lost counts, read while the backend is still open and
+        recorded in the stream; summaries and status then tell the same numbers."""
+        self._note_lost(final=True)
+        self.out.flush()
+        return dict(self.last_lost)
+
+    def close(self) -> None:
+        """Release the backend, then hand on and close every sink."""
+        try:
+            self.backend.close()
+        finally:
+            self.out.close()
 
     def summary(self) -> list[str]:
+        """Counts per alias, events and losses, as of the last read of the counters."""
         lines = [f"{alias:<10} {self.per_alias.get(alias, 0)}" for alias in syscalls.ALIAS_ORDER]
-        lost = self.backend.lost()
+        lost = self.last_lost
         detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
         lines.append(f"events: {self.events}")
         lines.append(f"events lost: {sum(lost.values())}" + (f" ({detail})" if detail else ""))
+        errors = sum(self.out.errors.values())
+        if errors:
+            lines.append(f"records not written: {errors} ("
+                         + ", ".join(f"{k}={v}" for k, v in sorted(self.out.errors.items()))
+                         + ")")
         return lines

@@ -1,7 +1,9 @@
 """Enrichment as a processor chain (in the manner of structlog's processors).
 
-Each processor takes an Event and returns it (possibly with more fields) or None to
-drop it.  The pipeline is a plain list, read top to bottom.  Processors only fill what
+Each processor takes a record and returns it (possibly with more fields) or None to
+drop it; the chain sees every record of the stream, and the steps below that concern
+events pass the other kinds through untouched.  The pipeline is a plain list, read top
+to bottom.  Processors only fill what
 the backend left empty: what the kernel recorded at the time of the operation is more
 trustworthy than what /proc says later.
 """
@@ -12,17 +14,25 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from . import syscalls
-from .events import Event
+from .events import Event, Record
 from .rules import RuleSet
 
-Processor = Callable[[Event], "Event | None"]
+Processor = Callable[[Record], "Record | None"]
+EventStep = Callable[[Event], "Event | None"]
+
+
+def on_events(step: EventStep) -> Processor:
+    """A processor that applies ``step`` to events and passes other records through."""
+    def process(record: Record) -> Record | None:
+        return step(record) if type(record) is Event else record
+    return process
 
 PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 
 
 def attach_keys(rules: RuleSet) -> Processor:
     """Drop events no rule selects and attach keys (RuleSet.select decides)."""
-    return rules.select
+    return on_events(rules.select)
 
 
 def add_aliases(ev: Event) -> Event:
@@ -149,17 +159,17 @@ class Numbering:
 def default_pipeline(rules: RuleSet) -> list[Processor]:
     return [
         attach_keys(rules),
-        add_aliases,
-        ProcessFacts(),
-        ContainerFacts(),
-        Numbering(),
+        on_events(add_aliases),
+        on_events(ProcessFacts()),
+        on_events(ContainerFacts()),
+        on_events(Numbering()),
     ]
 
 
-def run_pipeline(pipeline: Iterable[Processor], ev: Event) -> Event | None:
+def run_pipeline(pipeline: Iterable[Processor], record: Record) -> Record | None:
     for step in pipeline:
-        result = step(ev)
+        result = step(record)
         if result is None:
             return None
-        ev = result
-    return ev
+        record = result
+    return record

@@ -1,9 +1,22 @@
-"""The one event model every backend produces, and its stable JSON/msgpack form."""
+"""The records of the one stream that flows from backends through the processor chain
+into sinks, and their one serialised form.
+
+Every record serialises to a map whose first key ``"t"`` names its kind; the same map is
+a msgpack log record and a JSON line (``trace --json``, ``log show --json``):
+
+  ev     an audited operation (Event; SCHEMA_KEYS)
+  state  a process entering a per-process audit (ProcessState; STATE_KEYS)
+  lost   events lost so far, per source (LostCounts)
+  rules  the rules now in force, after a start, reload or change (RulesInForce)
+  mark   something that happened to the audit itself (Marker: stop, suspend, resume)
+Files add two of their own: ``hdr`` (first in every file) and ``dropped`` (records the
+file could not store).  Readers skip kinds they do not know.
+"""
 from __future__ import annotations
 
-import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # The documented schema, in output order.  Later versions may add keys, never rename.
 SCHEMA_KEYS = (
@@ -50,9 +63,11 @@ class Event:
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None
 
+    kind: ClassVar[str] = "ev"
+
     def to_dict(self) -> dict[str, Any]:
         """Schema-ordered dict without the fields that are unknown."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"t": "ev"}
         for key in SCHEMA_KEYS:
             value = getattr(self, key)
             if value is None:
@@ -62,32 +77,11 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def format_human(ev: Event) -> str:
-    """One readable line: alias column, operation, path(s), who."""
-    alias = ",".join(ev.aliases) or "-"
-    what = ev.path or "?"
-    if ev.path2 is not None:
-        what = f"{what} -> {ev.path2}"
-    parts = [f"{alias:<18}", f"{ev.op:<11}", what]
-    if ev.op == "open" and ev.access:
-        parts.append(f"access={ev.access}")
-    if ev.result not in (None, 0):
-        parts.append(f"result={ev.result}")
-    for name in ("pid", "ppid", "uid", "comm", "exe"):
-        value = getattr(ev, name)
-        if value is not None:
-            parts.append(f"{name}={value}")
-    if ev.syscall:
-        parts.append(f"syscall={ev.syscall}")
-    if ev.container:
-        parts.append(f"container={ev.container.get('id', '?')}")
-    if ev.keys:
-        parts.append("key=" + ",".join(ev.keys))
-    return " ".join(parts)
+        values = {k: data[k] for k in SCHEMA_KEYS if k in data}
+        values.setdefault("op", "?")
+        values.setdefault("path", None)
+        values.setdefault("backend", "?")
+        return cls(**values)
 
 
 # Keys of a process state record, in output order.
@@ -113,14 +107,79 @@ class ProcessState:
     nspid: int | None = None         # the pid as seen inside its own pid namespace
     container: dict[str, Any] | None = None
 
+    kind: ClassVar[str] = "state"
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in STATE_KEYS if getattr(self, k) is not None}
+        out: dict[str, Any] = {"t": "state"}
+        out.update((k, getattr(self, k)) for k in STATE_KEYS if getattr(self, k) is not None)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProcessState:
+        return cls(**{k: data[k] for k in STATE_KEYS if k in data})
 
 
-def format_state(st: ProcessState) -> str:
-    parts = [f"{'process':<18}", f"{st.reason:<11}", f"pid={st.pid}"]
-    for name in ("ppid", "uid", "comm", "exe", "cwd"):
-        value = getattr(st, name)
-        if value is not None:
-            parts.append(f"{name}={value}")
-    return " ".join(parts)
+
+@dataclass(slots=True)
+class LostCounts:
+    """Events lost so far, per source (ring buffer full, queue overflow, ...): sent
+    whenever a count changes and once more at the end."""
+    counts: dict[str, int]
+    time: int = field(default_factory=time.time_ns)
+    kind: ClassVar[str] = "lost"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": "lost", "time": self.time, "counts": dict(self.counts)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LostCounts:
+        return cls(counts=dict(data.get("counts") or {}), time=data.get("time", 0))
+
+
+@dataclass(slots=True)
+class RulesInForce:
+    """The rules in force from now on, and why they changed (start, reload, add, ...)."""
+    rules: list[str]
+    digest: str
+    reason: str = ""
+    time: int = field(default_factory=time.time_ns)
+    kind: ClassVar[str] = "rules"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": "rules", "time": self.time, "reason": self.reason,
+                "rules": list(self.rules), "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RulesInForce:
+        return cls(rules=list(data.get("rules") or []), digest=data.get("digest", ""),
+                   reason=data.get("reason", ""), time=data.get("time", 0))
+
+
+@dataclass(slots=True)
+class Marker:
+    """Something that happened to the audit itself: ``what`` is stop, suspend or
+    resume; ``detail`` says why and with which counts."""
+    what: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    time: int = field(default_factory=time.time_ns)
+    kind: ClassVar[str] = "mark"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": "mark", "time": self.time, "what": self.what, **self.detail}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Marker:
+        detail = {k: v for k, v in data.items() if k not in ("t", "time", "what")}
+        return cls(what=data.get("what", ""), detail=detail, time=data.get("time", 0))
+
+
+Record = Event | ProcessState | LostCounts | RulesInForce | Marker
+RECORD_TYPES: dict[str, Any] = {cls.kind: cls for cls in
+                                (Event, ProcessState, LostCounts, RulesInForce, Marker)}
+
+
+def record_from_dict(data: dict[str, Any]) -> Record | None:
+    """The record a serialised map stands for; None for kinds that are not records of
+    the stream (file headers, drop notes) or not known."""
+    cls = RECORD_TYPES.get(data.get("t", ""))
+    return None if cls is None else cls.from_dict(data)

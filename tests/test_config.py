@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from fswatchaudit import config
-from fswatchaudit.config import Config, ConfigError
+from fswatchaudit.service import config
+from fswatchaudit.service.config import Config, ConfigError
+from fswatchaudit.units import threshold_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "systemd", "fswatchaudit.conf")
@@ -46,8 +47,8 @@ def test_values_are_converted():
     assert cfg.flush_interval == 0.25
     assert cfg.log_path == "/srv/log/fs.log"
     assert cfg.ring_buffer_size == 1 << 20
-    assert cfg.space_left_bytes(1000) == 50
-    assert config.parse("space_left = 1M").space_left_bytes(10 ** 9) == 1 << 20
+    assert threshold_bytes(cfg.space_left, 1000) == 50
+    assert threshold_bytes(config.parse("space_left = 1M").space_left, 10 ** 9) == 1 << 20
 
 
 @pytest.mark.parametrize("text, line, message", [

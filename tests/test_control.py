@@ -12,7 +12,9 @@ import tempfile
 import msgpack
 import pytest
 
-from fswatchaudit import cli, control, rules
+from fswatchaudit import cli, rules
+from fswatchaudit.cli import ctl
+from fswatchaudit.service import control
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534
@@ -86,7 +88,7 @@ def test_socket_is_root_only(server):
 
 def test_non_root_peer_is_refused(server):
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from fswatchaudit import control\n"
+            "from fswatchaudit.service import control\n"
             "try:\n"
             "    print(control.request(%r, {'op': 'list'}))\n"
             "except PermissionError:\n"
@@ -160,7 +162,7 @@ def test_non_socket_in_the_way_is_not_removed(tmp_path):
 ])
 def test_ctl_options_become_rule_lines(argv, op, line):
     args = cli.build_parser().parse_args(["ctl", *argv])
-    assert control.rule_text(args) == (op, line)
+    assert ctl.rule_text(args) == (op, line)
     # the daemon gets the rule that the same text in a rules file gives
     cmd = rules.parse_line(line)
     assert cmd.action == op

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fswatchaudit import control
+from fswatchaudit.service import control
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -573,7 +573,7 @@ def test_second_daemon_refuses_a_live_socket(base):
 
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notifier_sends_datagrams(tmp_path, abstract):
-    from fswatchaudit.sdnotify import Notifier
+    from fswatchaudit.service.sdnotify import Notifier
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if abstract:
         rx.bind(f"\0fswa-notify-{os.getpid()}")
@@ -595,7 +595,7 @@ def test_notifier_sends_datagrams(tmp_path, abstract):
 
 
 def test_notifier_without_socket_does_nothing(monkeypatch):
-    from fswatchaudit.sdnotify import Notifier
+    from fswatchaudit.service.sdnotify import Notifier
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     n = Notifier()
     assert not n.enabled and not n.ready()
@@ -603,7 +603,7 @@ def test_notifier_without_socket_does_nothing(monkeypatch):
 
 
 def test_notifier_never_blocks_on_a_manager_that_does_not_read(tmp_path):
-    from fswatchaudit.sdnotify import Notifier
+    from fswatchaudit.service.sdnotify import Notifier
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(str(tmp_path / "notify"))
     with rx:

@@ -274,10 +274,11 @@ def test_failed_attempt_by_unprivileged_user(tree):
 
 def test_rules_change_at_run_time_without_reload(tree):
     from fswatchaudit.auditor import Auditor
+    from fswatchaudit.sinks import ListSink
     w, o = tree
     be = backend_for(watch_rule(w, key="w"))
-    seen = []
-    aud = Auditor(be, be.rules, [seen.append])
+    seen = ListSink()
+    aud = Auditor(be, be.rules, [seen])
     try:
         bpf = be.bpf
         aud.apply([parse_line(f"-w {o} -k o")])
@@ -289,7 +290,7 @@ def test_rules_change_at_run_time_without_reload(tree):
         aud.poll_once(0.5)
         aud.poll_once(0.3)
         assert be.bpf is bpf          # the same loaded programs
-        assert [(e.op, e.path, e.keys) for e in seen] == [
+        assert [(e.op, e.path, e.keys) for e in seen.events] == [
             ("create", f"{o}/a", ["o"]), ("create", f"{w}/a", ["w"]),
             ("create", f"{o}/b", ["o"])]
     finally:

@@ -11,6 +11,7 @@ from tracehelp import Trace, drain
 from fswatchaudit.auditor import Auditor
 from fswatchaudit.backends import probe
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
+from fswatchaudit.sinks import ListSink
 
 FAN = probe("fanotify")
 pytestmark = pytest.mark.skipif(not FAN.usable, reason=f"fanotify backend: {FAN.reason}")
@@ -74,8 +75,8 @@ def test_short_lived_process_is_marked_stale_or_complete(tree):
 def test_outside_not_reported_and_rules_change_at_run_time(tree):
     w, o = tree
     be = backend_for(watch_rule(w, key="w"))
-    seen = []
-    aud = Auditor(be, be.rules, [seen.append])
+    seen = ListSink()
+    aud = Auditor(be, be.rules, [seen])
     try:
         open(f"{o}/x", "w").close()               # same filesystem, not watched
         open(f"{w}/a", "w").close()
@@ -85,8 +86,11 @@ def test_outside_not_reported_and_rules_change_at_run_time(tree):
         open(f"{w}/b", "w").close()
         aud.poll_once(0.5)
         aud.poll_once(0.3)
-        assert [(e.op, e.path, e.keys) for e in seen] == [
+        assert [(e.op, e.path, e.keys) for e in seen.events] == [
             ("create", f"{w}/a", ["w"]), ("create", f"{o}/y", ["o"])]
+        # each change is a record of the rules then in force, in the same stream
+        changes = [r for r in seen.records if r.kind == "rules"]
+        assert [(c.reason, len(c.rules)) for c in changes] == [("change", 2), ("change", 1)]
     finally:
         be.close()
 

@@ -24,8 +24,8 @@ def tmpdir_():
 
 
 def split(lines):
-    events = [e for e in lines if "state" not in e]
-    states = [e["state"] for e in lines if "state" in e]
+    events = [e for e in lines if e["t"] == "ev"]
+    states = [e for e in lines if e["t"] == "state"]
     return events, states
 
 

@@ -50,7 +50,7 @@ class Trace:
         """How many events it has printed so far."""
         self.stdout.flush()
         with open(f"/proc/self/fd/{self.stdout.fileno()}", "rb") as fh:
-            return fh.read().count(b"\n")
+            return fh.read().count(b'{"t":"ev"')
 
     def wait_for(self, count: int, timeout: float = 20.0) -> None:
         """Wait until at least ``count`` events were printed (a workload step is done)."""
@@ -67,7 +67,9 @@ class Trace:
         rest = self.proc.stderr.read()
         code = self.proc.wait(timeout=60)
         self.stdout.seek(0)
-        events = [json.loads(line) for line in self.stdout.read().decode().splitlines()]
+        records = [json.loads(line) for line in self.stdout.read().decode().splitlines()]
+        self.records = records
+        events = [r for r in records if r["t"] == "ev"]
         return events, "".join(self.stderr_lines) + rest, code
 
 

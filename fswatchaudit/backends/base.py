@@ -89,6 +89,10 @@ class Backend(abc.ABC):
     def remove_process(self, pid: int) -> None:
         raise BackendUnavailable(f"the {self.name} backend cannot audit by process")
 
+    def audited_pids(self) -> set[int]:
+        """The processes in a per-process audit now."""
+        return set()
+
     def set_container(self, container) -> None:
         """Resolve rule paths inside this container (a scope.Container) and report paths
         as seen inside it.  Called before start()."""

@@ -1,37 +1,29 @@
-"""msgpack-framed audit logs: a buffered writer that never blocks the event path, and a
-streaming reader that survives a torn last record.
+"""The msgpack log file sink: a buffered writer that never blocks the event path,
+flushes once a second, rotates, and stores whole records only.
 
 Format (version 1).  A log file is a plain concatenation of msgpack maps, each with a
-type tag "t":
-  {"t": "hdr", "version": 1, "host", "boot_id", "start", "backend", "rules_digest", ...}
-        first in every file the writer opens (also after each rotation)
-  {"t": "ev", ...Event.to_dict()}          one audited operation (the JSON schema's keys)
-  {"t": "state", ...ProcessState.to_dict()} a process entering a per-process audit
-  {"t": "lost", "time", "counts": {source: n}}  events lost so far, per source
-  {"t": "rules", "time", "reason", "rules": [...], "digest"}  the rules now in force
-  {"t": "dropped", "time", "count", "reason"}  records this writer could not store
-A reader skips tags it does not know.  The writer writes whole records only; after a
-failed or partial write it truncates the file back to the last whole record.
+kind tag "t": first ``{"t": "hdr", "version": 1, "host", "boot_id", "start", "backend",
+"rules_digest", "rules", ...}`` (in every file the writer opens, also after each
+rotation), then the stream's records (events.py documents their kinds), and
+``{"t": "dropped", "time", "count", "total", "reason"}`` in front of the first records
+stored after some could not be.  After a failed or partial write the file is cut back
+to the last whole record.
 """
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any
 
-import msgpack
-
-from . import diag
-from .events import Event, ProcessState, format_human
+from .. import diag
+from ..events import Record, RulesInForce
+from ..units import parse_size, threshold_bytes
+from .encode import Encoder, MsgpackEncoder
 
 FORMAT_VERSION = 1
-READ_CHUNK = 1 << 16
 DEFAULT_HIGH_WATER = 4 << 20          # bytes buffered before an early flush
 DEFAULT_MEMORY_LIMIT = 256 << 20      # bytes kept while the disk refuses them
 DISK_FULL_ACTIONS = ("keep-going", "drop-oldest", "stop")
@@ -39,40 +31,29 @@ FSYNC_POLICIES = ("flush", "rotate", "never")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class LogFormatError(ValueError):
-    """Data in a log that is not a whole record where one must be."""
-
-
 class DiskFull(OSError):
     """The log file system is full, or below the configured space left."""
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes from 123, "64K", "8M", "1G"."""
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().upper()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-class LogWriter:
+class RotatingFileSink:
     """Appends records to a log through an in-memory buffer and a writer thread.
 
-    ``write*`` only packs and appends to the buffer (no disk I/O in the caller); the
+    ``write`` only encodes and appends to the buffer (no disk I/O in the caller); the
     thread writes every ``flush_interval`` seconds, as soon as the buffer passes
-    ``high_water`` bytes, and on ``close()``.
+    ``high_water`` bytes, on ``sync()`` and on ``close()``.
     """
+
+    name = "log"
 
     def __init__(self, path: str, header: dict[str, Any], flush_interval: float = 1.0,
                  fsync: str = "rotate", rotate_size: int | str = 0, rotate_count: int = 5,
                  disk_full: str = "keep-going", space_left: int | str = 0,
                  high_water: int = DEFAULT_HIGH_WATER,
-                 memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 encoder: Encoder | None = None) -> None:
         self.path = os.path.abspath(path)
-        self.dir, self.name = os.path.split(self.path)
+        self.encoder: Encoder = encoder or MsgpackEncoder()
+        self.dir, self.filename = os.path.split(self.path)
         self.header = dict(header)
         self.high_water = high_water
         self.memory_limit = memory_limit
@@ -80,7 +61,6 @@ class LogWriter:
                        rotate_count=rotate_count, disk_full=disk_full,
                        space_left=space_left)
         self.log = diag.get_logger("log")
-        self._packer = msgpack.Packer()
         self._lock = threading.Lock()            # guards the buffer
         self._write_lock = threading.Lock()      # one writer of the file at a time
         self._wake = threading.Condition(self._lock)
@@ -122,19 +102,20 @@ class LogWriter:
     # -- files ---------------------------------------------------------------------
     def _open_current(self) -> None:
         """Open (creating 0600, never through a symlink) and start with a header."""
-        fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+        fd = os.open(self.filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise OSError(errno.EINVAL, f"log {self.path} is not a regular file")
         self._fd, self._size = fd, st.st_size
-        record = self._packer.pack({"t": "hdr", "version": FORMAT_VERSION, **self.header})
+        record = self.encoder.encode_map({"t": "hdr", "version": FORMAT_VERSION,
+                                          **self.header})
         # a file always starts with its header: the space_left threshold is for events
         self._write_all([record], check_space=False)
 
     def _rotated(self, n: int) -> str:
-        return f"{self.name}.{n}"
+        return f"{self.filename}.{n}"
 
     def _exists(self, name: str) -> bool:
         try:
@@ -155,11 +136,11 @@ class LogWriter:
                 if self._exists(self._rotated(n)):
                     os.rename(self._rotated(n), self._rotated(n + 1),
                               src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            os.rename(self.name, self._rotated(1), src_dir_fd=self._dir_fd,
+            os.rename(self.filename, self._rotated(1), src_dir_fd=self._dir_fd,
                       dst_dir_fd=self._dir_fd)
             newest = os.path.join(self.dir, self._rotated(1))
         else:
-            os.unlink(self.name, dir_fd=self._dir_fd)
+            os.unlink(self.filename, dir_fd=self._dir_fd)
         self._open_current()
         return newest
 
@@ -178,10 +159,7 @@ class LogWriter:
             return
         vfs = os.fstatvfs(self._fd)
         free = vfs.f_bavail * vfs.f_frsize
-        if isinstance(threshold, str) and threshold.endswith("%"):
-            limit = int(vfs.f_blocks * vfs.f_frsize * float(threshold[:-1]) / 100)
-        else:
-            limit = parse_size(threshold)
+        limit = threshold_bytes(threshold, vfs.f_blocks * vfs.f_frsize)
         if free - need < limit:
             raise DiskFull(errno.ENOSPC, f"free space {free} bytes is below {limit}")
 
@@ -206,9 +184,15 @@ class LogWriter:
         self.bytes_written += len(data)
 
     # -- writing -------------------------------------------------------------------
-    def write(self, record: dict[str, Any]) -> None:
-        """Queue one record (a dict with its "t" tag); never touches the disk."""
-        packed = self._packer.pack(record)
+    def write(self, record: Record) -> None:
+        """Queue one record; never touches the disk.  A change of rules also becomes
+        the header of every file begun later, so that each file can be read alone."""
+        if isinstance(record, RulesInForce):
+            self.header = {**self.header, "rules": list(record.rules),
+                           "rules_digest": record.digest}
+        self._enqueue(self.encoder.encode(record))
+
+    def _enqueue(self, packed: bytes) -> None:
         with self._lock:
             if self._closed:
                 raise ValueError("log writer is closed")
@@ -220,30 +204,20 @@ class LogWriter:
             if self._buf_bytes >= self.high_water:
                 self._wake.notify()
 
-    def write_event(self, ev: Event) -> None:
-        self.write({"t": "ev", **ev.to_dict()})
-
-    def write_state(self, st: ProcessState) -> None:
-        self.write({"t": "state", **st.to_dict()})
-
-    def write_lost(self, counts: dict[str, int]) -> None:
-        self.write({"t": "lost", "time": time.time_ns(), "counts": dict(counts)})
-
-    def write_rules(self, rules: list[str], digest: str, reason: str = "") -> None:
-        self.write({"t": "rules", "time": time.time_ns(), "reason": reason,
-                    "rules": list(rules), "digest": digest})
-
     def _run(self) -> None:
         while True:
             with self._lock:
                 if not self._closing and self._buf_bytes < self.high_water:
                     self._wake.wait(self.flush_interval)
                 closing = self._closing
-            self.flush()
+            self.sync()
             if closing:
                 return
 
     def flush(self) -> None:
+        """End of a batch: the buffer goes out on the writer's own schedule."""
+
+    def sync(self) -> None:
         """Write what is buffered now (the writer thread calls this; tests may too)."""
         with self._lock:
             batch, self._buf, self._buf_bytes = self._buf, [], 0
@@ -294,13 +268,13 @@ class LogWriter:
         if total <= self._gap_noted:
             return []
         self._gap_pending = total
-        return [self._packer.pack({"t": "dropped", "time": time.time_ns(),
+        return [self.encoder.encode_map({"t": "dropped", "time": time.time_ns(),
                                    "count": total - self._gap_noted, "total": total,
                                    "reason": self.last_error or "memory limit"})]
 
     def rotate(self) -> str | None:
         """Rotate now (SIGUSR1, ctl --rotate): flush, move files along, reopen."""
-        self.flush()
+        self.sync()
         with self._write_lock:
             return self._rotate_files()
 
@@ -322,7 +296,7 @@ class LogWriter:
         self._thread.join()
         with self._lock:
             self._closed = True
-        self.flush()
+        self.sync()
         if self._fd >= 0:
             if self.fsync in ("flush", "rotate"):
                 try:
@@ -332,97 +306,3 @@ class LogWriter:
             os.close(self._fd)
             self._fd = -1
         os.close(self._dir_fd)
-
-
-# -- reading -------------------------------------------------------------------------
-
-class LogReader:
-    """Streams the records of one file; after iteration, ``torn`` is the number of bytes
-    of an incomplete last record (0 for a clean file)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.torn = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        fed = whole = 0
-        with open(self.path, "rb") as fh:
-            while True:
-                chunk = fh.read(READ_CHUNK)
-                if not chunk:
-                    break
-                unpacker.feed(chunk)
-                fed += len(chunk)
-                while True:
-                    start = whole
-                    try:
-                        obj = unpacker.unpack()
-                    except msgpack.OutOfData:
-                        break
-                    except (msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-                        raise LogFormatError(f"{self.path}: not a log record at byte "
-                                             f"{start}: {exc}") from None
-                    if not isinstance(obj, dict) or "t" not in obj:
-                        raise LogFormatError(f"{self.path}: not a log record at byte {start}")
-                    whole = unpacker.tell()
-                    yield obj
-        self.torn = fed - whole
-
-
-def rotated_files(path: str) -> list[str]:
-    """path.N ... path.1 path: a log with its rotated predecessors, oldest first."""
-    d, name = os.path.split(os.path.abspath(path))
-    numbers = []
-    for entry in os.listdir(d or "."):
-        head, _, tail = entry.rpartition(".")
-        if head == name and tail.isdigit():
-            numbers.append(int(tail))
-    return [f"{path}.{n}" for n in sorted(numbers, reverse=True)] + [path]
-
-
-def iter_records(paths: list[str], err: TextIO | None = None) -> Iterator[dict[str, Any]]:
-    for path in paths:
-        reader = LogReader(path)
-        yield from reader
-        if reader.torn and err is not None:
-            print(f"fswatchaudit: {path}: last record is torn ({reader.torn} bytes "
-                  "ignored); every record before it was read", file=err)
-
-
-def _human(record: dict[str, Any]) -> str:
-    kind = record.get("t")
-    if kind == "ev":
-        return format_human(Event.from_dict(record))
-    if kind == "hdr":
-        return (f"# log: host={record.get('host')} backend={record.get('backend')} "
-                f"start={record.get('start')} rules={record.get('rules_digest')}")
-    if kind == "lost":
-        return f"# lost: {record.get('counts')}"
-    if kind == "rules":
-        return f"# rules ({record.get('reason')}): {len(record.get('rules', []))} rules, " \
-               f"digest {record.get('digest')}"
-    if kind == "state":
-        import dataclasses
-
-        from .events import format_state
-        known = {f.name for f in dataclasses.fields(ProcessState)}
-        return format_state(ProcessState(**{k: v for k, v in record.items() if k in known}))
-    return f"# {kind}: {record}"
-
-
-def show(paths: list[str], as_json: bool = False, out: TextIO = sys.stdout,
-         err: TextIO = sys.stderr, all_rotated: bool = False) -> int:
-    """`log show`: events as human lines or JSON lines (events with exactly the schema
-    keys; other records with their "t" tag)."""
-    files: list[str] = []
-    for p in paths:
-        files += rotated_files(p) if all_rotated else [p]
-    for record in iter_records(files, err):
-        if as_json:
-            if record.get("t") == "ev":
-                record = {k: v for k, v in record.items() if k != "t"}
-            out.write(json.dumps(record, separators=(",", ":")) + "\n")
-        else:
-            out.write(_human(record) + "\n")
-    return 0

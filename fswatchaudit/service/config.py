@@ -13,14 +13,16 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import LocatedError
+from ..backends import BACKENDS as BACKEND_NAMES
+from ..errors import LocatedError
+from ..sinks.rotating import DISK_FULL_ACTIONS, FSYNC_POLICIES
+from ..units import parse_size
 
 DEFAULT_PATH = "/etc/fswatchaudit/fswatchaudit.conf"
 
-BACKENDS = ("auto", "ebpf", "fanotify", "inotify")
-DISK_FULL_ACTIONS = ("keep-going", "drop-oldest", "stop")
-FSYNC_POLICIES = ("flush", "rotate", "never")
+BACKENDS = ("auto", *BACKEND_NAMES)
 
 
 class ConfigError(LocatedError):
@@ -51,7 +53,8 @@ class Config:
     backend: str = "auto"
     # What to do when the log file system is full or below space_left:
     # keep-going (count the events not written), drop-oldest (delete the oldest rotated
-    # file and go on), stop (stop auditing: the backend is closed, the daemon exits 1).
+    # file and go on), stop (stop auditing: the backend is closed; the daemon keeps
+    # running and answering `ctl -s` with the reason until it is restarted).
     disk_full_action: str = "keep-going"
     # Free space under which the file system counts as full: bytes (K, M, G) or a
     # percentage of its size ("5%"); 0 means only a real ENOSPC counts.
@@ -65,31 +68,9 @@ class Config:
     def log_path(self) -> str:
         return os.path.join(self.log_dir, self.log_file)
 
-    def space_left_bytes(self, fs_size: int) -> int:
-        """The threshold in bytes for a file system of fs_size bytes."""
-        if self.space_left.endswith("%"):
-            return int(fs_size * float(self.space_left[:-1]) / 100)
-        return parse_size(self.space_left)
-
-    def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
 
 DEFAULTS = Config()
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
-
-_SIZE = re.compile(r"^(\d+)\s*([KMG]?)i?B?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '4096', '512K', '8M', '1G' (binary units)."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"bad size {text!r}: expected a number with an optional "
-                         "K, M or G suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
 
 def _size(minimum: int) -> Callable[[str], int]:
     def conv(text: str) -> int:
@@ -182,7 +163,7 @@ assert set(CONVERTERS) == set(KEYS)
 
 def parse(text: str, source: str | None = None) -> Config:
     """A Config from the text of a configuration file; raises ConfigError."""
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -1,0 +1,29 @@
+"""Command line: one module per command group; this one assembles the parser."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import diag
+from ..errors import EXIT_CODES_HELP
+from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, trace
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fswatchaudit", description="Linux filesystem watch auditor.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (trace, rules_cmd, log_cmd, backends_cmd, daemon_cmd, ctl):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    diag.configure()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

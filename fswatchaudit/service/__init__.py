@@ -1,0 +1,1 @@
+"""Service mode: the daemon, its configuration, control socket and systemd notification."""

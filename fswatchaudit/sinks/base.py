@@ -1,0 +1,73 @@
+"""The one small protocol every output implements, and the fan-out that feeds them.
+
+Records come from one stream (the Auditor); an encoder turns a record into bytes and a
+sink decides where the bytes go, as structlog separates renderers from its loggers.
+A sink that fails never stops the stream or the other sinks: its failures are counted
+in its own stats.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..events import Record
+
+
+class Sink(Protocol):
+    """Where records go.  ``write`` must not block on slow I/O for long; ``flush`` is
+    called after each batch the consumer read (cheap: a sink with its own schedule, as
+    the file sink's once a second, may leave the batch to it); ``close`` hands on
+    everything still held; ``stats`` are counters for status and summaries."""
+
+    name: str
+
+    def write(self, record: Record) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class Fanout:
+    """Hands each record to every sink; a sink that raises is counted, not fatal."""
+
+    def __init__(self, sinks: list[Sink], on_error: Any = None) -> None:
+        self.sinks = list(sinks)
+        self.errors: dict[str, int] = {}
+        self.on_error = on_error            # called (sink, exc, count) on failures
+
+    def _failed(self, sink: Sink, exc: Exception) -> None:
+        count = self.errors[sink.name] = self.errors.get(sink.name, 0) + 1
+        if self.on_error is not None:
+            self.on_error(sink, exc, count)
+
+    def write(self, record: Record) -> None:
+        for sink in self.sinks:
+            try:
+                sink.write(record)
+            except Exception as exc:
+                self._failed(sink, exc)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.flush()
+            except Exception as exc:
+                self._failed(sink, exc)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                self._failed(sink, exc)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for sink in self.sinks:
+            st = dict(sink.stats())
+            if self.errors.get(sink.name):
+                st["write_errors"] = self.errors[sink.name]
+            out[sink.name] = st
+        return out
