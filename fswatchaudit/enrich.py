@@ -7,12 +7,12 @@ trustworthy than what /proc says later.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from . import syscalls
 from .events import Event
+from .procfs import ns_inode, read_proc_facts
 from .rules import RuleSet
 
 Processor = Callable[[Event], "Event | None"]
@@ -30,37 +30,6 @@ def add_aliases(ev: Event) -> Event:
     if not ev.aliases:
         ev.aliases = syscalls.aliases_for_op(ev.op)
     return ev
-
-
-def read_proc_facts(pid: int, proc: str = "/proc") -> dict[str, object]:
-    """What /proc says about a process now: ppid, ids, loginuid, comm, exe."""
-    facts: dict[str, object] = {}
-    base = f"{proc}/{pid}"
-    try:
-        with open(f"{base}/status", "rb") as fh:
-            for line in fh:
-                name, _, value = line.partition(b":")
-                if name == b"PPid":
-                    facts["ppid"] = int(value)
-                elif name == b"Uid":
-                    ids = value.split()
-                    facts["uid"], facts["euid"] = int(ids[0]), int(ids[1])
-                elif name == b"Gid":
-                    facts["gid"] = int(value.split()[0])
-                elif name == b"Name":
-                    facts["comm"] = value.strip().decode(errors="replace")
-    except (OSError, ValueError, IndexError):
-        return facts
-    try:
-        with open(f"{base}/loginuid", "rb") as fh:
-            facts["loginuid"] = int(fh.read())
-    except (OSError, ValueError):
-        pass
-    try:
-        facts["exe"] = os.readlink(f"{base}/exe")
-    except OSError:
-        pass
-    return facts
 
 
 class ProcessFacts:
@@ -92,15 +61,6 @@ class ProcessFacts:
 
     def forget(self, pid: int) -> None:
         self.cache.pop(pid, None)
-
-
-def ns_inode(pid: int | str, ns: str) -> int | None:
-    """The inode number of a process's namespace (what `ls -l /proc/PID/ns` shows)."""
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/{ns}")
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])
 
 
 class ContainerFacts:

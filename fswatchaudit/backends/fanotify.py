@@ -30,7 +30,7 @@ import struct
 import time
 from collections import OrderedDict
 
-from ..enrich import read_proc_facts
+from ..procfs import read_proc_facts
 from ..events import Event
 from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable, entry_op
