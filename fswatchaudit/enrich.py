@@ -59,9 +59,6 @@ class ProcessFacts:
                 setattr(ev, name, value)
         return ev
 
-    def forget(self, pid: int) -> None:
-        self.cache.pop(pid, None)
-
 
 class ContainerFacts:
     """Tag events from processes outside the host's mount namespace with the
