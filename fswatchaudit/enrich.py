@@ -7,6 +7,7 @@ trustworthy than what /proc says later.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -36,22 +37,30 @@ class ProcessFacts:
     """Fill missing process fields from /proc, with a small cache per pid.
 
     Marks the event stale when the process is gone: its facts could not be read at all.
+    A stale mark the backend set (the process had exited when it read the event) stays.
+    Cached facts are reused for ``max_age`` seconds only: a burst of events from one
+    process costs one read, and an exec, a setuid or a reused pid is seen soon after.
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.cache: OrderedDict[int, dict[str, object]] = OrderedDict()
+    def __init__(self, size: int = 4096, max_age: float = 0.1) -> None:
+        self.cache: OrderedDict[int, tuple[float, dict[str, object]]] = OrderedDict()
         self.size = size
+        self.max_age = max_age
 
     def __call__(self, ev: Event) -> Event:
         if ev.pid is None or all(getattr(ev, f) is not None for f in PROC_FIELDS):
             return ev
-        facts = self.cache.get(ev.pid)
-        if facts is None:
+        now = time.monotonic()
+        cached = self.cache.get(ev.pid)
+        if cached is not None and now - cached[0] <= self.max_age:
+            facts = cached[1]
+        else:
             facts = read_proc_facts(ev.pid)
             if not facts:
                 ev.stale = True
                 return ev
-            self.cache[ev.pid] = facts
+            self.cache.pop(ev.pid, None)
+            self.cache[ev.pid] = (now, facts)
             if len(self.cache) > self.size:
                 self.cache.popitem(last=False)
         for name, value in facts.items():
