@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from . import syscalls
 from .events import Event
-from .procfs import ns_inode, read_proc_facts
+from .procfs import is_kernel_thread, ns_inode, read_proc_facts
 from .rules import RuleSet
 
 Processor = Callable[[Event], "Event | None"]
@@ -36,7 +36,8 @@ def add_aliases(ev: Event) -> Event:
 class ProcessFacts:
     """Fill missing process fields from /proc, with a small cache per pid.
 
-    Marks the event stale when the process is gone: its facts could not be read at all.
+    Marks the event stale when the process is gone (its facts could not be read at all)
+    or exiting (its program could not be read, and it is no kernel thread).
     A stale mark the backend set (the process had exited when it read the event) stays.
     Cached facts are reused for ``max_age`` seconds only: a burst of events from one
     process costs one read, and an exec, a setuid or a reused pid is seen soon after.
@@ -56,13 +57,13 @@ class ProcessFacts:
             facts = cached[1]
         else:
             facts = read_proc_facts(ev.pid)
-            if not facts:
-                ev.stale = True
-                return ev
-            self.cache.pop(ev.pid, None)
-            self.cache[ev.pid] = (now, facts)
-            if len(self.cache) > self.size:
-                self.cache.popitem(last=False)
+            if not facts or ("exe" not in facts and not is_kernel_thread(ev.pid)):
+                ev.stale = True     # gone, or exiting (its program already released)
+            else:
+                self.cache.pop(ev.pid, None)
+                self.cache[ev.pid] = (now, facts)
+                if len(self.cache) > self.size:
+                    self.cache.popitem(last=False)
         for name, value in facts.items():
             if getattr(ev, name) is None:
                 setattr(ev, name, value)

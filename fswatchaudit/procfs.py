@@ -13,6 +13,7 @@ from typing import Any
 from .events import ProcessState
 
 PROC = "/proc"
+PF_KTHREAD = 0x00200000
 
 
 def read_proc_facts(pid: int, proc: str = PROC) -> dict[str, Any]:
@@ -53,6 +54,17 @@ def ns_inode(pid: int | str, ns: str) -> int | None:
     except OSError:
         return None
     return int(link[link.index("[") + 1:-1])
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """Whether a process is a kernel thread (it has no program: no exe link); False
+    when it is gone."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as fh:
+            flags = int(fh.read().rsplit(b")", 1)[1].split()[6])   # field 9 of stat(5)
+    except (OSError, IndexError, ValueError):
+        return False
+    return bool(flags & PF_KTHREAD)
 
 
 def boot_ticks_to_ns(ticks: int) -> int:
