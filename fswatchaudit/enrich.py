@@ -3,18 +3,18 @@
 Each processor takes a record and returns it (possibly with more fields) or None to
 drop it; the chain sees every record of the stream, and the steps below that concern
 events pass the other kinds through untouched.  The pipeline is a plain list, read top
-to bottom.  Processors only fill what
-the backend left empty: what the kernel recorded at the time of the operation is more
-trustworthy than what /proc says later.
+to bottom.  Processors only fill what the backend left empty: what the kernel recorded
+at the time of the operation is more trustworthy than what /proc says later.
 """
 from __future__ import annotations
 
-import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from . import syscalls
 from .events import Event, Record
+from .procfs import is_kernel_thread, ns_inode, read_proc_facts
 from .rules import RuleSet
 
 Processor = Callable[[Record], "Record | None"]
@@ -26,6 +26,7 @@ def on_events(step: EventStep) -> Processor:
     def process(record: Record) -> Record | None:
         return step(record) if type(record) is Event else record
     return process
+
 
 PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 
@@ -42,75 +43,41 @@ def add_aliases(ev: Event) -> Event:
     return ev
 
 
-def read_proc_facts(pid: int, proc: str = "/proc") -> dict[str, object]:
-    """What /proc says about a process now: ppid, ids, loginuid, comm, exe."""
-    facts: dict[str, object] = {}
-    base = f"{proc}/{pid}"
-    try:
-        with open(f"{base}/status", "rb") as fh:
-            for line in fh:
-                name, _, value = line.partition(b":")
-                if name == b"PPid":
-                    facts["ppid"] = int(value)
-                elif name == b"Uid":
-                    ids = value.split()
-                    facts["uid"], facts["euid"] = int(ids[0]), int(ids[1])
-                elif name == b"Gid":
-                    facts["gid"] = int(value.split()[0])
-                elif name == b"Name":
-                    facts["comm"] = value.strip().decode(errors="replace")
-    except (OSError, ValueError, IndexError):
-        return facts
-    try:
-        with open(f"{base}/loginuid", "rb") as fh:
-            facts["loginuid"] = int(fh.read())
-    except (OSError, ValueError):
-        pass
-    try:
-        facts["exe"] = os.readlink(f"{base}/exe")
-    except OSError:
-        pass
-    return facts
-
-
 class ProcessFacts:
     """Fill missing process fields from /proc, with a small cache per pid.
 
-    Marks the event stale when the process is gone: its facts could not be read at all.
+    Marks the event stale when the process is gone (its facts could not be read at all)
+    or exiting (its program could not be read, and it is no kernel thread).
+    A stale mark the backend set (the process had exited when it read the event) stays.
+    Cached facts are reused for ``max_age`` seconds only: a burst of events from one
+    process costs one read, and an exec, a setuid or a reused pid is seen soon after.
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.cache: OrderedDict[int, dict[str, object]] = OrderedDict()
+    def __init__(self, size: int = 4096, max_age: float = 0.1) -> None:
+        self.cache: OrderedDict[int, tuple[float, dict[str, object]]] = OrderedDict()
         self.size = size
+        self.max_age = max_age
 
     def __call__(self, ev: Event) -> Event:
         if ev.pid is None or all(getattr(ev, f) is not None for f in PROC_FIELDS):
             return ev
-        facts = self.cache.get(ev.pid)
-        if facts is None:
+        now = time.monotonic()
+        cached = self.cache.get(ev.pid)
+        if cached is not None and now - cached[0] <= self.max_age:
+            facts = cached[1]
+        else:
             facts = read_proc_facts(ev.pid)
-            if not facts:
-                ev.stale = True
-                return ev
-            self.cache[ev.pid] = facts
-            if len(self.cache) > self.size:
-                self.cache.popitem(last=False)
+            if not facts or ("exe" not in facts and not is_kernel_thread(ev.pid)):
+                ev.stale = True     # gone, or exiting (its program already released)
+            else:
+                self.cache.pop(ev.pid, None)
+                self.cache[ev.pid] = (now, facts)
+                if len(self.cache) > self.size:
+                    self.cache.popitem(last=False)
         for name, value in facts.items():
             if getattr(ev, name) is None:
                 setattr(ev, name, value)
         return ev
-
-    def forget(self, pid: int) -> None:
-        self.cache.pop(pid, None)
-
-
-def ns_inode(pid: int | str, ns: str) -> int | None:
-    """The inode number of a process's namespace (what `ls -l /proc/PID/ns` shows)."""
-    try:
-        link = os.readlink(f"/proc/{pid}/ns/{ns}")
-    except OSError:
-        return None
-    return int(link[link.index("[") + 1:-1])
 
 
 class ContainerFacts:

@@ -11,64 +11,16 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .enrich import ns_inode, read_proc_facts
-from .events import ProcessState
+from .procfs import cgroup as _cgroup
+from .procfs import ns_inode
+from .procfs import process_tree as process_tree  # re-exported for callers of scope
+from .procfs import read_process_state as read_process_state
 
 CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 
 
 class ScopeError(ValueError):
     """A scope that cannot be set up; the message says what was not found."""
-
-
-def boot_ticks_to_ns(ticks: int) -> int:
-    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-
-
-def read_process_state(pid: int, reason: str = "initial") -> ProcessState | None:
-    """What /proc says about a process, as a state record; None when it is gone."""
-    facts = read_proc_facts(pid)
-    if not facts:
-        return None
-    st = ProcessState(pid=pid, reason=reason, **facts)
-    try:
-        st.cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        st.start_time = boot_ticks_to_ns(int(fields[19]))   # field 22 of stat(5)
-    except (OSError, IndexError, ValueError):
-        pass
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"NSpid:"):
-                    st.nspid = int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return st
-
-
-def process_tree(root: int) -> list[int]:
-    """root and every living descendant, parents before children."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo += sorted(children.get(pid, []))
-    return out
 
 
 @dataclass
@@ -93,18 +45,6 @@ class Container:
     def host_path(self, path: str) -> str:
         """Where a path inside the container is reached from the host."""
         return os.path.join(self.root, path.lstrip("/"))
-
-
-def _cgroup(pid: int | str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cgroup") as fh:
-            lines = fh.read().strip().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("0::"):
-            return line[3:]
-    return lines[0].split(":", 2)[-1] if lines else None
 
 
 def resolve_container(spec: str) -> Container:

@@ -6,6 +6,7 @@ import os
 import stat
 from typing import ClassVar
 
+from .. import ops
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleSet
 
@@ -14,18 +15,18 @@ def entry_op(path: str, is_dir: bool) -> str:
     """Which create-like operation made a new directory entry, for backends that are
     only told "created": looked up at once (the entry may be gone: then "create")."""
     if is_dir:
-        return "mkdir"
+        return ops.MKDIR
     try:
         st = os.lstat(path)
     except OSError:
-        return "create"
+        return ops.CREATE
     if stat.S_ISLNK(st.st_mode):
-        return "symlink"
+        return ops.SYMLINK
     if not stat.S_ISREG(st.st_mode):
-        return "mknod"
+        return ops.MKNOD
     if st.st_nlink > 1:
-        return "link"   # a new name for an existing file
-    return "create"
+        return ops.LINK   # a new name for an existing file
+    return ops.CREATE
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,7 +42,7 @@ class Backend(abc.ABC):
     reads, from the consumer thread, to change rules at run time.
 
     Events come back with op, path(s) and whatever the backend knows about the process;
-    the consumer assigns seq, aliases and keys (Rule.matches) and enriches the rest.
+    the consumer assigns seq, aliases and keys (RuleSet.select) and enriches the rest.
     A backend may over-report (the consumer drops events no rule matches) but must never
     under-report silently: whatever it could not deliver is counted in ``lost()``.
     """
@@ -110,5 +111,5 @@ class Backend(abc.ABC):
         """How many objects (inodes, marks, watches) are really being watched."""
         return len(self.rules)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: not every backend holds resources)
         """Release kernel resources."""

@@ -18,16 +18,17 @@ import time
 
 from inotify_simple import INotify, flags
 
-from ..events import Event
+from .. import ops
+from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable, entry_op
 
 # What a directory watch asks for: every entry change, attribute change and close.
 # IN_OPEN is asked for only to keep two close-writes of one file apart: the kernel merges
 # identical consecutive events, and two opens for write are two audited operations.
-DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO | flags.ATTRIB
-            | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE | flags.DELETE_SELF | flags.MOVE_SELF
-            | flags.DONT_FOLLOW | flags.EXCL_UNLINK | flags.ONLYDIR)
+DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
+            | flags.ATTRIB | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE | flags.DELETE_SELF
+            | flags.MOVE_SELF | flags.DONT_FOLLOW | flags.EXCL_UNLINK | flags.ONLYDIR)
 
 # How long a created file's first close-write, or a scanned entry's queued IN_CREATE, is
 # waited for before the bookkeeping for it is dropped.
@@ -80,7 +81,7 @@ class InotifyBackend(Backend):
     def _in_subtree(self, path: str) -> bool:
         return any(path == r or path.startswith(r.rstrip("/") + "/") for r in self.recursive)
 
-    def _watch_tree(self, root: str, report: list[Event] | None = None) -> None:
+    def _watch_tree(self, root: str, report: list[Event | ProcessState] | None = None) -> None:
         """Watch root and every directory below it; with ``report``, also report what is
         found there (entries created before the watch could exist)."""
         self._watch_dir(root)
@@ -98,7 +99,7 @@ class InotifyBackend(Backend):
                     self._emit(report, op, entry.path)
                     now = time.monotonic()
                     self.scanned[entry.path] = now
-                    if op == "create":
+                    if op == ops.CREATE:
                         self.fresh[entry.path] = now
                 if is_dir:
                     self._watch_dir(entry.path)
@@ -170,17 +171,17 @@ class InotifyBackend(Backend):
             self.inotify = None
 
     # -- events ----------------------------------------------------------------
-    def _emit(self, out: list[Event], op: str, path: str | None, path2: str | None = None,
-              access: str | None = None) -> None:
-        if op == "link" and path2 is None:
+    def _emit(self, out: list[Event | ProcessState], op: str, path: str | None,
+              path2: str | None = None, access: str | None = None) -> None:
+        if op == ops.LINK and path2 is None:
             path, path2 = None, path   # the new name; the existing one is unknown
         ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
                    access=access)
         out.append(ev)      # the consumer's match (RuleSet.select) decides
 
-    def read(self, timeout: float) -> list[Event]:
+    def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.inotify is not None
-        out: list[Event] = []
+        out: list[Event | ProcessState] = []
         raw = self.inotify.read(timeout=int(timeout * 1000))
         for e in raw:
             if e.mask & flags.Q_OVERFLOW:
@@ -204,10 +205,10 @@ class InotifyBackend(Backend):
                 self._emit(out, op, path)
                 if is_dir and self._in_subtree(path):
                     self._watch_tree(path, report=out)
-                elif op == "create":
+                elif op == ops.CREATE:
                     self.fresh[path] = time.monotonic()
             elif e.mask & flags.DELETE:
-                self._emit(out, "rmdir" if is_dir else "unlink", path)
+                self._emit(out, ops.RMDIR if is_dir else ops.UNLINK, path)
                 self.fresh.pop(path, None)
                 self.scanned.pop(path, None)
             elif e.mask & flags.MOVED_FROM:
@@ -215,29 +216,29 @@ class InotifyBackend(Backend):
             elif e.mask & flags.MOVED_TO:
                 src = self.pending_from.pop(e.cookie, None)
                 if src is not None:
-                    self._emit(out, "rename", src[0], path)
+                    self._emit(out, ops.RENAME, src[0], path)
                     if is_dir:
                         if self._in_subtree(path):
                             self._retarget_tree(src[0], path)
                         else:
                             self._unwatch_tree(src[0])
                 else:
-                    self._emit(out, "rename", None, path)
+                    self._emit(out, ops.RENAME, None, path)
                     if is_dir and self._in_subtree(path):
                         self._watch_tree(path)
             elif e.mask & flags.ATTRIB:
-                self._emit(out, "attr", path)
+                self._emit(out, ops.ATTR, path)
             elif e.mask & flags.CLOSE_WRITE:
                 if self.fresh.pop(path, None) is None:
-                    self._emit(out, "open", path, access="w")
+                    self._emit(out, ops.OPEN, path, access="w")
             elif e.mask & flags.CLOSE_NOWRITE and not is_dir:
-                self._emit(out, "open", path, access="r")
+                self._emit(out, ops.OPEN, path, access="r")
         # A MOVED_FROM whose MOVED_TO did not follow in the same read left the tree.
-        for cookie, (src, is_dir) in list(self.pending_from.items()):
+        for cookie, (gone, is_dir) in list(self.pending_from.items()):
             del self.pending_from[cookie]
-            self._emit(out, "rename", src, None)
+            self._emit(out, ops.RENAME, gone, None)
             if is_dir:
-                self._unwatch_tree(src)
+                self._unwatch_tree(gone)
         self._forget_older_than(time.monotonic() - MEMORY_SECONDS)
         return out
 

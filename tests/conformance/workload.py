@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from fswatchaudit import ops
 from fswatchaudit.capabilities import CAPABILITIES
+from fswatchaudit.ops import ATTR_OPS
 
-ATTR_OPS = {"chmod", "chown", "utime", "setxattr", "removexattr", "truncate"}
 EACCES = 13
 UNPRIVILEGED = 65534
 
@@ -30,56 +31,60 @@ def E(op, path=None, path2=None, **kw) -> dict:
 
 
 STEPS = [
-    Step("create", "open('f1', 'w').write('hello')", [E("create", "{W}/f1", syscall="openat")]),
+    Step("create", "open('f1', 'w').write('hello')", [E(ops.CREATE, "{W}/f1", syscall="openat")]),
     Step("open for write", "open('f1', 'a').write('more')",
-         [E("open", "{W}/f1", access="w", syscall="openat")]),
+         [E(ops.OPEN, "{W}/f1", access="w", syscall="openat")]),
     Step("open for read", "open('f1').read()",
-         [E("open", "{W}/f1", access="r", syscall="openat")]),
-    Step("chmod", "import os; os.chmod('f1', 0o600)", [E("chmod", "{W}/f1", syscall="chmod")]),
-    Step("chown", "import os; os.chown('f1', 65534, 65534)", [E("chown", "{W}/f1", syscall="chown")]),
-    Step("utime", "import os; os.utime('f1', (1, 1))", [E("utime", "{W}/f1", syscall="utimensat")]),
+         [E(ops.OPEN, "{W}/f1", access="r", syscall="openat")]),
+    Step("chmod", "import os; os.chmod('f1', 0o600)", [E(ops.CHMOD, "{W}/f1", syscall="chmod")]),
+    Step("chown", "import os; os.chown('f1', 65534, 65534)",
+         [E(ops.CHOWN, "{W}/f1", syscall="chown")]),
+    Step("utime", "import os; os.utime('f1', (1, 1))",
+         [E(ops.UTIME, "{W}/f1", syscall="utimensat")]),
     Step("setxattr", "import os; os.setxattr('f1', 'user.k', b'v')",
-         [E("setxattr", "{W}/f1", syscall="setxattr")]),
+         [E(ops.SETXATTR, "{W}/f1", syscall="setxattr")]),
     Step("removexattr", "import os; os.removexattr('f1', 'user.k')",
-         [E("removexattr", "{W}/f1", syscall="removexattr")]),
-    Step("truncate", "import os; os.truncate('f1', 1)", [E("truncate", "{W}/f1", syscall="truncate")]),
+         [E(ops.REMOVEXATTR, "{W}/f1", syscall="removexattr")]),
+    Step("truncate", "import os; os.truncate('f1', 1)",
+         [E(ops.TRUNCATE, "{W}/f1", syscall="truncate")]),
     Step("rename", "import os; os.rename('f1', 'f2')",
-         [E("rename", "{W}/f1", "{W}/f2", syscall="rename")]),
-    Step("mkdir", "import os; os.mkdir('sub')", [E("mkdir", "{W}/sub", syscall="mkdir")]),
+         [E(ops.RENAME, "{W}/f1", "{W}/f2", syscall="rename")]),
+    Step("mkdir", "import os; os.mkdir('sub')", [E(ops.MKDIR, "{W}/sub", syscall="mkdir")]),
     Step("rename into subdirectory", "import os; os.rename('f2', 'sub/f3')",
-         [E("rename", "{W}/f2", "{W}/sub/f3", syscall="rename")]),
+         [E(ops.RENAME, "{W}/f2", "{W}/sub/f3", syscall="rename")]),
     Step("hard link", "import os; os.link('sub/f3', 'hard')",
-         [E("link", "{W}/sub/f3", "{W}/hard", syscall="link")]),
-    Step("symlink", "import os; os.symlink('sub/f3', 'sym')", [E("symlink", "{W}/sym", syscall="symlink")]),
-    Step("mknod", "import os; os.mkfifo('fifo')", [E("mknod", "{W}/fifo", syscall="mknodat")]),
+         [E(ops.LINK, "{W}/sub/f3", "{W}/hard", syscall="link")]),
+    Step("symlink", "import os; os.symlink('sub/f3', 'sym')",
+         [E(ops.SYMLINK, "{W}/sym", syscall="symlink")]),
+    Step("mknod", "import os; os.mkfifo('fifo')", [E(ops.MKNOD, "{W}/fifo", syscall="mknodat")]),
     Step("nested mkdir then create",
          "import os; os.makedirs('a/b/c'); open('a/b/c/f', 'w').write('x')",
-         [E("mkdir", "{W}/a", syscall="mkdir"), E("mkdir", "{W}/a/b", syscall="mkdir"),
-          E("mkdir", "{W}/a/b/c", syscall="mkdir"),
-          E("create", "{W}/a/b/c/f", syscall="openat")]),
+         [E(ops.MKDIR, "{W}/a", syscall="mkdir"), E(ops.MKDIR, "{W}/a/b", syscall="mkdir"),
+          E(ops.MKDIR, "{W}/a/b/c", syscall="mkdir"),
+          E(ops.CREATE, "{W}/a/b/c/f", syscall="openat")]),
     Step("rename out of the tree", "import os; os.rename('hard', '{O}/hard')",
-         [E("rename", "{W}/hard", "{O}/hard", crossing="out", syscall="rename")]),
+         [E(ops.RENAME, "{W}/hard", "{O}/hard", crossing="out", syscall="rename")]),
     Step("rename into the tree", "import os; os.rename('{O}/incoming', 'incoming')",
-         [E("rename", "{O}/incoming", "{W}/incoming", crossing="in",
+         [E(ops.RENAME, "{O}/incoming", "{W}/incoming", crossing="in",
            syscall="rename")]),
     Step("editor-style replace",
          "import os; open('sub/.f3.tmp', 'w').write('new'); "
          "os.rename('sub/.f3.tmp', 'sub/f3')",
-         [E("create", "{W}/sub/.f3.tmp", syscall="openat"),
-          E("rename", "{W}/sub/.f3.tmp", "{W}/sub/f3", syscall="rename")]),
+         [E(ops.CREATE, "{W}/sub/.f3.tmp", syscall="openat"),
+          E(ops.RENAME, "{W}/sub/.f3.tmp", "{W}/sub/f3", syscall="rename")]),
     Step("exec", "import subprocess; subprocess.run(['./prog'], check=True)",
-         [E("exec", "{W}/prog", child=True)]),
+         [E(ops.EXEC, "{W}/prog", child=True)]),
     Step("EACCES by an unprivileged user",
          "import errno\ntry:\n    open('locked/f', 'w')\nexcept PermissionError:\n    pass\n"
          "else:\n    raise SystemExit('expected EACCES')",
-         [E("create", "{W}/locked/f", result=-EACCES, syscall="openat")], user=UNPRIVILEGED),
+         [E(ops.CREATE, "{W}/locked/f", result=-EACCES, syscall="openat")], user=UNPRIVILEGED),
     Step("unlink", "import os; os.unlink('sym'); os.unlink('fifo')",
-         [E("unlink", "{W}/sym", syscall="unlink"), E("unlink", "{W}/fifo", syscall="unlink")]),
+         [E(ops.UNLINK, "{W}/sym", syscall="unlink"), E(ops.UNLINK, "{W}/fifo", syscall="unlink")]),
     Step("rmdir", "import os; os.unlink('a/b/c/f'); os.rmdir('a/b/c'); os.rmdir('a/b'); "
                   "os.rmdir('a')",
-         [E("unlink", "{W}/a/b/c/f", syscall="unlink"),
-          E("rmdir", "{W}/a/b/c", syscall="rmdir"), E("rmdir", "{W}/a/b", syscall="rmdir"),
-          E("rmdir", "{W}/a", syscall="rmdir")]),
+         [E(ops.UNLINK, "{W}/a/b/c/f", syscall="unlink"),
+          E(ops.RMDIR, "{W}/a/b/c", syscall="rmdir"), E(ops.RMDIR, "{W}/a/b", syscall="rmdir"),
+          E(ops.RMDIR, "{W}/a", syscall="rmdir")]),
     Step("outside the tree",
          "import os; open('{O}/x', 'w').close(); os.chmod('{O}/x', 0o600); "
          "os.unlink('{O}/x')", []),
@@ -102,19 +107,19 @@ def expected_for(backend: str, event: dict, watched: str, outside: str) -> dict 
     ev = {k: (v.format(W=watched, O=outside) if isinstance(v, str) else v)
           for k, v in event.items()}
     op = ev["op"]
-    if op == "truncate" and not cap.truncate:
+    if op == ops.TRUNCATE and not cap.truncate:
         return None
-    if op == "exec" and not cap.exec:
+    if op == ops.EXEC and not cap.exec:
         # the kernel opens the program for reading: that is what such a backend sees
-        ev.update(op="open", access="r")
+        ev.update(op=ops.OPEN, access="r")
     if ev.get("result", 0) < 0 and not cap.failures:
         return None
     if op in ATTR_OPS and not cap.attr_kind:
-        ev["op"] = "attr"
+        ev["op"] = ops.ATTR
     crossing = ev.pop("crossing", None)
     if crossing and not cap.rename_both_sides:
         ev["path" if crossing == "in" else "path2"] = None
-    if op == "link" and not cap.link_source:
+    if op == ops.LINK and not cap.link_source:
         ev["path"] = None
     if "syscall" not in cap.fields:
         ev.pop("syscall", None)
