@@ -178,7 +178,7 @@ def _root_dir(tmp_path, mode: int):
     return d
 
 
-@pytest.mark.parametrize("mode", [0o755, 0o711, 0o700, 0o1755])
+@pytest.mark.parametrize("mode", [0o755, 0o711, 0o700, 0o1755], ids=lambda m: f"{m:04o}")
 def test_existing_directory_mode_is_left_alone(tmp_path, mode):
     d = _root_dir(tmp_path, mode)
     srv = control.ControlServer(str(d / "c.sock"), echo_handler)
@@ -207,7 +207,7 @@ def test_socket_is_born_0600_whatever_the_umask(tmp_path):
         srv.close()
 
 
-@pytest.mark.parametrize("mode", [0o775, 0o757, 0o1777, 0o770])
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o1777, 0o770], ids=lambda m: f"{m:04o}")
 def test_directory_writable_by_others_is_refused(tmp_path, mode):
     d = _root_dir(tmp_path, mode)
     with pytest.raises(OSError, match="writable by group or others") as exc:
@@ -255,7 +255,7 @@ def run_daemon(conf: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775], ids=lambda m: f"{m:04o}")
 def test_daemon_refuses_an_unsafe_socket_directory(tmp_path, mode):
     sockdir = _root_dir(tmp_path, mode)
     proc = run_daemon(daemon_config(str(tmp_path), sockdir))
