@@ -21,9 +21,9 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from . import syscalls as tables
-from .errors import LocatedError
-from .events import Event
+from .. import syscalls as tables
+from ..errors import LocatedError
+from ..events import Event
 
 
 class RuleError(LocatedError):
