@@ -1,33 +1,29 @@
-"""The rule language: an auditctl-compatible subset for filesystem watches.
-
-    -w PATH [-p PERMS] [-k KEY]          watch (a directory: its whole subtree)
-    -W PATH [-p PERMS] [-k KEY]          remove that watch
-    -a always,exit -F path=P|dir=D|inode=N [-F dev=MAJ:MIN] [-F perm=PERMS]
-                   [-F arch=b64] [-S NAME[,NAME]]... [-k KEY]
-    -d ...same fields...                 delete that rule
-    -l                                   list
-    -D                                   delete all
-
-Paths are strings only here; the backends resolve them to (device, inode) pairs.
-"""
+"""Rules and the rule set in force: what a rule is, how it is written back, which
+events it selects, and the one decision on whether an event is reported."""
 from __future__ import annotations
 
-import difflib
-import glob
 import hashlib
-import os
 import shlex
-import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import syscalls as tables
 from ..errors import LocatedError
 from ..events import Event
+from .fields import FIELDS, Field, Where, rule_parts
 
 
 class RuleError(LocatedError):
     """A rule that cannot be applied; the message names the problem and where it is."""
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A comparison field of a rule: `-F NAME OP VALUE` (see fields.Field.attr)."""
+    name: str
+    op: str
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -43,28 +39,58 @@ class Rule:
     key: str | None = None
     syscall_names: tuple[str, ...] = ()      # as written, for the normalised text
     from_watch: bool = False                 # written as -w
+    conds: tuple[Cond, ...] = ()             # comparison fields, in table order
+    # What Rule.matches evaluates, from the field table (not part of the rule's value).
+    _tests: tuple[Callable[[Rule, Event], bool], ...] = field(
+        init=False, repr=False, compare=False, default=())
+    _conds: tuple[tuple[Field, Cond], ...] = field(init=False, repr=False, compare=False,
+                                                   default=())
+
+    def __post_init__(self) -> None:
+        tests: list[Callable[[Rule, Event], bool]] = []
+        conds: list[tuple[Field, Cond]] = []
+        for row in FIELDS.values():
+            if not row.where & Where.CONSUMER:
+                continue
+            if row.part is not None:
+                if row.test is not None and row.value_of is not None \
+                        and row.value_of(self) is not None:
+                    tests.append(row.test)
+            else:
+                conds += [(row, c) for c in self.conds if c.name == row.name]
+        object.__setattr__(self, "_tests", tuple(tests))
+        object.__setattr__(self, "_conds", tuple(conds))
 
     def identity(self) -> tuple:
         """What makes two rules the same rule (for duplicates and -d)."""
-        return (self.kind, self.target, self.inode, self.dev, self.perms, self.ops,
-                self.syscalls, self.key)
+        return (self.kind, *(getattr(self, part) for part in rule_parts()), self.ops,
+                self.syscalls, self.conds)
+
+    def field_texts(self) -> list[str]:
+        """The -F arguments of this rule, in table order."""
+        out: list[str] = []
+        for row in FIELDS.values():
+            if row.show is None:
+                continue
+            if row.part is None and row.attr is not None:
+                out += [f"{c.name}{c.op}{row.show(c.value)}"
+                        for c in self.conds if c.name == row.name]
+                continue
+            value = row.value_of(self) if row.value_of is not None else None
+            if value is not None and value != row.default:
+                out.append(f"{row.name}={row.show(value)}")
+        return out
 
     def text(self) -> str:
         """The normalised rule, in the form `rules check` prints and -l lists."""
-        perms = "".join(p for p in tables.PERM_LETTERS if p in self.perms)
         if self.from_watch:
             out = ["-w", shlex.quote(self.target or "")]
-            if perms != tables.PERM_LETTERS:
-                out += ["-p", perms]
+            if self.perms != FIELDS["perm"].default:
+                out += ["-p", "".join(p for p in tables.PERM_LETTERS if p in self.perms)]
         else:
-            out = ["-a", "always,exit", "-F", "arch=b64"]
-            if self.kind == "inode":
-                out += ["-F", f"inode={self.inode}", "-F",
-                        f"dev={os.major(self.dev or 0)}:{os.minor(self.dev or 0)}"]
-            else:
-                out += ["-F", f"{self.kind}={shlex.quote(self.target or '')}"]
-            if perms != tables.PERM_LETTERS:
-                out += ["-F", f"perm={perms}"]
+            out = ["-a", "always,exit"]
+            for f in self.field_texts():
+                out += ["-F", f]
             if self.syscall_names:
                 out += ["-S", ",".join(self.syscall_names)]
         if self.key:
@@ -83,13 +109,12 @@ class Rule:
         in the kernel, and to attach keys."""
         if ev.op not in self.ops:
             return False
-        if not (tables.perms_for(ev.op, ev.access) & self.perms):
-            return False
         if self.syscalls and ev.syscall is not None and ev.syscall not in self.syscalls:
             return False
-        if self.kind == "inode":
-            return ev.ino == self.inode and (self.dev is None or ev.dev == self.dev)
-        return self.covers_path(ev.path) or self.covers_path(ev.path2)
+        for test in self._tests:
+            if not test(self, ev):
+                return False
+        return all(row.holds(ev, c.op, c.value) for row, c in self._conds)
 
 
 @dataclass(frozen=True)
@@ -101,239 +126,106 @@ class Command:
     line: int | None = None
 
 
-def _perms(value: str, source: str | None, line: int | None) -> frozenset[str]:
-    bad = sorted(set(value) - set(tables.PERM_LETTERS))
-    if not value or bad:
-        raise RuleError(f"bad permission letters {value!r}: use letters from "
-                        f"'{tables.PERM_LETTERS}' (read, write, execute, attribute)",
-                        source, line)
-    return frozenset(value)
+class RuleTable(dict[int, Rule]):
+    """id -> Rule, with an index by identity kept in step with every change, so that
+    finding a rule is one lookup.  Several ids with one identity can only come from
+    writing the dict directly; the index then names the first, as a scan would."""
+
+    def __init__(self, rules: Mapping[int, Rule] | Iterable[tuple[int, Rule]] = ()) -> None:
+        super().__init__()
+        self._ids: dict[tuple, int] = {}
+        self.update(rules)
+
+    def find(self, identity: tuple) -> int | None:
+        return self._ids.get(identity)
+
+    def _unindex(self, rid: int, rule: Rule) -> None:
+        ident = rule.identity()
+        if self._ids.get(ident) != rid:
+            return
+        del self._ids[ident]
+        for other, r in self.items():   # only with duplicates written directly
+            if r.identity() == ident:
+                self._ids[ident] = other
+                break
+
+    def __setitem__(self, rid: int, rule: Rule) -> None:
+        old = self.get(rid)
+        super().__setitem__(rid, rule)
+        if old is not None:
+            self._unindex(rid, old)
+        ident = rule.identity()
+        self._ids.setdefault(ident, rid)
+
+    def __delitem__(self, rid: int) -> None:
+        rule = self[rid]
+        super().__delitem__(rid)
+        self._unindex(rid, rule)
+
+    def pop(self, rid: int, *default: Any) -> Any:
+        if rid not in self:
+            return super().pop(rid, *default)
+        rule = self[rid]
+        del self[rid]
+        return rule
+
+    def popitem(self) -> tuple[int, Rule]:
+        rid, rule = super().popitem()
+        self._unindex(rid, rule)
+        return rid, rule
+
+    def setdefault(self, rid: int, rule: Rule) -> Rule:
+        if rid not in self:
+            self[rid] = rule
+        return self[rid]
+
+    def clear(self) -> None:
+        super().clear()
+        self._ids.clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for rid, rule in dict(*args, **kwargs).items():
+            self[rid] = rule
+
+    def __ior__(self, other: Any) -> RuleTable:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def copy(self) -> RuleTable:
+        new = RuleTable()
+        dict.update(new, self)
+        new._ids = dict(self._ids)
+        return new
 
 
-def _absolute(value: str, what: str, source: str | None, line: int | None) -> str:
-    if not value:
-        raise RuleError(f"empty {what}", source, line)
-    if not os.path.isabs(value):
-        raise RuleError(f"{what} {value!r} is relative: rules need absolute paths",
-                        source, line)
-    norm = os.path.normpath(value)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    return norm
-
-
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, tables.known_syscall_names(), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _dev(value: str, source: str | None, line: int | None) -> int:
-    try:
-        major, minor = value.split(":")
-        return os.makedev(int(major), int(minor))
-    except ValueError:
-        raise RuleError(f"bad dev {value!r}: expected MAJOR:MINOR", source, line) from None
-
-
-def _is_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def parse_line(text: str, source: str | None = None, line: int | None = None,
-               root: str = "/") -> Command | None:
-    """Parse one rule line; None for blank lines and comments.
-
-    ``root`` is where paths are looked up to tell a directory watch from a file watch
-    (a container's /proc/PID/root when auditing from the outside).
-    """
-    stripped = text.strip()
-    if not stripped or stripped.startswith("#"):
-        return None
-    try:
-        tokens = shlex.split(stripped, comments=True)
-    except ValueError as exc:
-        raise RuleError(f"cannot split rule: {exc}", source, line) from None
-    if not tokens:
-        return None
-
-    action: str | None = None
-    watch: str | None = None
-    perms: frozenset[str] | None = None
-    key: str | None = None
-    fields: dict[str, str] = {}
-    names: list[str] = []
-
-    def set_action(new: str) -> None:
-        nonlocal action
-        if action is not None:
-            raise RuleError(f"{tok} cannot be combined with an earlier {action} option",
-                            source, line)
-        action = new
-
-    it = iter(tokens)
-    for tok in it:
-        def value(opt: str = tok) -> str:
-            try:
-                return next(it)
-            except StopIteration:
-                raise RuleError(f"option {opt} needs a value", source, line) from None
-        if tok in ("-w", "-W"):
-            set_action("add" if tok == "-w" else "delete")
-            watch = _absolute(value(), "watch path", source, line)
-        elif tok in ("-a", "-A", "-d"):
-            set_action("delete" if tok == "-d" else "add")
-            lst = value()
-            parts = set(lst.split(","))
-            if parts != {"always", "exit"}:
-                raise RuleError(f"unsupported list/action {lst!r}: only 'always,exit'",
-                                source, line)
-        elif tok == "-l":
-            set_action("list")
-        elif tok == "-D":
-            set_action("delete-all")
-        elif tok == "-p":
-            if perms is not None:
-                raise RuleError("-p given twice", source, line)
-            perms = _perms(value(), source, line)
-        elif tok == "-k":
-            if key is not None:
-                raise RuleError("-k given twice", source, line)
-            key = value()
-            if not key or len(key) > 256:
-                raise RuleError("key must be 1 to 256 characters", source, line)
-        elif tok == "-F":
-            f = value()
-            name, sep, val = f.partition("=")
-            if not sep:
-                raise RuleError(f"bad field {f!r}: expected NAME=VALUE", source, line)
-            if name not in ("path", "dir", "inode", "dev", "perm", "arch", "key"):
-                raise RuleError(f"unsupported field {name!r} (supported: path, dir, inode, "
-                                "dev, perm, arch, key)", source, line)
-            if name in fields:
-                raise RuleError(f"field {name} given twice", source, line)
-            fields[name] = val
-        elif tok == "-S":
-            for n in value().split(","):
-                if not n:
-                    continue
-                try:
-                    tables.expand_syscall(n)
-                except KeyError:
-                    raise RuleError(f"unknown syscall or alias {n!r}{_suggest(n)}",
-                                    source, line) from None
-                names.append(n)
-        else:
-            raise RuleError(f"unknown option {tok!r}", source, line)
-
-    if action is None:
-        raise RuleError("no action: use -w, -W, -a, -d, -l or -D", source, line)
-    if action in ("list", "delete-all"):
-        if len(tokens) != 1:
-            raise RuleError(f"{tokens[0]} takes no other options", source, line)
-        return Command(action, None, source, line)
-
-    if watch is not None:
-        if fields or names:
-            raise RuleError("-w/-W cannot be combined with -F or -S", source, line)
-        host = os.path.join(root, watch.lstrip("/"))
-        rule = Rule(kind="dir" if _is_dir(host) else "path", target=watch,
-                    perms=perms or frozenset(tables.PERM_LETTERS), key=key,
-                    from_watch=True)
-        return Command(action, rule, source, line)
-
-    if perms is not None:
-        raise RuleError("-p goes with -w; with -a use -F perm=", source, line)
-    if "key" in fields:
-        if key is not None:
-            raise RuleError("key given twice (-k and -F key=)", source, line)
-        key = fields["key"]
-    arch = fields.get("arch", "b64")
-    if arch not in ("b64", "b32"):
-        raise RuleError(f"bad arch {arch!r}: expected b64 or b32", source, line)
-    targets = [n for n in ("path", "dir", "inode") if n in fields]
-    if "inode" in fields and len(targets) > 1:
-        raise RuleError("inode= cannot be combined with path= or dir= "
-                        "(the inode would be ignored)", source, line)
-    if len(targets) > 1:
-        raise RuleError("give only one of path= and dir=", source, line)
-    if not targets:
-        raise RuleError("a rule needs -F path=, -F dir= or -F inode=", source, line)
-    kind = targets[0]
-    target = inode = dev = None
-    if kind == "inode":
-        try:
-            inode = int(fields["inode"], 0)
-            if inode <= 0:
-                raise ValueError
-        except ValueError:
-            raise RuleError(f"bad inode {fields['inode']!r}: expected a positive number",
-                            source, line) from None
-        dev = _dev(fields["dev"], source, line) if "dev" in fields else os.stat(root).st_dev
-    else:
-        if "dev" in fields:
-            raise RuleError("dev= goes with inode=", source, line)
-        target = _absolute(fields[kind], f"{kind}=", source, line)
-
-    sc: frozenset[str] = frozenset()
-    ops = tables.ALL_OPS
-    if names and "all" not in names:
-        calls: set[str] = set()
-        op_set: set[str] = set()
-        for n in names:
-            c, o = tables.expand_syscall(n)
-            calls |= c
-            op_set |= o
-        sc, ops = frozenset(calls), frozenset(op_set)
-    rule_perms = _perms(fields["perm"], source, line) if "perm" in fields \
-        else frozenset(tables.PERM_LETTERS)
-    rule = Rule(kind=kind, target=target, inode=inode, dev=dev, perms=rule_perms,
-                syscalls=sc, ops=ops, key=key,
-                syscall_names=tuple(dict.fromkeys(names)))
-    return Command(action, rule, source, line)
-
-
-def parse_lines(lines: Iterable[str], source: str | None = None,
-                root: str = "/") -> list[Command]:
-    out = []
-    for number, text in enumerate(lines, 1):
-        cmd = parse_line(text, source, number, root)
-        if cmd is not None:
-            out.append(cmd)
-    return out
-
-
-def rules_files(paths: Iterable[str]) -> list[str]:
-    """Expand directories (rules.d) to their *.rules files in lexical order."""
-    out: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            out += sorted(glob.glob(os.path.join(glob.escape(p), "*.rules")))
-        else:
-            out.append(p)
-    return out
-
-
-def read_files(paths: Iterable[str], root: str = "/") -> list[Command]:
-    """Parse rules files (or rules.d directories) completely before anything is applied."""
-    cmds: list[Command] = []
-    for path in rules_files(paths):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise RuleError(f"cannot read rules file: {exc.strerror}", path) from None
-        cmds += parse_lines(text.splitlines(), path, root)
-    return cmds
-
-
-@dataclass
 class RuleSet:
-    """The rules in force; ids are stable for a rule's lifetime (the eBPF maps use them)."""
-    rules: dict[int, Rule] = field(default_factory=dict)
-    next_id: int = 1
+    """The rules in force; ids are stable for a rule's lifetime (the eBPF maps use them).
+
+    ``rules`` is the dict id -> Rule (a RuleTable: assigning a plain dict converts it);
+    it keeps an index by identity, so find, add and remove take one lookup each.
+    """
+
+    def __init__(self, rules: Mapping[int, Rule] | None = None, next_id: int = 1) -> None:
+        self.rules = rules if rules is not None else RuleTable()
+        self.next_id = next_id
+
+    @property
+    def rules(self) -> RuleTable:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: Mapping[int, Rule]) -> None:
+        self._rules = rules if isinstance(rules, RuleTable) else RuleTable(rules)
+
+    def __repr__(self) -> str:
+        return f"RuleSet(rules={dict(self._rules)!r}, next_id={self.next_id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RuleSet):
+            return NotImplemented
+        return (dict(self._rules), self.next_id) == (dict(other._rules), other.next_id)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules.values())
@@ -345,11 +237,7 @@ class RuleSet:
         return list(self.rules.items())
 
     def find(self, rule: Rule) -> int | None:
-        ident = rule.identity()
-        for rid, r in self.rules.items():
-            if r.identity() == ident:
-                return rid
-        return None
+        return self._rules.find(rule.identity())
 
     def add(self, rule: Rule) -> int:
         if self.find(rule) is not None:
@@ -367,7 +255,7 @@ class RuleSet:
         return rid
 
     def copy(self) -> RuleSet:
-        return RuleSet(dict(self.rules), self.next_id)
+        return RuleSet(self._rules.copy(), self.next_id)
 
     def apply(self, cmds: Iterable[Command]) -> list[str]:
         """Apply commands to a copy first so that one bad line applies nothing; returns
@@ -377,9 +265,9 @@ class RuleSet:
         for cmd in cmds:
             try:
                 if cmd.action == "add":
-                    trial.add(cmd.rule)
+                    trial.add(cmd.rule)  # type: ignore[arg-type]
                 elif cmd.action == "delete":
-                    trial.remove(cmd.rule)
+                    trial.remove(cmd.rule)  # type: ignore[arg-type]
             except RuleError as exc:
                 raise RuleError(exc.reason, cmd.source, cmd.line) from None
             if cmd.action == "delete-all":
@@ -410,18 +298,3 @@ class RuleSet:
 
     def digest(self) -> str:
         return hashlib.sha256("\n".join(sorted(self.texts())).encode()).hexdigest()[:16]
-
-
-def load(paths: Iterable[str], root: str = "/") -> RuleSet:
-    """A fresh RuleSet from rules files; atomic: any error and nothing is returned."""
-    rs = RuleSet()
-    rs.apply(read_files(paths, root))
-    return rs
-
-
-def watch_rule(path: str, perms: str | None = None, key: str | None = None) -> Rule:
-    """The rule `trace PATH -p PERMS -k KEY` means (-w semantics)."""
-    line = ["-w", path] + (["-p", perms] if perms else []) + (["-k", key] if key else [])
-    cmd = parse_line(shlex.join(line))
-    assert cmd is not None and cmd.rule is not None
-    return cmd.rule
