@@ -1,0 +1,300 @@
+"""Rules and the rule set in force: what a rule is, how it is written back, which
+events it selects, and the one decision on whether an event is reported."""
+from __future__ import annotations
+
+import hashlib
+import shlex
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import syscalls as tables
+from ..errors import LocatedError
+from ..events import Event
+from .fields import FIELDS, Field, Where, rule_parts
+
+
+class RuleError(LocatedError):
+    """A rule that cannot be applied; the message names the problem and where it is."""
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A comparison field of a rule: `-F NAME OP VALUE` (see fields.Field.attr)."""
+    name: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One watch.  kind is "path" (one file or entry), "dir" (subtree) or "inode"."""
+    kind: str
+    target: str | None = None
+    inode: int | None = None
+    dev: int | None = None
+    perms: frozenset[str] = frozenset(tables.PERM_LETTERS)
+    syscalls: frozenset[str] = frozenset()   # empty: any syscall
+    ops: frozenset[str] = tables.ALL_OPS
+    key: str | None = None
+    syscall_names: tuple[str, ...] = ()      # as written, for the normalised text
+    from_watch: bool = False                 # written as -w
+    conds: tuple[Cond, ...] = ()             # comparison fields, in table order
+    # What Rule.matches evaluates, from the field table (not part of the rule's value).
+    _tests: tuple[Callable[[Rule, Event], bool], ...] = field(
+        init=False, repr=False, compare=False, default=())
+    _conds: tuple[tuple[Field, Cond], ...] = field(init=False, repr=False, compare=False,
+                                                   default=())
+
+    def __post_init__(self) -> None:
+        tests: list[Callable[[Rule, Event], bool]] = []
+        conds: list[tuple[Field, Cond]] = []
+        for row in FIELDS.values():
+            if not row.where & Where.CONSUMER:
+                continue
+            if row.part is not None:
+                if row.test is not None and row.value_of is not None \
+                        and row.value_of(self) is not None:
+                    tests.append(row.test)
+            else:
+                conds += [(row, c) for c in self.conds if c.name == row.name]
+        object.__setattr__(self, "_tests", tuple(tests))
+        object.__setattr__(self, "_conds", tuple(conds))
+
+    def identity(self) -> tuple:
+        """What makes two rules the same rule (for duplicates and -d)."""
+        return (self.kind, *(getattr(self, part) for part in rule_parts()), self.ops,
+                self.syscalls, self.conds)
+
+    def field_texts(self) -> list[str]:
+        """The -F arguments of this rule, in table order."""
+        out: list[str] = []
+        for row in FIELDS.values():
+            if row.show is None:
+                continue
+            if row.part is None and row.attr is not None:
+                out += [f"{c.name}{c.op}{row.show(c.value)}"
+                        for c in self.conds if c.name == row.name]
+                continue
+            value = row.value_of(self) if row.value_of is not None else None
+            if value is not None and value != row.default:
+                out.append(f"{row.name}={row.show(value)}")
+        return out
+
+    def text(self) -> str:
+        """The normalised rule, in the form `rules check` prints and -l lists."""
+        if self.from_watch:
+            out = ["-w", shlex.quote(self.target or "")]
+            if self.perms != FIELDS["perm"].default:
+                out += ["-p", "".join(p for p in tables.PERM_LETTERS if p in self.perms)]
+        else:
+            out = ["-a", "always,exit"]
+            for f in self.field_texts():
+                out += ["-F", f]
+            if self.syscall_names:
+                out += ["-S", ",".join(self.syscall_names)]
+        if self.key:
+            out += ["-k", shlex.quote(self.key)]
+        return " ".join(out)
+
+    def covers_path(self, path: str | None) -> bool:
+        if path is None or self.target is None:
+            return False
+        if self.kind == "path":
+            return path == self.target
+        return path == self.target or path.startswith(self.target.rstrip("/") + "/")
+
+    def matches(self, ev: Event) -> bool:
+        """Does this rule select the event?  Used by backends that cannot filter exactly
+        in the kernel, and to attach keys."""
+        if ev.op not in self.ops:
+            return False
+        if self.syscalls and ev.syscall is not None and ev.syscall not in self.syscalls:
+            return False
+        for test in self._tests:
+            if not test(self, ev):
+                return False
+        return all(row.holds(ev, c.op, c.value) for row, c in self._conds)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One parsed line: action is add, delete, list or delete-all."""
+    action: str
+    rule: Rule | None = None
+    source: str | None = None
+    line: int | None = None
+
+
+class RuleTable(dict[int, Rule]):
+    """id -> Rule, with an index by identity kept in step with every change, so that
+    finding a rule is one lookup.  Several ids with one identity can only come from
+    writing the dict directly; the index then names the first, as a scan would."""
+
+    def __init__(self, rules: Mapping[int, Rule] | Iterable[tuple[int, Rule]] = ()) -> None:
+        super().__init__()
+        self._ids: dict[tuple, int] = {}
+        self.update(rules)
+
+    def find(self, identity: tuple) -> int | None:
+        return self._ids.get(identity)
+
+    def _unindex(self, rid: int, rule: Rule) -> None:
+        ident = rule.identity()
+        if self._ids.get(ident) != rid:
+            return
+        del self._ids[ident]
+        for other, r in self.items():   # only with duplicates written directly
+            if r.identity() == ident:
+                self._ids[ident] = other
+                break
+
+    def __setitem__(self, rid: int, rule: Rule) -> None:
+        old = self.get(rid)
+        super().__setitem__(rid, rule)
+        if old is not None:
+            self._unindex(rid, old)
+        ident = rule.identity()
+        self._ids.setdefault(ident, rid)
+
+    def __delitem__(self, rid: int) -> None:
+        rule = self[rid]
+        super().__delitem__(rid)
+        self._unindex(rid, rule)
+
+    def pop(self, rid: int, *default: Any) -> Any:
+        if rid not in self:
+            return super().pop(rid, *default)
+        rule = self[rid]
+        del self[rid]
+        return rule
+
+    def popitem(self) -> tuple[int, Rule]:
+        rid, rule = super().popitem()
+        self._unindex(rid, rule)
+        return rid, rule
+
+    def setdefault(self, rid: int, rule: Rule) -> Rule:
+        if rid not in self:
+            self[rid] = rule
+        return self[rid]
+
+    def clear(self) -> None:
+        super().clear()
+        self._ids.clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for rid, rule in dict(*args, **kwargs).items():
+            self[rid] = rule
+
+    def __ior__(self, other: Any) -> RuleTable:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def copy(self) -> RuleTable:
+        new = RuleTable()
+        dict.update(new, self)
+        new._ids = dict(self._ids)
+        return new
+
+
+class RuleSet:
+    """The rules in force; ids are stable for a rule's lifetime (the eBPF maps use them).
+
+    ``rules`` is the dict id -> Rule (a RuleTable: assigning a plain dict converts it);
+    it keeps an index by identity, so find, add and remove take one lookup each.
+    """
+
+    def __init__(self, rules: Mapping[int, Rule] | None = None, next_id: int = 1) -> None:
+        self.rules = rules if rules is not None else RuleTable()
+        self.next_id = next_id
+
+    @property
+    def rules(self) -> RuleTable:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: Mapping[int, Rule]) -> None:
+        self._rules = rules if isinstance(rules, RuleTable) else RuleTable(rules)
+
+    def __repr__(self) -> str:
+        return f"RuleSet(rules={dict(self._rules)!r}, next_id={self.next_id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RuleSet):
+            return NotImplemented
+        return (dict(self._rules), self.next_id) == (dict(other._rules), other.next_id)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules.values())
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def items(self) -> list[tuple[int, Rule]]:
+        return list(self.rules.items())
+
+    def find(self, rule: Rule) -> int | None:
+        return self._rules.find(rule.identity())
+
+    def add(self, rule: Rule) -> int:
+        if self.find(rule) is not None:
+            raise RuleError(f"duplicate rule: {rule.text()}")
+        rid = self.next_id
+        self.next_id += 1
+        self.rules[rid] = rule
+        return rid
+
+    def remove(self, rule: Rule) -> int:
+        rid = self.find(rule)
+        if rid is None:
+            raise RuleError(f"no such rule: {rule.text()}")
+        del self.rules[rid]
+        return rid
+
+    def copy(self) -> RuleSet:
+        return RuleSet(self._rules.copy(), self.next_id)
+
+    def apply(self, cmds: Iterable[Command]) -> list[str]:
+        """Apply commands to a copy first so that one bad line applies nothing; returns
+        the -l listings produced.  Raises RuleError naming the failing rule."""
+        trial = self.copy()
+        listed: list[str] = []
+        for cmd in cmds:
+            try:
+                if cmd.action == "add":
+                    trial.add(cmd.rule)  # type: ignore[arg-type]
+                elif cmd.action == "delete":
+                    trial.remove(cmd.rule)  # type: ignore[arg-type]
+            except RuleError as exc:
+                raise RuleError(exc.reason, cmd.source, cmd.line) from None
+            if cmd.action == "delete-all":
+                trial.rules.clear()
+            elif cmd.action == "list":
+                listed += trial.texts()
+        self.rules, self.next_id = trial.rules, trial.next_id
+        return listed
+
+    def texts(self) -> list[str]:
+        return [r.text() for r in self.rules.values()]
+
+    def match(self, ev: Event) -> list[Rule]:
+        return [r for r in self.rules.values() if r.matches(ev)]
+
+    def select(self, ev: Event) -> Event | None:
+        """The one place that decides whether an event is reported and with which keys:
+        the keys of every rule that selects it, plus those of the per-process audit it
+        came from.  None: no rule selects it and it is not from an audited process.
+        With no rule at all (an audit of processes only), the backend's scope decides."""
+        matched = self.match(ev)
+        if not matched and ev.scope_keys is None and self.rules:
+            return None
+        keys = {r.key for r in matched if r.key}
+        keys.update(ev.scope_keys or ())
+        ev.keys = sorted(keys)
+        return ev
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(sorted(self.texts())).encode()).hexdigest()[:16]
