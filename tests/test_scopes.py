@@ -166,7 +166,7 @@ def test_container_audited_from_the_host(container, tmpdir_):
 
 def test_container_named_by_cgroup_id(container):
     pid, merged, upper, unshare = container
-    cid = "f3" * 32
+    cid = f"{os.getpid():08x}" * 8
     cg = f"/sys/fs/cgroup/unified/docker-{cid}.scope"
     if not os.path.isdir("/sys/fs/cgroup/unified") and os.path.exists("/sys/fs/cgroup/cgroup.procs"):
         cg = f"/sys/fs/cgroup/docker-{cid}.scope"
