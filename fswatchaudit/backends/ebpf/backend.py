@@ -20,12 +20,12 @@ import struct
 import time
 from importlib import resources
 
-from .. import syscalls
-from ..bpf.btf import BTF, VMLINUX_BTF, BTFError
-from ..bpf.ringbuf import RingReader
-from ..events import Event, ProcessState
-from ..rules import Rule, RuleError, RuleSet
-from .base import Backend, BackendUnavailable
+from ... import syscalls
+from ...events import Event, ProcessState
+from ...rules import Rule, RuleError, RuleSet
+from ..base import Backend, BackendUnavailable
+from .btf import BTF, VMLINUX_BTF, BTFError
+from .ringbuf import RingReader
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CTIME_TRACEPOINTS = ("inode_set_ctime_to_ts", "ctime_ns_xchg", "ctime_xchg_skip")
@@ -299,8 +299,8 @@ class EbpfBackend(Backend):
         headers = f"/lib/modules/{os.uname().release}/build"
         if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
             os.environ["BCC_KERNEL_SOURCE"] = str(
-                resources.files("fswatchaudit.bpf").joinpath("include"))
-        src = resources.files("fswatchaudit.bpf").joinpath("probes.c").read_bytes()
+                resources.files(__package__).joinpath("include"))
+        src = resources.files(__package__).joinpath("probes.c").read_bytes()
         try:
             return BPF(text=src, cflags=self._cflags())
         except Exception as exc:
@@ -454,7 +454,7 @@ class EbpfBackend(Backend):
         """announce=False: the process is about to exec; its record comes with the exec.
         exclusive=False (the daemon): the rules keep applying to every process, and
         everything this one touches is reported besides, with ``key``."""
-        from ..scope import process_tree, read_process_state
+        from ...scope import process_tree, read_process_state
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
         pids = process_tree(pid) if children else [pid]
