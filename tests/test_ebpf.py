@@ -125,9 +125,9 @@ def test_nested_mkdir_then_create_has_no_race(tree):
     try:
         subprocess.run(["sh", "-c", "mkdir -p a/b/c && echo x > a/b/c/f"], cwd=w, check=True)
         # mkdir -p also opens each directory it made, to make the next one inside it
-        assert ops(e for e in drain(be) if e.op != "open") == [("mkdir", f"{w}/a", None), ("mkdir", f"{w}/a/b", None),
-                                  ("mkdir", f"{w}/a/b/c", None),
-                                  ("create", f"{w}/a/b/c/f", None)]
+        assert ops(e for e in drain(be) if e.op != "open") == [
+            ("mkdir", f"{w}/a", None), ("mkdir", f"{w}/a/b", None), ("mkdir", f"{w}/a/b/c", None),
+            ("create", f"{w}/a/b/c/f", None)]
     finally:
         be.close()
 
@@ -298,7 +298,7 @@ def test_rules_change_at_run_time_without_reload(tree):
 
 def test_ring_buffer_overflow_is_counted_and_never_blocks(tree):
     w, _ = tree
-    be = backend_for(watch_rule(w), ringbuf_pages=2)   # 8 KiB: a few records
+    be = backend_for(watch_rule(w), queue_size=8192)   # 2 pages: a few records
     try:
         # nobody reads while the workload runs: the kernel must drop and count
         py("import os\nfor i in range(2000):\n    os.chmod('.', 0o755 if i % 2 else 0o700)",
