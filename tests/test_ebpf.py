@@ -1,6 +1,8 @@
 """The eBPF backend: real programs loaded into the running kernel, real file operations."""
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -430,3 +432,39 @@ def test_32bit_syscalls_are_judged_by_their_own_table(tree, tmp_path):
         assert "compat_syscalls" not in be.lost()
     finally:
         be.close()
+
+
+def test_trace_mounts_tracefs_when_it_is_not_mounted(tree):
+    """A fresh host: no tracefs mount.  The backend mounts it itself (here in a private
+    mount namespace, so the host's mount is left alone) and says so once."""
+    w, _ = tree
+    script = ("umount /sys/kernel/tracing; umount /sys/kernel/debug/tracing 2>/dev/null; "
+              "test -d /sys/kernel/tracing/events && exit 97; exec \"$@\"")
+    out = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         sys.executable, "-m", "fswatchaudit", "trace", "--backend", "ebpf", "--json",
+         "--duration", "60", w],
+        stdout=out, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("watching "):
+                break
+        else:
+            pytest.fail("trace exited before watching:\n" + "".join(err))
+        subprocess.run(["sh", "-c", "echo hi > made"], cwd=w, check=True)
+        deadline = time.monotonic() + 20
+        while b"\n" not in (events := open(f"/proc/self/fd/{out.fileno()}", "rb").read()):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err += proc.stderr.read()
+        proc.wait(30)
+    assert sum("mounted tracefs" in line for line in err) == 1, "".join(err)
+    first = json.loads(events.splitlines()[0])
+    assert (first["op"], first["path"], first["comm"]) == ("create", f"{w}/made", "sh")
+    # the host's own tracefs mount was not touched
+    assert os.path.isdir("/sys/kernel/tracing/events")
