@@ -187,6 +187,11 @@ class EbpfBackend(Backend):
         if exclusive:
             self._set_config(scope_processes=1)
 
+    @property
+    def audited(self) -> set[int]:
+        """The processes of per-process audits (those forked since included)."""
+        return self.decoder.audited
+
     def remove_process(self, pid: int) -> None:
         assert self.bpf is not None
         table = self.bpf[b"audited"]
