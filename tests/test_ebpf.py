@@ -1,6 +1,8 @@
 """The eBPF backend: real programs loaded into the running kernel, real file operations."""
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,9 +127,9 @@ def test_nested_mkdir_then_create_has_no_race(tree):
     try:
         subprocess.run(["sh", "-c", "mkdir -p a/b/c && echo x > a/b/c/f"], cwd=w, check=True)
         # mkdir -p also opens each directory it made, to make the next one inside it
-        assert ops(e for e in drain(be) if e.op != "open") == [("mkdir", f"{w}/a", None), ("mkdir", f"{w}/a/b", None),
-                                  ("mkdir", f"{w}/a/b/c", None),
-                                  ("create", f"{w}/a/b/c/f", None)]
+        assert ops(e for e in drain(be) if e.op != "open") == [
+            ("mkdir", f"{w}/a", None), ("mkdir", f"{w}/a/b", None), ("mkdir", f"{w}/a/b/c", None),
+            ("create", f"{w}/a/b/c/f", None)]
     finally:
         be.close()
 
@@ -299,7 +301,7 @@ def test_rules_change_at_run_time_without_reload(tree):
 
 def test_ring_buffer_overflow_is_counted_and_never_blocks(tree):
     w, _ = tree
-    be = backend_for(watch_rule(w), ringbuf_pages=2)   # 8 KiB: a few records
+    be = backend_for(watch_rule(w), queue_size=8192)   # 2 pages: a few records
     try:
         # nobody reads while the workload runs: the kernel must drop and count
         py("import os\nfor i in range(2000):\n    os.chmod('.', 0o755 if i % 2 else 0o700)",
@@ -431,3 +433,39 @@ def test_32bit_syscalls_are_judged_by_their_own_table(tree, tmp_path):
         assert "compat_syscalls" not in be.lost()
     finally:
         be.close()
+
+
+def test_trace_mounts_tracefs_when_it_is_not_mounted(tree):
+    """A fresh host: no tracefs mount.  The backend mounts it itself (here in a private
+    mount namespace, so the host's mount is left alone) and says so once."""
+    w, _ = tree
+    script = ("umount /sys/kernel/tracing; umount /sys/kernel/debug/tracing 2>/dev/null; "
+              "test -d /sys/kernel/tracing/events && exit 97; exec \"$@\"")
+    out = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         sys.executable, "-m", "fswatchaudit", "trace", "--backend", "ebpf", "--json",
+         "--duration", "60", w],
+        stdout=out, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("watching "):
+                break
+        else:
+            pytest.fail("trace exited before watching:\n" + "".join(err))
+        subprocess.run(["sh", "-c", "echo hi > made"], cwd=w, check=True)
+        deadline = time.monotonic() + 20
+        while b"\n" not in (events := open(f"/proc/self/fd/{out.fileno()}", "rb").read()):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err += proc.stderr.read()
+        proc.wait(30)
+    assert sum("mounted tracefs" in line for line in err) == 1, "".join(err)
+    first = json.loads(events.splitlines()[0])
+    assert (first["op"], first["path"], first["comm"]) == ("create", f"{w}/made", "sh")
+    # the host's own tracefs mount was not touched
+    assert os.path.isdir("/sys/kernel/tracing/events")

@@ -59,12 +59,12 @@ HEAD = struct.Struct("<QI")
 def ring():
     from bcc import BPF
 
-    from fswatchaudit.bpf.ringbuf import RingReader
+    from fswatchaudit.backends.ebpf.ringbuf import RingReader
     if os.uname().machine != "x86_64":
         pytest.skip("the test program uses the x86_64 getppid number")
     if not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
         os.environ.setdefault("BCC_KERNEL_SOURCE",
-                              str(resources.files("fswatchaudit.bpf").joinpath("include")))
+                              str(resources.files("fswatchaudit.backends.ebpf").joinpath("include")))
     bpf = BPF(text=PROG.encode(), cflags=[f"-DPAGES={PAGES}", f"-DTGID={os.getpid()}",
                                  f"-DNR_GETPPID={NR_GETPPID}"])
     table = bpf[b"out"]

@@ -5,7 +5,10 @@
  * Only tracepoints are used (raw sys_enter/sys_exit, the timestamp:* inode ctime
  * tracepoints, sched, io_uring), so this loads on kernels without kprobes, fentry or
  * BPF-LSM.  Every kernel struct offset (OFF_*) is computed at start-up from the running
- * kernel's BTF and passed in with -D; nothing here depends on kernel headers.
+ * kernel's BTF and passed in with -D; nothing here depends on kernel headers.  What user
+ * space shares with this file (struct event, struct syscall_spec, EV_*, CNT_*, PERM_*,
+ * KIND_*, MOVES_*, GEN_*, AUDIT_*, OFLAG_*) is defined in abi.py, and the C text
+ * generated from it is prepended to this file when it is compiled.
  *
  * Flow of one syscall:
  *   sys_enter    -> remember a filesystem syscall's arguments for this thread (pending)
@@ -29,16 +32,12 @@
 #define WATCH_DEPTH     16      /* directory levels walked up looking for a watch */
 #define PATH_DEPTH      16      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
-#define PATH_SLOT       4096    /* PATH_MAX */
-#define DATA_SIZE       16384   /* string area of one record */
-#define DATA_MASK       (DATA_SIZE - 1)
+#define DATA_MASK       (DATA_SIZE - 1)   /* DATA_SIZE, PATH_SLOT, COMM_LEN: abi.py */
 #define MAX_WATCHES     65536
 #define DIR_CACHE_SIZE  65536
 #define MAX_EXE_SENT    65536
-#define EXE_AS_BEFORE   0xffff  /* event.n_exe: the same program as this process's last record */
 #define MAX_PENDING     65536
 #define MAX_AUDITED     65536
-#define COMM_LEN        16
 /* Waking the reader for every record costs the audited process a cross-CPU wakeup per
  * operation; records are sent without one and every WAKEUP_EVERY-th record on a CPU
  * wakes the reader (which also polls on its own every few milliseconds). */
@@ -46,36 +45,10 @@
 #define RB_NO_WAKEUP    1       /* BPF_RB_NO_WAKEUP */
 #define RB_FORCE_WAKEUP 2       /* BPF_RB_FORCE_WAKEUP */
 
-/* permission classes, as in auditctl -p */
-#define PERM_R 1
-#define PERM_W 2
-#define PERM_X 4
-#define PERM_A 8
-
-/* syscall argument roles (syscall_spec.kind) */
-#define KIND_PLAIN      0       /* path or fd arguments; reported if a changed inode is watched */
-#define KIND_OPEN       1       /* returns an fd: the opened file decides */
-#define KIND_MOUNT      2       /* makes a filesystem reachable: directory verdicts expire */
-
-/* syscall_spec.moves: can the syscall move or remove a directory? */
-#define MOVES_MAYBE     1       /* rename*, unlinkat: yes when two directories changed */
-#define MOVES_ALWAYS    2       /* rmdir */
-#define AT_REMOVEDIR_FLAG 0x200
 #define S_IFMT_MASK     0170000
 #define S_IFDIR_BITS    0040000
 
-/* record kinds (event.kind) */
-#define EV_SYSCALL      1
-#define EV_EXEC         2
-#define EV_URING        3
-#define EV_FAILED       4       /* denied attempt (EACCES/EPERM), matched by path in user space */
-#define EV_STATE        5       /* a process entered a per-process audit */
-
-/* open(2) flag bits and errno values are ABI, the same on every architecture we run on */
-#define ACCMODE_MASK    3
-#define ACC_WRONLY      1
-#define ACC_RDWR        2
-#define FLAG_CREAT      0100
+/* errno values and AT_FDCWD are ABI, the same on every architecture we run on */
 #define AT_FDCWD_VALUE  (-100)
 #define ERR_EACCES      13
 #define ERR_EPERM       1
@@ -99,16 +72,7 @@ BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
 
 /* syscall_spec: syscall number -> which arguments are paths, dirfds, fds, flags.
  * Filled by user space from the tracefs format files; -1 means "no such argument". */
-struct syscall_spec {
-    s16 dfd1, path1, dfd2, path2, fd, flags;
-    u8 kind;                    /* KIND_* */
-    u8 perm;                    /* PERM_* class of the operation (opens: from flags) */
-    u8 flags_in_struct;         /* openat2: flags is the first u64 of struct open_how */
-    u8 active;                  /* 1: a filesystem syscall this program follows */
-    u8 moves;                   /* MOVES_* */
-    u8 pad[1];
-    u64 fixed_flags;            /* creat(): the flags it implies */
-};
+/* (struct syscall_spec is in abi.py: user space fills it by member name) */
 /* an array, not a hash: both raw syscall tracepoints look it up for every syscall of
  * every process, and an array lookup is a bounds check and an add */
 BPF_ARRAY(syscall_spec, struct syscall_spec, SPEC_SLOTS);
@@ -141,8 +105,6 @@ struct dir_verdict {
     u8 pad[6];
 };
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
-#define GEN_KERNEL      0
-#define GEN_USER        1
 BPF_ARRAY(gens, u64, 2);
 
 /* exe_sent: tgid -> the program whose path the process's last delivered record carried.
@@ -156,8 +118,6 @@ BPF_TABLE("lru_hash", u32, struct exe_seen, exe_sent, MAX_EXE_SENT);
 
 /* audited: tgid -> flags, for per-process audits.  AUDIT_CHILDREN: processes it forks
  * are audited too; AUDIT_ALL_PATHS: everything it touches is reported, watched or not */
-#define AUDIT_CHILDREN 1
-#define AUDIT_ALL_PATHS 2
 BPF_HASH(audited, u32, u8, MAX_AUDITED);
 
 /* config: single slot of global switches set by user space */
@@ -177,35 +137,12 @@ BPF_HASH(uring_op, u32, u32, 16384);
 /* uring_new: worker thread id -> a new inode whose ctime was set before it had a name
  * (mkdirat, symlinkat... through io_uring); reported with its directory's change */
 BPF_HASH(uring_new, u32, u64, 16384);
-#define URING_NEW_ENTRY 1
 
-/* counters, per CPU: what was submitted and what the ring buffer refused */
-#define CNT_SUBMITTED   0
-#define CNT_LOST        1
-#define CNT_PENDING_FULL 2
-#define CNT_UNSIGNALLED 3       /* records sent since this CPU last woke the reader */
-#define CNT_COMPAT      4       /* 32-bit syscalls that could not be judged (no 32-bit table) */
-#define NCOUNTERS       5
+/* counters, per CPU: what was submitted and what the ring buffer refused (CNT_*) */
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 
-/* the record sent to user space: a fixed header, then NUL-separated strings */
-struct event {
-    u64 ktime;
-    u32 kind;
-    u32 tp_id;                  /* syscall number (EV_SYSCALL/EV_FAILED) or io_uring opcode */
-    s64 ret;
-    u64 flags;
-    u64 dev;
-    u64 ino;
-    u64 mntns;
-    u32 pid, tid, ppid, uid, euid, gid, loginuid, nspid;
-    u16 n_base1, n_base2, n_exe, has_name1, has_name2, walk_count;
-    u32 data_len;              /* bytes used in data; also the write position */
-    char comm[COMM_LEN];
-    char data[DATA_SIZE + PATH_SLOT];
-};
-_Static_assert(__builtin_offsetof(struct event, data) == EVENT_HEADER_SIZE,
-               "struct event header and the user space decoder disagree");
+/* the record sent to user space: struct event (abi.py), a fixed header, then
+ * NUL-separated strings; built in a per-CPU scratch slot */
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -826,45 +763,186 @@ RAW_TRACEPOINT_PROBE(ctime_xchg_skip) { return on_ctime(ctx); }
 /* ---- syscall exit: decide and report ---------------------------------------------- */
 static __always_inline u8 open_perm(u64 flags, u8 created)
 {
-    u8 acc = flags & ACCMODE_MASK;
+    u8 acc = flags & OFLAG_ACCMODE;
     if (created)
         return PERM_W;
-    if (acc == ACC_WRONLY)
+    if (acc == OFLAG_WRONLY)
         return PERM_W;
-    if (acc == ACC_RDWR)
+    if (acc == OFLAG_RDWR)
         return PERM_R | PERM_W;
     return PERM_R;
+}
+
+/* The followed syscall ending in this thread: its spec, and a copy of what was
+ * remembered at its entry (the thread's entry is freed for the next syscall). */
+static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracepoint_args *ctx,
+                                                           struct pending *pc)
+{
+    int compat;
+    s32 slot = spec_slot(read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR), &compat);
+    if (slot < 0)
+        return NULL;
+    u32 nr = slot;
+    struct syscall_spec *spec = syscall_spec.lookup(&nr);
+    if (!spec || !spec->active)
+        return NULL;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending.lookup(&tid);
+    if (!p || !p->active)
+        return NULL;
+    p->active = 0;
+    *pc = *p;
+    if (pc->tp_id != nr)
+        return NULL;
+    return spec;
+}
+
+/* The flags the syscall was called with (or those it implies). */
+static __always_inline u64 syscall_flags(struct syscall_spec *spec, struct pending *pc)
+{
+    u64 flags = spec->fixed_flags;
+    if (spec->flags >= 0) {
+        if (spec->flags_in_struct)
+            bpf_probe_read_user(&flags, sizeof(flags), (void *)pc->args[spec->flags & 7]);
+        else
+            flags = pc->args[spec->flags & 7];
+    }
+    return flags;
+}
+
+/* A record of the syscall, without paths yet. */
+static __always_inline struct event *syscall_event(u32 kind, struct pending *pc, s64 ret,
+                                                   u64 flags)
+{
+    struct event *e = new_event(kind);
+    if (!e)
+        return NULL;
+    e->tp_id = pc->tp_id;
+    e->ret = ret;
+    e->flags = flags;
+    return e;
+}
+
+/* A failed syscall: a denied attempt (EACCES/EPERM) is reported, matched by path in
+ * user space; other failures are not. */
+static __always_inline struct event *failed_event(struct config *cfg, int all_paths,
+                                                  struct pending *pc, s64 ret, u64 flags)
+{
+    if (ret != -ERR_EACCES && ret != -ERR_EPERM)
+        return NULL;
+    if (!cfg->have_watches && !all_paths)
+        return NULL;
+    return syscall_event(EV_FAILED, pc, ret, flags);
+}
+
+/* A successful open: the opened file decides, and the record names it. */
+static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, u64 flags,
+                                        int all_paths)
+{
+    void *file = fd_file(ret);
+    if (!file)
+        return;
+    void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+    void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+    /* created: the open changed the directory the file is in (an overlay copy-up
+     * changes the upper directory, not this one) */
+    u8 created = 0;
+    if (flags & OFLAG_CREAT) {
+        void *dir = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
+        for (int i = 0; i < MAX_TOUCHED; i++)
+            if (i < pc->ntouched && pc->touched[i] == (u64)dir)
+                created = 1;
+    }
+    u8 need = open_perm(flags, created);
+    if (!all_paths && !(watched_perms(dentry, mnt) & need))
+        return;
+    struct event *e = syscall_event(EV_SYSCALL, pc, ret,
+                                    flags | ((u64)created << CREATED_FLAG_SHIFT));
+    if (!e)
+        return;
+    set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+    e->n_base1 = put_path(e, dentry, mnt);
+    submit(ctx, e);
+}
+
+/* Another successful syscall: the inodes it changed decide.  *first is the first of
+ * them (the record's inode when its arguments name none). */
+static __always_inline struct event *changed_event(struct syscall_spec *spec,
+                                                   struct pending *pc, s64 ret, u64 flags,
+                                                   int all_paths, void **first)
+{
+    u8 perms = 0;
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        if (i < pc->ntouched) {
+            void *inode = (void *)pc->touched[i];
+            if (!*first)
+                *first = inode;
+            perms |= inode_perms(inode);
+        }
+    }
+    if (!all_paths && !(perms & spec->perm))
+        return NULL;
+    if (all_paths && !*first)
+        return NULL;
+    return syscall_event(EV_SYSCALL, pc, ret, flags);
+}
+
+/* The file behind an fd argument: its inode and path. */
+static __always_inline void put_fd_path(struct event *e, void *file)
+{
+    if (!file)
+        return;
+    set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+    e->n_base1 = put_path(e, read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
+                          read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT));
+}
+
+/* Append what the syscall's arguments name (an fd's path, or base directory and path
+ * argument, twice for two-path syscalls), then send the record. */
+static __always_inline void report_paths(void *ctx, struct event *e,
+                                         struct syscall_spec *spec, struct pending *pc,
+                                         void *first)
+{
+    if (spec->fd >= 0) {
+        put_fd_path(e, fd_file(pc->args[spec->fd & 7]));
+    } else if (spec->path1 >= 0) {
+        s64 dfd = spec->dfd1 >= 0 ? (s64)(s32)pc->args[spec->dfd1 & 7] : AT_FDCWD_VALUE;
+        const void *upath = (const void *)pc->args[spec->path1 & 7];
+        if (!upath && dfd >= 0) {
+            /* utimensat(fd, NULL, ...) and friends: the fd itself */
+            put_fd_path(e, fd_file(dfd));
+        } else {
+            e->n_base1 = put_base(e, dfd);
+            put_user_str(e, upath);
+            e->has_name1 = 1;
+        }
+    }
+    if (spec->path2 >= 0) {
+        s64 dfd = spec->dfd2 >= 0 ? (s64)(s32)pc->args[spec->dfd2 & 7] : AT_FDCWD_VALUE;
+        e->n_base2 = put_base(e, dfd);
+        put_user_str(e, (const void *)pc->args[spec->path2 & 7]);
+        e->has_name2 = 1;
+    }
+    if (!e->ino && first)
+        set_inode(e, first);
+    submit(ctx, e);
 }
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     /* every syscall ends here: leave at once unless it is one we follow */
-    int compat;
-    s32 slot = spec_slot(read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR), &compat);
-    if (slot < 0)
+    struct pending pc;
+    struct syscall_spec *spec = ending_syscall(ctx, &pc);
+    if (!spec)
         return 0;
-    u32 nr = slot;
-    struct syscall_spec *spec = syscall_spec.lookup(&nr);
-    if (!spec || !spec->active)
-        return 0;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *p = pending.lookup(&tid);
-    if (!p || !p->active)
-        return 0;
-    p->active = 0;
-    struct pending pc = *p;
-    if (pc.tp_id != nr)
-        return 0;
-    if ((s64)ctx->args[1] >= 0) {
-        if (spec->kind == KIND_MOUNT) {
+    s64 ret = (s64)ctx->args[1];
+    if (spec->kind == KIND_MOUNT) {
+        if (ret >= 0)
             bump_kernel_gen();
-            return 0;
-        }
-        if (spec->moves)
-            note_moves(&pc, spec);
-    }
-    if (spec->kind == KIND_MOUNT)
         return 0;
+    }
+    if (ret >= 0 && spec->moves)
+        note_moves(&pc, spec);
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
     if (!cfg)
@@ -873,121 +951,20 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     int all_paths;
     if (!in_scope(cfg, tgid, &all_paths))
         return 0;
-    s64 ret = (s64)ctx->args[1];
+    u64 flags = syscall_flags(spec, &pc);
 
-    u64 flags = spec->fixed_flags;
-    if (spec->flags >= 0) {
-        if (spec->flags_in_struct)
-            bpf_probe_read_user(&flags, sizeof(flags), (void *)pc.args[spec->flags & 7]);
-        else
-            flags = pc.args[spec->flags & 7];
-    }
-
-    /* opens: the opened file decides */
-    if (spec->kind == KIND_OPEN) {
-        if (ret < 0)
-            goto failed;
-        void *file = fd_file(ret);
-        if (!file)
-            return 0;
-        void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
-        void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
-        /* created: the open changed the directory the file is in (an overlay copy-up
-         * changes the upper directory, not this one) */
-        u8 created = 0;
-        if (flags & FLAG_CREAT) {
-            void *dir = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
-            for (int i = 0; i < MAX_TOUCHED; i++)
-                if (i < pc.ntouched && pc.touched[i] == (u64)dir)
-                    created = 1;
-        }
-        u8 need = open_perm(flags, created);
-        if (!all_paths && !(watched_perms(dentry, mnt) & need))
-            return 0;
-        struct event *e = new_event(EV_SYSCALL);
-        if (!e)
-            return 0;
-        e->tp_id = pc.tp_id;
-        e->ret = ret;
-        e->flags = flags | ((u64)created << 32);
-        set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-            e->n_base1 = put_path(e, dentry, mnt);
-        submit(ctx, e);
-        return 0;
-    }
-
-    if (ret < 0)
-        goto failed;
-    u8 perms = 0;
+    struct event *e;
     void *first = NULL;
-    for (int i = 0; i < MAX_TOUCHED; i++) {
-        if (i < pc.ntouched) {
-            void *inode = (void *)pc.touched[i];
-            if (!first)
-                first = inode;
-            perms |= inode_perms(inode);
-        }
+    if (ret < 0) {
+        e = failed_event(cfg, all_paths, &pc, ret, flags);
+    } else if (spec->kind == KIND_OPEN) {
+        report_open(ctx, &pc, ret, flags, all_paths);
+        return 0;
+    } else {
+        e = changed_event(spec, &pc, ret, flags, all_paths, &first);
     }
-    if (!all_paths && !(perms & spec->perm))
-        return 0;
-    if (all_paths && !first)
-        return 0;
-
-    struct event *e = new_event(EV_SYSCALL);
-    if (!e)
-        return 0;
-    e->tp_id = pc.tp_id;
-    e->ret = ret;
-    e->flags = flags;
-    goto paths;
-
-failed:
-    if (ret != -ERR_EACCES && ret != -ERR_EPERM)
-        return 0;
-    if (!cfg->have_watches && !all_paths)
-        return 0;
-    e = new_event(EV_FAILED);
-    if (!e)
-        return 0;
-    e->tp_id = pc.tp_id;
-    e->ret = ret;
-    e->flags = flags;
-
-paths:
-    if (spec->fd >= 0) {
-        void *file = fd_file(pc.args[spec->fd & 7]);
-        if (file) {
-            set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-            e->n_base1 = put_path(e, read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
-                                  read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT));
-        }
-    } else if (spec->path1 >= 0) {
-        s64 dfd = spec->dfd1 >= 0 ? (s64)(s32)pc.args[spec->dfd1 & 7] : AT_FDCWD_VALUE;
-        const void *upath = (const void *)pc.args[spec->path1 & 7];
-        if (!upath && dfd >= 0) {
-            /* utimensat(fd, NULL, ...) and friends: the fd itself */
-            void *file = fd_file(dfd);
-            if (file) {
-                set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-                e->n_base1 = put_path(e,
-                                      read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY),
-                                      read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT));
-            }
-        } else {
-            e->n_base1 = put_base(e, dfd);
-            put_user_str(e, upath);
-            e->has_name1 = 1;
-        }
-    }
-    if (spec->path2 >= 0) {
-        s64 dfd = spec->dfd2 >= 0 ? (s64)(s32)pc.args[spec->dfd2 & 7] : AT_FDCWD_VALUE;
-        e->n_base2 = put_base(e, dfd);
-        put_user_str(e, (const void *)pc.args[spec->path2 & 7]);
-        e->has_name2 = 1;
-    }
-    if (!e->ino && first)
-        set_inode(e, first);
-    submit(ctx, e);
+    if (e)
+        report_paths(ctx, e, spec, &pc, first);
     return 0;
 }
 

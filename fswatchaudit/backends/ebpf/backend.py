@@ -1,0 +1,237 @@
+"""eBPF backend: bcc programs on kernel tracepoints, filtering on inodes in the kernel.
+
+The programs (probes.c) attach only to tracepoints: syscall enter/exit for the
+filesystem syscalls, the timestamp:* inode ctime tracepoints (which inodes a syscall
+changed, also for io_uring workers), sched_process_exec/fork/exit and
+io_uring_submit_req.  A hash map of watched (device, inode) pairs with permission masks
+decides in the kernel which operations reach user space; the walk up the directory tree
+happens at the time of the operation, so new and moved directories are covered at once.
+
+This module keeps the kernel's maps in step with the rules and scopes; loader.py loads
+the programs, decode.py turns their records into events, abi.py is what both sides share.
+The backend reports every record the kernel delivers (marking those of audited
+processes with their scope keys); matching them against the rules is the consumer's job.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+
+from ...events import Event, ProcessState
+from ...rules import Rule, RuleError, RuleSet
+from ..base import Backend, BackendUnavailable
+from . import loader
+from .abi import AUDIT, CNT, GEN, PERM_BITS, kernel_dev
+from .decode import Decoder, mount_points
+from .ringbuf import RingReader
+
+DEFAULT_QUEUE_SIZE = 32 << 20   # bytes of ring buffer
+
+
+def ring_pages(queue_size: int | None) -> int:
+    """Ring buffer bytes -> pages: a power of two, at least one page."""
+    pages = max(1, (queue_size or DEFAULT_QUEUE_SIZE) // mmap.PAGESIZE)
+    return 1 << (pages.bit_length() - 1)
+
+
+class EbpfBackend(Backend):
+    name = "ebpf"
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        return loader.probe()
+
+    def __init__(self, rules: RuleSet, queue_size: int | None = None,
+                 exclude_self: bool = True) -> None:
+        super().__init__(rules, queue_size)
+        self.exclude_self = exclude_self
+        self.ringbuf_pages = ring_pages(queue_size)
+        self.bpf = None
+        self.ring: RingReader | None = None
+        self.decoder = Decoder(self.name)
+        self.container = None
+        self.watch_values: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    # -- loading -----------------------------------------------------------------
+    def start(self) -> None:
+        ok, reason = self.probe()
+        if not ok:
+            raise BackendUnavailable(reason)
+        tfs = loader.tracefs()
+        assert tfs is not None
+        dec = self.decoder
+        dec.time_offset = time.time_ns() - time.monotonic_ns()
+        specs = loader.syscall_specs(tfs)
+        dec.tp_names, have_compat = loader.syscall_slots(specs)
+        self.bpf = bpf = loader.compile_program(loader.cflags(self.ringbuf_pages, have_compat))
+        spec_map = bpf[b"syscall_spec"]
+        for slot, name in dec.tp_names.items():
+            leaf = spec_map.Leaf()
+            specs[name].fill(leaf)
+            spec_map[spec_map.Key(slot)] = leaf
+        dec.mounts = mount_points()
+        self._sync_watches()
+        self.ring = RingReader(bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE)
+
+    # -- rules -> the watched map ------------------------------------------------------
+    def _host_path(self, path: str) -> str:
+        return self.container.host_path(path) if self.container else path
+
+    def _rule_entries(self, rule: Rule) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+        mask = sum(PERM_BITS[p] for p in rule.perms)
+        if rule.kind == "inode":
+            return [((kernel_dev(rule.dev or 0), rule.inode or 0), (mask, 0, 0))]
+        assert rule.target is not None
+        if rule.kind == "dir":
+            target = self._host_path(rule.target)
+            try:
+                st = os.stat(target)
+            except OSError as exc:
+                raise RuleError(f"cannot watch {rule.target}: {exc.strerror}") from None
+            return [((kernel_dev(st.st_dev), st.st_ino), (mask, mask, mask))]
+        parent = os.path.dirname(rule.target) or "/"
+        try:
+            st = os.stat(self._host_path(parent))
+        except OSError as exc:
+            raise RuleError(f"cannot watch {rule.target}: its directory {parent}: "
+                            f"{exc.strerror}") from None
+        # The parent's entries: user space keeps the watched name (it survives the file
+        # being replaced by a rename, and a file that does not exist yet).
+        return [((kernel_dev(st.st_dev), st.st_ino), (0, mask, 0))]
+
+    def _sync_watches(self) -> None:
+        assert self.bpf is not None
+        wanted: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for rule in self.rules:
+            for key, (s, c, t) in self._rule_entries(rule):
+                old = wanted.get(key, (0, 0, 0))
+                wanted[key] = (old[0] | s, old[1] | c, old[2] | t)
+        table = self.bpf[b"watched"]
+        for key, val in wanted.items():
+            if self.watch_values.get(key) != val:
+                leaf = table.Leaf()
+                leaf.self, leaf.child, leaf.subtree = val
+                k = table.Key()
+                k.dev, k.ino = key
+                table[k] = leaf
+        for key in set(self.watch_values) - set(wanted):
+            k = table.Key()
+            k.dev, k.ino = key
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        if wanted != self.watch_values:
+            gens = self.bpf[b"gens"]
+            gkey = gens.Key(GEN.USER)
+            gens[gkey] = gens.Leaf(gens[gkey].value + 1)     # the kernel's verdicts expire
+        self.watch_values = wanted
+        self._set_config()
+
+    def _set_config(self, **changes: int) -> None:
+        assert self.bpf is not None
+        cfg_map = self.bpf[b"config"]
+        cfg = cfg_map[0]
+        cfg.have_watches = 1 if self.watch_values else 0
+        cfg.file_watches = 1 if any(r.kind == "inode" for r in self.rules) else 0
+        cfg.self_tgid = os.getpid() if self.exclude_self else 0
+        for name, value in changes.items():
+            setattr(cfg, name, value)
+        cfg_map[0] = cfg
+
+    def add_rule(self, rid: int, rule: Rule) -> None:
+        self._rule_entries(rule)        # refuse before changing anything
+        self._sync_watches()
+
+    def remove_rule(self, rid: int, rule: Rule) -> None:
+        self._sync_watches()
+
+    def watched_count(self) -> int:
+        return len(self.watch_values)
+
+    # -- scopes ----------------------------------------------------------------------
+    def set_container(self, container) -> None:
+        self.container = container
+        self.decoder.container = container
+
+    def restrict_to_mount_namespace(self, mntns: int | None) -> None:
+        self._set_config(mntns=mntns or 0)
+
+    def add_process(self, pid: int, children: bool = True, announce: bool = True,
+                    exclusive: bool = True, key: str | None = None) -> None:
+        """announce=False: the process is about to exec; its record comes with the exec.
+        exclusive=False (the daemon): the rules keep applying to every process, and
+        everything this one touches is reported besides, with ``key``."""
+        from ...scope import process_tree, read_process_state
+        assert self.bpf is not None
+        if not os.path.exists(f"/proc/{pid}"):
+            raise RuleError(f"no process {pid}")
+        pids = process_tree(pid) if children else [pid]
+        table = self.bpf[b"audited"]
+        flag = AUDIT.CHILDREN if children else 0
+        if not exclusive or not len(self.rules):
+            flag |= AUDIT.ALL_PATHS
+        dec = self.decoder
+        for p in pids:
+            table[table.Key(p)] = table.Leaf(flag)
+            dec.audited.add(p)
+            if key:
+                dec.audit_keys[p] = key
+            st = read_process_state(p, "initial" if p == pid else "descendant")
+            if st is not None and announce:
+                if self.container is not None:
+                    st.container = self.container.identity()
+                dec.batch.append(st)
+        if exclusive:
+            self._set_config(scope_processes=1)
+
+    @property
+    def audited(self) -> set[int]:
+        """The processes of per-process audits (those forked since included)."""
+        return self.decoder.audited
+
+    def remove_process(self, pid: int) -> None:
+        assert self.bpf is not None
+        table = self.bpf[b"audited"]
+        try:
+            del table[table.Key(pid)]
+        except KeyError:
+            raise RuleError(f"process {pid} is not audited") from None
+        self.decoder.audited.discard(pid)
+        self.decoder.audit_keys.pop(pid, None)
+
+    # -- events ----------------------------------------------------------------------
+    def read(self, timeout: float) -> list[Event | ProcessState]:
+        assert self.ring is not None
+        if self.ring.wait(timeout):
+            self.ring.consume(self.decoder.on_record)
+        return self.decoder.take()
+
+    def _counter(self, idx: int) -> int:
+        assert self.bpf is not None
+        values = self.bpf[b"counters"][ctypes.c_int(idx)]
+        return int(sum(values))
+
+    def submitted(self) -> int:
+        """Records the kernel submitted to the ring buffer (for tests and status)."""
+        return self._counter(CNT.SUBMITTED)
+
+    def lost(self) -> dict[str, int]:
+        if self.bpf is None:
+            return {"ringbuf": 0}
+        out = {"ringbuf": self._counter(CNT.LOST),
+               "pending_full": self._counter(CNT.PENDING_FULL)}
+        compat = self._counter(CNT.COMPAT)
+        if compat:      # 32-bit syscalls: not judged, so possibly unreported operations
+            out["compat_syscalls"] = compat
+        return out
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None

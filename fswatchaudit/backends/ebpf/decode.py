@@ -1,0 +1,240 @@
+"""Ring buffer records -> Events and ProcessStates.
+
+A record is struct event (abi.py): a fixed header, then NUL-separated strings: the
+components of the first base directory (leaf first), the first path argument, the same
+for the second path, then the program's path.  The decoder joins them, names the
+operation, and merges the several records one io_uring request gives.  It keeps no
+kernel resources, so it runs on synthetic records too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ... import ops, syscalls
+from ...events import Event, ProcessState
+from .abi import (
+    AT_REMOVEDIR_FLAG,
+    CREATED_FLAG_SHIFT,
+    EV,
+    EXE_AS_BEFORE,
+    HEADER,
+    OFLAG,
+    URING_NEW_ENTRY,
+    Header,
+    user_dev,
+)
+
+MAX_EXES = 65536
+MAX_CACHED = 16384        # decoded paths and command names kept for reuse
+OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat"})
+
+# io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
+IORING_OPS = {18: ops.CREATE, 28: ops.CREATE, 35: ops.RENAME, 36: ops.UNLINK,
+              37: ops.MKDIR, 38: ops.SYMLINK, 39: ops.LINK, 41: ops.SETXATTR,
+              42: ops.SETXATTR}
+
+
+def mount_points(pid: int | str = "self") -> dict[int, str]:
+    """st_dev -> where that filesystem's root is mounted (for paths of io_uring work)."""
+    out: dict[int, str] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo") as fh:
+            for line in fh:
+                parts = line.split()
+                major, minor = parts[2].split(":")
+                if parts[3] == "/":
+                    out.setdefault(os.makedev(int(major), int(minor)),
+                                   parts[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+class Decoder:
+    """Turns records into a batch of Events and ProcessStates, in order.
+
+    ``tp_names`` maps syscall_spec slots to syscall names; ``audited`` and
+    ``audit_keys`` are the processes of per-process audits (kept up to date by the
+    backend and by the fork records), ``container`` resolves paths inside a container.
+    """
+
+    def __init__(self, backend: str = "ebpf") -> None:
+        self.backend = backend
+        self.tp_names: dict[int, str] = {}      # syscall_spec slot -> syscall name
+        self.time_offset = 0                    # wall clock minus bpf_ktime_get_ns()
+        self.mounts: dict[int, str] = {}
+        self.container = None
+        self.audited: set[int] = set()
+        self.audit_keys: dict[int, str] = {}    # audited pid -> key of its audit
+        self.exes: dict[int, str] = {}          # tgid -> its program, as last sent
+        self.paths: dict[tuple[bytes, ...], str] = {}   # decoded directory paths
+        self.comms: dict[bytes, str] = {}
+        self.batch: list[Event | ProcessState] = []
+
+    def take(self) -> list[Event | ProcessState]:
+        """What was decoded since the last call, io_uring records merged."""
+        out, self.batch = self.batch, []
+        return merge_uring(out)
+
+    def host_path(self, path: str) -> str:
+        return self.container.host_path(path) if self.container else path
+
+    def _path(self, parts: list[bytes], n: int, pos: int) -> tuple[str, int]:
+        key = tuple(parts[pos:pos + n])
+        path = self.paths.get(key)
+        if path is None:
+            path = "/" + "/".join(p.decode(errors="surrogateescape") for p in reversed(key))
+            if len(self.paths) >= MAX_CACHED:
+                self.paths.clear()
+            self.paths[key] = path
+        return path, pos + n
+
+    def on_record(self, data: memoryview | bytes, off: int, size: int) -> None:
+        """Decode one record of ``size`` bytes at ``off`` (a RingReader handler)."""
+        h: Any = Header._make(HEADER.unpack_from(data, off))
+        start = off + HEADER.size
+        parts = bytes(data[start:start + min(h.data_len, size - HEADER.size)]).split(b"\0")
+        pos = 0
+        base1, pos = self._path(parts, h.n_base1, pos)
+        name1 = None
+        if h.has_name1:
+            name1, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+        base2, pos = self._path(parts, h.n_base2, pos)
+        name2 = None
+        if h.has_name2:
+            name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+        pid = h.pid
+        exe: str | None
+        if h.n_exe == EXE_AS_BEFORE:
+            exe = self.exes.get(pid) or _proc_exe(pid)
+        elif h.n_exe:
+            exe, pos = self._path(parts, h.n_exe, pos)
+            if len(self.exes) >= MAX_EXES:
+                self.exes.clear()
+            self.exes[pid] = exe
+        else:
+            exe = None
+
+        comm = h.comm
+        comm_text = self.comms.get(comm)
+        if comm_text is None:
+            if len(self.comms) >= MAX_CACHED:
+                self.comms.clear()
+            comm_text = self.comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+        kind = h.kind
+        if kind == EV.STATE or (kind == EV.EXEC and pid in self.audited):
+            # a process entering the audit (fork: it is still a copy of its parent) or
+            # becoming another program: who it is, from the kernel, at that moment
+            self.audited.add(pid)
+            if kind == EV.STATE and h.ppid in self.audit_keys:
+                self.audit_keys[pid] = self.audit_keys[h.ppid]
+            self.batch.append(self._state(h, comm_text, exe,
+                                          "fork" if kind == EV.STATE else "exec"))
+            if kind == EV.STATE:
+                return
+        path = base1 if name1 is None else join(base1, name1)
+        path2 = None if name2 is None else join(base2, name2)
+        syscall = self.tp_names.get(h.tp_id)
+        flags = h.flags
+        access = None
+        if kind == EV.EXEC:
+            op, syscall = ops.EXEC, None
+        elif kind == EV.URING:
+            op, syscall = IORING_OPS.get(h.tp_id, ops.ATTR), None
+            mount = self.mounts.get(user_dev(h.dev))
+            if mount and mount != "/":
+                path = mount + path
+            if flags & URING_NEW_ENTRY:
+                path = _entry_named_by_inode(self.host_path(path), h.ino, path)
+        elif syscall is None:
+            return
+        elif syscall in OPEN_SYSCALLS:
+            if kind == EV.SYSCALL and (flags >> CREATED_FLAG_SHIFT) & 1:
+                op = ops.CREATE
+            elif kind == EV.FAILED and flags & OFLAG.CREAT:
+                op = ops.CREATE
+            else:
+                op = ops.OPEN
+                acc = flags & OFLAG.ACCMODE
+                access = ("w" if acc == OFLAG.WRONLY else
+                          ("rw" if acc == OFLAG.RDWR else "r"))
+        elif syscall == "unlinkat":
+            op = ops.RMDIR if flags & AT_REMOVEDIR_FLAG else ops.UNLINK
+        else:
+            op = next(iter(syscalls.SYSCALL_OPS[syscall]))
+        ret = h.ret
+        ev = Event(op=op, path=path, path2=path2, backend=self.backend,
+                   time=self.time_offset + h.ktime, syscall=syscall,
+                   result=0 if kind == EV.EXEC or ret >= 0 else ret,
+                   dev=user_dev(h.dev) if h.dev else None, ino=h.ino or None,
+                   pid=pid, tid=h.tid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,
+                   loginuid=h.loginuid, comm=comm_text, exe=exe, access=access)
+        if kind == EV.URING:
+            ev.result = None
+        if self.container is not None:
+            ev.container = dict(self.container.identity(), pid=h.nspid)
+        if pid in self.audited:
+            key = self.audit_keys.get(pid)
+            ev.scope_keys = (key,) if key else ()
+        self.batch.append(ev)
+
+    def _state(self, h, comm: str, exe: str | None, reason: str) -> ProcessState:
+        st = ProcessState(pid=h.pid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,
+                          loginuid=h.loginuid, comm=comm, exe=exe, start_time=h.ktime,
+                          reason=reason, nspid=h.nspid or None)
+        try:
+            st.cwd = os.readlink(f"/proc/{h.pid}/cwd")
+        except OSError:
+            pass
+        if self.container is not None:
+            st.container = self.container.identity()
+        return st
+
+
+def join(base: str, name: str) -> str:
+    """base (absolute, normalised by the kernel's walk) joined with a path argument."""
+    if "/" not in name and name not in ("", ".", ".."):
+        return base + "/" + name if base != "/" else "/" + name
+    return os.path.normpath(os.path.join(base, name))
+
+
+def _proc_exe(pid: int) -> str | None:
+    """The program of a process whose last record with its path was not delivered."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _entry_named_by_inode(host_dir: str, ino: int, shown_dir: str) -> str:
+    """The name under which a new inode appeared in a directory (io_uring creations:
+    the kernel saw the directory change and the new inode, not the name)."""
+    try:
+        with os.scandir(host_dir) as it:
+            for entry in it:
+                if entry.inode() == ino:
+                    return os.path.join(shown_dir, entry.name)
+    except OSError:
+        pass
+    return shown_dir
+
+
+def merge_uring(items: list) -> list:
+    """An io_uring request changes several inodes (an unlink: the file and its
+    directory); keep one event per request: the deepest path of consecutive events from
+    the same worker with the same operation."""
+    out: list = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (isinstance(item, Event) and isinstance(prev, Event) and item.syscall is None
+                and prev.syscall is None and item.op == prev.op and item.tid == prev.tid
+                and item.op != ops.EXEC and prev.op != ops.EXEC
+                and item.path and prev.path
+                and (item.path.startswith(prev.path + "/") or
+                     prev.path.startswith(item.path + "/"))):
+            if len(item.path) > len(prev.path):
+                out[-1] = item
+            continue
+        out.append(item)
+    return out

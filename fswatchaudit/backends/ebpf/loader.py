@@ -1,0 +1,309 @@
+"""Loading the programs: what the host offers (probe), tracefs, kernel struct offsets
+from BTF turned into compiler flags, syscall numbers and per-syscall argument roles, and
+the compilation of probes.c with the C text generated from abi.py in front of it.
+
+Without kernel headers, bcc is pointed at the minimal include tree shipped in include/.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from importlib import resources
+
+from ... import ops, syscalls
+from ...diag import get_logger
+from ..base import BackendUnavailable
+from . import abi
+from .abi import KIND, MOVES, OFLAG, PERM_BITS, SyscallSpec
+from .btf import BTF, VMLINUX_BTF, BTFError
+
+log = get_logger("ebpf")
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+TRACEFS_MOUNT = TRACEFS_DIRS[0]
+CTIME_TRACEPOINTS = ("inode_set_ctime_to_ts", "ctime_ns_xchg", "ctime_xchg_skip")
+
+# Kernel struct members the programs read, by the -D name they are passed under.
+OFFSETS = {
+    "OFF_TASK_TGID": "task_struct.tgid", "OFF_TASK_PID": "task_struct.pid",
+    "OFF_TASK_REAL_PARENT": "task_struct.real_parent", "OFF_TASK_CRED": "task_struct.cred",
+    "OFF_TASK_LOGINUID": "task_struct.loginuid", "OFF_TASK_FS": "task_struct.fs",
+    "OFF_TASK_FILES": "task_struct.files", "OFF_TASK_MM": "task_struct.mm",
+    "OFF_TASK_NSPROXY": "task_struct.nsproxy", "OFF_NSPROXY_MNT_NS": "nsproxy.mnt_ns",
+    "OFF_MNT_NS_INUM": "mnt_namespace.ns.inum",
+    "OFF_CRED_UID": "cred.uid", "OFF_CRED_EUID": "cred.euid", "OFF_CRED_GID": "cred.gid",
+    "OFF_FS_PWD": "fs_struct.pwd", "OFF_FS_ROOT": "fs_struct.root",
+    "OFF_PATH_MNT": "path.mnt", "OFF_PATH_DENTRY": "path.dentry",
+    "OFF_FILES_FDT": "files_struct.fdt", "OFF_FDTABLE_FD": "fdtable.fd",
+    "OFF_FDTABLE_MAX_FDS": "fdtable.max_fds", "OFF_FILE_F_PATH": "file.f_path",
+    "OFF_FILE_F_INODE": "file.f_inode", "OFF_DENTRY_D_PARENT": "dentry.d_parent",
+    "OFF_DENTRY_D_NAME": "dentry.d_name", "OFF_QSTR_NAME": "qstr.name",
+    "OFF_DENTRY_D_INODE": "dentry.d_inode", "OFF_DENTRY_D_ALIAS": "dentry.d_u",
+    "OFF_INODE_I_INO": "inode.i_ino", "OFF_INODE_I_SB": "inode.i_sb",
+    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_DENTRY": "inode.i_dentry",
+    "OFF_SB_S_DEV": "super_block.s_dev", "OFF_MOUNT_MNT": "mount.mnt",
+    "OFF_MOUNT_MNT_PARENT": "mount.mnt_parent",
+    "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",
+    "OFF_VFSMOUNT_MNT_ROOT": "vfsmount.mnt_root", "OFF_MM_EXE_FILE": "mm_struct.exe_file",
+    "OFF_TASK_GROUP_LEADER": "task_struct.group_leader",
+    "OFF_TASK_START_TIME": "task_struct.start_time",
+    "OFF_BINPRM_FILE": "linux_binprm.file",
+    "OFF_TASK_THREAD_PID": "task_struct.thread_pid", "OFF_PID_LEVEL": "pid.level",
+    "OFF_PID_NUMBERS": "pid.numbers", "OFF_UPID_NR": "upid.nr",
+}
+
+# Syscalls that can move or remove a directory, and those that make a filesystem
+# reachable: after them the kernel's cache of directory verdicts is expired.
+MOVING_SYSCALLS = {"rename": MOVES.MAYBE, "renameat": MOVES.MAYBE, "renameat2": MOVES.MAYBE,
+                   "unlinkat": MOVES.MAYBE, "rmdir": MOVES.ALWAYS}
+MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount")
+
+# Syscall argument roles, by the argument names in the tracefs format files.
+DFD_NAMES = ("dfd", "olddfd")
+PATH_NAMES = ("filename", "pathname", "path", "oldname")
+
+# Where syscall arguments are in struct pt_regs, per architecture (the syscall ABI).
+SYSCALL_ARG_REGS = {
+    "x86_64": ("di", "si", "dx", "r10", "r8", "r9"),
+    "aarch64": ("regs",) * 6,     # regs[0..5]
+}
+# Where the syscall number stays during the syscall (read at the raw sys_exit).
+SYSCALL_NR_REG = {"x86_64": "pt_regs.orig_ax", "aarch64": "pt_regs.syscallno"}
+TS_COMPAT = 0x0002        # x86 thread_info.status: a 32-bit syscall is running
+# 32-bit syscalls of 64-bit kernels (ia32 emulation): their argument registers, their
+# number table, and the 64-bit syscall each one is the same operation as (arguments in
+# the same order as far as paths, fds and flags go).  Slots COMPAT_BASE + number.
+COMPAT_ARG_REGS = {"x86_64": ("bx", "cx", "dx", "si", "di", "bp")}
+COMPAT_UNISTD = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_32.h"}
+COMPAT_NAMES = {"chown32": "chown", "lchown32": "lchown", "fchown32": "fchown",
+                "truncate64": "truncate", "ftruncate64": "ftruncate",
+                "utimensat_time64": "utimensat"}
+UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
+                  "/usr/include/asm-generic/unistd.h")
+MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
+# Syscalls newer than the libc headers we may find.  Since Linux 5.1 new syscalls get
+# the same number on every architecture.
+NEWER_SYSCALLS = {"fchmodat2": 452, "setxattrat": 463, "removexattrat": 466}
+
+
+# ---- tracefs ------------------------------------------------------------------------
+def tracefs() -> str | None:
+    for d in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return None
+
+
+def mount_tracefs() -> str:
+    """Mount tracefs at /sys/kernel/tracing (a fresh host, a new mount namespace); returns
+    why it could not, or "" once it is mounted.  mount(2) itself, never a shell."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                           ctypes.c_ulong, ctypes.c_void_p)
+    if libc.mount(b"nodev", TRACEFS_MOUNT.encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        return f"tracefs is not mounted and mounting it failed: {os.strerror(err)}"
+    log.info("mounted tracefs", path=TRACEFS_MOUNT,
+             reason="it was not mounted; the eBPF backend needs its tracepoint formats")
+    return ""
+
+
+def ensure_tracefs() -> tuple[str | None, str]:
+    """(tracefs directory, "") or (None, why not); mounts it when root and missing."""
+    tfs = tracefs()
+    if tfs is not None:
+        return tfs, ""
+    if os.geteuid() != 0:
+        return None, "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)"
+    why = mount_tracefs()
+    tfs = tracefs()
+    if tfs is None:
+        return None, why or f"tracefs mounted at {TRACEFS_MOUNT} has no events directory"
+    return tfs, ""
+
+
+def probe() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "needs root (CAP_BPF and CAP_PERFMON)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return False, "bcc is not importable (Debian package python3-bpfcc)"
+    if not os.path.exists(VMLINUX_BTF):
+        return False, f"no kernel BTF at {VMLINUX_BTF} (CONFIG_DEBUG_INFO_BTF)"
+    tfs, why = ensure_tracefs()
+    if tfs is None:
+        return False, why
+    missing = [t for t in CTIME_TRACEPOINTS
+               if not os.path.isdir(f"{tfs}/events/timestamp/{t}")]
+    if missing:
+        return False, ("kernel lacks the timestamp:* tracepoints "
+                       f"({', '.join(missing)}): Linux 6.13 or newer is needed")
+    return True, "root, bcc, BTF and timestamp tracepoints present"
+
+
+# ---- syscalls -----------------------------------------------------------------------
+def syscall_args(tfs: str, name: str) -> list[str] | None:
+    """Argument names of sys_enter_NAME, or None where this kernel has no such syscall."""
+    try:
+        with open(f"{tfs}/events/syscalls/sys_enter_{name}/format") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:") or "common_" in line or "__syscall_nr" in line:
+            continue
+        decl = line.split(";")[0][len("field:"):]
+        names.append(decl.replace("*", " ").split()[-1])
+    return names
+
+
+def syscall_specs(tfs: str) -> dict[str, SyscallSpec]:
+    """Per followed syscall this kernel has: which arguments are what (syscall_spec)."""
+    specs = {}
+    for name, sc_ops in syscalls.SYSCALL_OPS.items():
+        if ops.EXEC in sc_ops:
+            continue            # executions are seen at sched_process_exec
+        args = syscall_args(tfs, name)
+        if args is None:
+            continue
+
+        def idx(*names: str, args: list[str] = args) -> int:
+            return next((args.index(n) for n in names if n in args), -1)
+        dfd1, path1 = idx(*DFD_NAMES), idx(*PATH_NAMES)
+        dfd2, path2 = idx("newdfd"), idx("newname")
+        if name in ("symlink", "symlinkat"):   # oldname is the link's text, not a path
+            dfd1, path1, dfd2, path2 = dfd2, path2, -1, -1
+        perm = 0
+        for op in sc_ops:
+            for letter in syscalls.perms_for(op, "rw"):
+                perm |= PERM_BITS[letter]
+        specs[name] = SyscallSpec(
+            dfd1=dfd1, path1=path1, dfd2=dfd2, path2=path2,
+            fd=idx("fd") if path1 < 0 else -1,
+            flags=idx("flags", "flag", "how"),
+            kind=KIND.OPEN if sc_ops & {ops.OPEN, ops.CREATE} else KIND.PLAIN,
+            perm=perm,
+            flags_in_struct=1 if name == "openat2" else 0,
+            fixed_flags=OFLAG.CREAT | OFLAG.WRONLY | OFLAG.TRUNC if name == "creat" else 0,
+            moves=MOVING_SYSCALLS.get(name, MOVES.NEVER))
+    for name in MOUNT_SYSCALLS:
+        if syscall_args(tfs, name) is not None:
+            specs[name] = SyscallSpec(kind=KIND.MOUNT)
+    return specs
+
+
+def compat_syscalls() -> list[tuple[str, int]]:
+    """(64-bit syscall name, 32-bit number) for the 32-bit syscalls of this machine."""
+    path = COMPAT_UNISTD.get(os.uname().machine)
+    try:
+        with open(path or "") as fh:
+            text = fh.read()
+    except OSError:
+        return []
+    out = [(COMPAT_NAMES.get(name, name), int(nr))
+           for name, nr in re.findall(r"#define\s+__NR_(\w+)\s+(\d+)", text)]
+    have = {name for name, _ in out}
+    # syscalls newer than the header have one number on every architecture
+    out += [(name, nr) for name, nr in NEWER_SYSCALLS.items() if name not in have]
+    return [(name, nr) for name, nr in out if nr < abi.MAX_SYSCALL_NR]
+
+
+def syscall_numbers() -> dict[str, int]:
+    """Syscall name -> number, from the kernel ABI headers (Debian's linux-libc-dev)."""
+    multiarch = MULTIARCH.get(os.uname().machine, "")
+    define = re.compile(r"#define\s+__NR(?:3264)?_(\w+)\s+(\w+)")
+    for pattern in UNISTD_HEADERS:
+        path = pattern.format(multiarch=multiarch)
+        try:
+            with open(path) as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        raw = dict(define.findall(text))
+        numbers: dict[str, int] = {}
+        for name, value in raw.items():
+            while not value.isdigit() and value.startswith("__NR"):
+                value = raw.get(value.split("_", 3)[-1] if value.startswith("__NR3264_")
+                                else value[len("__NR_"):], "x")
+            if value.isdigit():
+                numbers[name] = int(value)
+        for name, nr in NEWER_SYSCALLS.items():
+            numbers.setdefault(name, nr)
+        return numbers
+    raise BackendUnavailable("no syscall number table: install linux-libc-dev "
+                             f"(looked for {', '.join(UNISTD_HEADERS)})")
+
+
+def syscall_slots(specs: dict[str, SyscallSpec]) -> tuple[dict[int, str], bool]:
+    """syscall_spec slot -> syscall name for the followed syscalls, and whether the
+    32-bit syscalls have their own slots."""
+    numbers = syscall_numbers()
+    slots = {numbers[name]: name for name in specs
+             if numbers.get(name, abi.MAX_SYSCALL_NR) < abi.MAX_SYSCALL_NR}
+    have_compat = False
+    if os.uname().machine in COMPAT_ARG_REGS:
+        compat = {abi.COMPAT_BASE + nr: name for name, nr in compat_syscalls()
+                  if name in specs}
+        have_compat = bool(compat)
+        slots.update(compat)
+    return slots, have_compat
+
+
+# ---- compiling ----------------------------------------------------------------------
+def syscall_arg_offsets(btf: BTF) -> list[int]:
+    machine = os.uname().machine
+    regs = SYSCALL_ARG_REGS.get(machine)
+    if regs is None:
+        raise BackendUnavailable(f"syscall argument registers unknown for {machine}")
+    if regs[0] == "regs":
+        base = btf.offset("pt_regs.regs")
+        return [base + 8 * i for i in range(6)]
+    return [btf.offset(f"pt_regs.{r}") for r in regs]
+
+
+def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
+    """-D flags: the running kernel's struct offsets and this run's sizes."""
+    machine = os.uname().machine
+    try:
+        btf = BTF()
+        flags = [f"-D{name}={btf.offset(member)}" for name, member in OFFSETS.items()]
+        arg_offs = syscall_arg_offsets(btf)
+        flags += [f"-DOFF_REGS_ARG{i}={off}" for i, off in enumerate(arg_offs)]
+        flags += [f"-DREGS_SPAN_START={min(arg_offs)}",
+                  f"-DREGS_SPAN_LEN={max(arg_offs) + 8 - min(arg_offs)}"]
+        flags.append(f"-DOFF_REGS_SYSCALL_NR={btf.offset(SYSCALL_NR_REG[machine])}")
+        compat_regs = COMPAT_ARG_REGS.get(machine)
+        if compat_regs:
+            offs = [btf.offset(f"pt_regs.{r}") for r in compat_regs]
+            flags += [f"-DOFF_TASK_TI_STATUS={btf.offset('task_struct.thread_info.status')}",
+                      f"-DTS_COMPAT_BIT={TS_COMPAT}"]
+            flags += [f"-DOFF_CREGS_ARG{i}={off}" for i, off in enumerate(offs)]
+            flags += [f"-DCREGS_SPAN_START={min(offs)}",
+                      f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
+        flags.append(f"-DSIZEOF_UPID={btf.size('upid')}")
+    except (OSError, BTFError) as exc:
+        raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
+    flags += [f"-DRINGBUF_PAGES={ringbuf_pages}",
+              f"-DHAVE_COMPAT_TABLE={1 if have_compat else 0}"]
+    return flags
+
+
+def program_text() -> bytes:
+    """probes.c with the C side of abi.py in front of it (line numbers kept)."""
+    src = resources.files(__package__).joinpath("probes.c").read_bytes()
+    return abi.c_header().encode() + b'#line 1 "probes.c"\n' + src
+
+
+def compile_program(flags: list[str]):
+    from bcc import BPF
+    headers = f"/lib/modules/{os.uname().release}/build"
+    if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
+        os.environ["BCC_KERNEL_SOURCE"] = str(resources.files(__package__).joinpath("include"))
+    try:
+        return BPF(text=program_text(), cflags=flags)
+    except Exception as exc:
+        raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None

@@ -1,0 +1,208 @@
+"""The eBPF record ABI: the table in abi.py against the compiled program (root), and the
+decoder on records built from that table (no root, no BPF)."""
+import ctypes
+import os
+import re
+from importlib import resources
+
+import pytest
+
+from fswatchaudit import ops
+from fswatchaudit.backends.ebpf import abi
+from fswatchaudit.backends.ebpf.abi import EV, EXE_AS_BEFORE, OFLAG
+from fswatchaudit.backends.ebpf.decode import Decoder
+from fswatchaudit.events import Event, ProcessState
+
+NR = {"openat": 257, "renameat2": 316, "unlinkat": 263, "chmod": 90}
+
+
+def components(path: str | None) -> list[bytes]:
+    """A path as the kernel's walk writes it: components, leaf first."""
+    if not path or path == "/":
+        return []
+    return [p.encode() for p in reversed(path.strip("/").split("/"))]
+
+
+def record(kind: int, *, base1: str | None = None, name1: str | None = None,
+           base2: str | None = None, name2: str | None = None, exe: str | None = None,
+           n_exe: int | None = None, **header) -> bytes:
+    """struct event as the kernel sends it, built from the table's field names."""
+    strings: list[bytes] = []
+    strings += components(base1)
+    if name1 is not None:
+        strings.append(name1.encode())
+    strings += components(base2)
+    if name2 is not None:
+        strings.append(name2.encode())
+    strings += components(exe)
+    data = b"".join(s + b"\0" for s in strings)
+    values = {f.name: 0 for f in abi.EVENT_FIELDS}
+    values.update(ktime=1000, kind=kind, pid=4242, tid=4242, ppid=1, uid=1000, euid=1000,
+                  gid=1000, loginuid=1000, comm=b"touch", data_len=len(data),
+                  n_base1=len(components(base1)), has_name1=int(name1 is not None),
+                  n_base2=len(components(base2)), has_name2=int(name2 is not None),
+                  n_exe=len(components(exe)) if n_exe is None else n_exe)
+    values.update(header)
+    return abi.HEADER.pack(*(values[f.name] for f in abi.EVENT_FIELDS)) + data
+
+
+def decode(*records: bytes, decoder: Decoder | None = None) -> list:
+    dec = decoder or Decoder()
+    dec.tp_names = {nr: name for name, nr in NR.items()}
+    for rec in records:
+        buf = b"\xee" * 8 + rec + b"\xee" * 8      # at an offset, as in the ring
+        dec.on_record(memoryview(buf), 8, len(rec))
+    return dec.take()
+
+
+# ---- the table itself ---------------------------------------------------------------
+def test_syscall_spec_dataclass_has_the_table_fields():
+    from dataclasses import fields
+    assert [f.name for f in fields(abi.SyscallSpec)] == [
+        f.name for f in abi.SPEC_FIELDS if not f.is_pad]
+
+
+def test_probes_c_defines_nothing_the_table_defines():
+    src = resources.files("fswatchaudit.backends.ebpf").joinpath("probes.c").read_text()
+    generated = re.findall(r"#define (\w+)", abi.c_header())
+    assert generated and not [n for n in generated if re.search(rf"#define {n}\b", src)]
+    assert not re.search(r"^struct (event|syscall_spec) \{", src, re.M)
+    assert abi.HEADER.size == abi.EVENT_HEADER_SIZE == 120
+
+
+# ---- decoding synthetic records ---------------------------------------------------------
+def test_syscall_create():
+    (ev,) = decode(record(EV.SYSCALL, tp_id=NR["openat"], ret=3, dev=(8 << 20) | 1, ino=77,
+                          flags=OFLAG.CREAT | OFLAG.WRONLY | (1 << abi.CREATED_FLAG_SHIFT),
+                          base1="/tmp/w", name1="f", exe="/usr/bin/touch"))
+    assert isinstance(ev, Event)
+    assert (ev.op, ev.path, ev.path2, ev.syscall, ev.result) == (
+        ops.CREATE, "/tmp/w/f", None, "openat", 0)
+    assert (ev.dev, ev.ino, ev.pid, ev.comm, ev.exe) == (
+        os.makedev(8, 1), 77, 4242, "touch", "/usr/bin/touch")
+    assert ev.access is None and ev.backend == "ebpf" and ev.scope_keys is None
+
+
+def test_syscall_open_for_read_and_write():
+    got = decode(record(EV.SYSCALL, tp_id=NR["openat"], ret=3, flags=OFLAG.RDWR,
+                        base1="/tmp/w", name1="f"),
+                 record(EV.SYSCALL, tp_id=NR["openat"], ret=3, flags=0, base1="/", name1="g"))
+    assert [(e.op, e.path, e.access) for e in got] == [
+        (ops.OPEN, "/tmp/w/f", "rw"), (ops.OPEN, "/g", "r")]
+
+
+def test_rename_with_path2():
+    (ev,) = decode(record(EV.SYSCALL, tp_id=NR["renameat2"], base1="/tmp/w", name1="a",
+                          base2="/tmp/o", name2="../w/sub/b"))
+    assert (ev.op, ev.path, ev.path2, ev.syscall) == (
+        ops.RENAME, "/tmp/w/a", "/tmp/w/sub/b", "renameat2")
+
+
+def test_unlinkat_of_a_directory_is_rmdir():
+    (ev,) = decode(record(EV.SYSCALL, tp_id=NR["unlinkat"], flags=abi.AT_REMOVEDIR_FLAG,
+                          base1="/tmp/w", name1="d"))
+    assert (ev.op, ev.path) == (ops.RMDIR, "/tmp/w/d")
+
+
+def test_exec():
+    (ev,) = decode(record(EV.EXEC, base1="/usr/bin/true", exe="/usr/bin/true"))
+    assert (ev.op, ev.path, ev.syscall, ev.result, ev.exe) == (
+        ops.EXEC, "/usr/bin/true", None, 0, "/usr/bin/true")
+
+
+def test_io_uring_records_of_one_request_merge():
+    a = record(EV.URING, tp_id=36, tid=99, base1="/tmp/w")           # the directory
+    b = record(EV.URING, tp_id=36, tid=99, base1="/tmp/w/f")         # the file
+    c = record(EV.URING, tp_id=37, tid=99, base1="/tmp/w/d")         # the next request
+    got = decode(a, b, c)
+    assert [(e.op, e.path, e.syscall, e.result) for e in got] == [
+        (ops.UNLINK, "/tmp/w/f", None, None), (ops.MKDIR, "/tmp/w/d", None, None)]
+
+
+def test_failed_open():
+    got = decode(record(EV.FAILED, tp_id=NR["openat"], ret=-13, flags=OFLAG.CREAT,
+                        base1="/tmp/w", name1="f"),
+                 record(EV.FAILED, tp_id=NR["openat"], ret=-1, flags=OFLAG.WRONLY,
+                        base1="/tmp/w", name1="g"))
+    assert [(e.op, e.path, e.result, e.access) for e in got] == [
+        (ops.CREATE, "/tmp/w/f", -13, None), (ops.OPEN, "/tmp/w/g", -1, "w")]
+
+
+def test_state_record_then_events_of_the_audited_child():
+    dec = Decoder()
+    dec.audited.add(400)
+    dec.audit_keys[400] = "k"
+    got = decode(record(EV.STATE, pid=500, tid=500, ppid=400, nspid=7, exe="/bin/sh"),
+                 record(EV.SYSCALL, tp_id=NR["chmod"], pid=500, tid=500, ppid=400,
+                        base1="/tmp", name1="x", n_exe=EXE_AS_BEFORE),
+                 decoder=dec)
+    st, ev = got
+    assert isinstance(st, ProcessState)
+    assert (st.pid, st.ppid, st.reason, st.exe, st.nspid) == (500, 400, "fork", "/bin/sh", 7)
+    assert 500 in dec.audited and dec.audit_keys[500] == "k"
+    assert (ev.op, ev.path, ev.exe, ev.scope_keys) == (ops.CHMOD, "/tmp/x", "/bin/sh", ("k",))
+
+
+def test_exe_as_before():
+    got = decode(record(EV.SYSCALL, tp_id=NR["chmod"], base1="/tmp", name1="a",
+                        exe="/usr/bin/chmod"),
+                 record(EV.SYSCALL, tp_id=NR["chmod"], base1="/tmp", name1="b",
+                        n_exe=EXE_AS_BEFORE),
+                 # a process whose record with the path was not delivered: /proc says
+                 record(EV.SYSCALL, tp_id=NR["chmod"], base1="/tmp", name1="c",
+                        pid=os.getpid(), n_exe=EXE_AS_BEFORE))
+    assert [e.exe for e in got] == ["/usr/bin/chmod", "/usr/bin/chmod",
+                                    os.readlink("/proc/self/exe")]
+
+
+def test_records_of_unfollowed_syscalls_are_dropped():
+    assert decode(record(EV.SYSCALL, tp_id=999, base1="/tmp", name1="a")) == []
+
+
+# ---- the table against the compiled program -----------------------------------------------
+def ctypes_layout(struct_type) -> dict[str, tuple[int, int]]:
+    return {name: (getattr(struct_type, name).offset, getattr(struct_type, name).size)
+            for name, *_ in struct_type._fields_ if not name.startswith("__pad")}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    from fswatchaudit.backends import probe
+    p = probe("ebpf")
+    if not p.usable:
+        pytest.skip(f"eBPF backend: {p.reason}")
+    from fswatchaudit.backends.ebpf import EbpfBackend
+    from fswatchaudit.rules import RuleSet
+    be = EbpfBackend(RuleSet())
+    be.start()
+    yield be.bpf
+    be.close()
+
+
+def test_struct_event_as_compiled(compiled):
+    leaf = compiled[b"scratch"].sLeaf            # per-CPU array of struct event
+    layout = ctypes_layout(leaf)
+    table = abi.offsets(abi.EVENT_FIELDS)
+    assert list(layout)[:len(table)] == list(table)
+    assert {k: layout[k] for k in table} == table
+    assert layout["data"] == (abi.EVENT_HEADER_SIZE, abi.DATA_SIZE + abi.PATH_SLOT)
+    assert ctypes.sizeof(leaf) == abi.EVENT_HEADER_SIZE + abi.DATA_SIZE + abi.PATH_SLOT
+
+
+def test_struct_syscall_spec_as_compiled(compiled):
+    leaf = compiled[b"syscall_spec"].Leaf
+    assert ctypes_layout(leaf) == abi.offsets(abi.SPEC_FIELDS)
+    assert ctypes.sizeof(leaf) == abi.SPEC.size
+    # a filled slot reads back as the table packs it
+    spec = abi.SyscallSpec(dfd1=0, path1=1, flags=2, kind=abi.KIND.OPEN, perm=3, moves=1,
+                           fixed_flags=0o1101)
+    value = leaf()
+    spec.fill(value)
+    assert bytes(value) == abi.SPEC.pack(0, 1, -1, -1, -1, 2, abi.KIND.OPEN, 3, 0, 1, 1,
+                                         0o1101)
+
+
+def test_counters_map_has_a_slot_per_counter(compiled):
+    counters = compiled[b"counters"]
+    assert counters.max_entries == abi.NCOUNTERS == len(abi.CNT)
+
