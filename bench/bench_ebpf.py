@@ -346,7 +346,7 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
         wcpu = statistics.median(r["workload_cpu"] for r in runs)
         once = [r.get("exactly_once") for r in runs]
 
-        def cell(key: str, fmt: str = "{}") -> str:
+        def cell(key: str, fmt: str = "{}", runs: list = runs) -> str:
             values = [r.get(key) for r in runs]
             if all(v is None for v in values):
                 return "-"

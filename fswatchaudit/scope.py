@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 
 from .procfs import cgroup as _cgroup
 from .procfs import ns_inode
-from .procfs import process_tree as process_tree  # re-exported for callers of scope
-from .procfs import read_process_state as read_process_state
 
 CONTAINER_ID = re.compile(r"^[0-9a-f]{12,64}$")
 

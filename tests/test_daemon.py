@@ -123,7 +123,7 @@ class Daemon:
             except queue.Empty:
                 if self.proc.poll() is not None and self.inbox.empty():
                     raise AssertionError(f"daemon exited {self.proc.returncode} before "
-                                         f"{key}:\n" + self.stderr_text())
+                                         f"{key}:\n" + self.stderr_text()) from None
                 continue
             self.messages.append(msg)
             if key in msg:
@@ -484,7 +484,7 @@ def test_disk_full_drop_oldest(base, backend):
         # batches smaller than one rotated file: each write needs at most one deletion
         for batch in range(60):
             made += mkdirs(w, f"b{batch}", 100)
-            wait_until(lambda: flushed(dm, len(made)), "events written")
+            wait_until(lambda n=len(made): flushed(dm, n), "events written")
         assert dm.status()["records_dropped"] == 0
         st = dm.status()
         assert st["state"] == "running"

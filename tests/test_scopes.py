@@ -168,7 +168,8 @@ def test_container_named_by_cgroup_id(container):
     pid, merged, upper, unshare = container
     cid = f"{os.getpid():08x}" * 8
     cg = f"/sys/fs/cgroup/unified/docker-{cid}.scope"
-    if not os.path.isdir("/sys/fs/cgroup/unified") and os.path.exists("/sys/fs/cgroup/cgroup.procs"):
+    if (not os.path.isdir("/sys/fs/cgroup/unified")
+            and os.path.exists("/sys/fs/cgroup/cgroup.procs")):
         cg = f"/sys/fs/cgroup/docker-{cid}.scope"
     os.mkdir(cg)
     try:

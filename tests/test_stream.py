@@ -7,8 +7,14 @@ import msgpack
 from fswatchaudit.auditor import Auditor
 from fswatchaudit.backends.base import Backend
 from fswatchaudit.enrich import default_pipeline
-from fswatchaudit.events import (Event, LostCounts, Marker, ProcessState, RulesInForce,
-                                 record_from_dict)
+from fswatchaudit.events import (
+    Event,
+    LostCounts,
+    Marker,
+    ProcessState,
+    RulesInForce,
+    record_from_dict,
+)
 from fswatchaudit.rules import RuleSet, parse_line, watch_rule
 from fswatchaudit.sinks import HumanEncoder, JsonEncoder, ListSink, MsgpackEncoder
 

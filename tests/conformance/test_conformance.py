@@ -73,7 +73,7 @@ def test_conformance(backend, tree):
         [f"{expected[i][0] if i < len(expected) else '-'}: "
          f"{want[i] if i < len(want) else '-'} | {got[i] if i < len(got) else '-'}"
          for i in range(max(len(got), len(want)))])
-    for (step_name, w), ev in zip(expected, events):
+    for (step_name, _), ev in zip(expected, events, strict=True):
         assert ev["backend"] == backend
         assert ev["keys"] == ["conf"]
         for f in PROCESS_FIELDS:

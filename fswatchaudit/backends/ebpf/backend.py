@@ -164,7 +164,7 @@ class EbpfBackend(Backend):
         """announce=False: the process is about to exec; its record comes with the exec.
         exclusive=False (the daemon): the rules keep applying to every process, and
         everything this one touches is reported besides, with ``key``."""
-        from ...scope import process_tree, read_process_state
+        from ...procfs import process_tree, read_process_state
         assert self.bpf is not None
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
@@ -187,10 +187,9 @@ class EbpfBackend(Backend):
         if exclusive:
             self._set_config(scope_processes=1)
 
-    @property
-    def audited(self) -> set[int]:
+    def audited_pids(self) -> set[int]:
         """The processes of per-process audits (those forked since included)."""
-        return self.decoder.audited
+        return set(self.decoder.audited)
 
     def remove_process(self, pid: int) -> None:
         assert self.bpf is not None
