@@ -7,6 +7,7 @@ x86_64 and aarch64 (glibc calls the old ``rename``/``unlink``/``chmod`` on x86_6
 """
 from __future__ import annotations
 
+from . import ops
 from .ops import ALL_OPS, ATTR_OPS, CREATE_OPS, EXEC_OPS, OPEN_OPS, REMOVE_OPS  # noqa: F401
 
 # Alias name -> operations in it.  "open with O_CREAT" in fs-create is the op "create".
@@ -52,48 +53,48 @@ SYSCALL_VARIANTS: dict[str, tuple[str, ...]] = {
 
 # Every real syscall name -> the operations it can produce.
 SYSCALL_OPS: dict[str, frozenset[str]] = {
-    "creat": frozenset({"create"}),
-    "open": frozenset({"open", "create"}),
-    "openat": frozenset({"open", "create"}),
-    "openat2": frozenset({"open", "create"}),
-    "link": frozenset({"link"}),
-    "linkat": frozenset({"link"}),
-    "mkdir": frozenset({"mkdir"}),
-    "mkdirat": frozenset({"mkdir"}),
-    "mknod": frozenset({"mknod"}),
-    "mknodat": frozenset({"mknod"}),
-    "rename": frozenset({"rename"}),
-    "renameat": frozenset({"rename"}),
-    "renameat2": frozenset({"rename"}),
-    "symlink": frozenset({"symlink"}),
-    "symlinkat": frozenset({"symlink"}),
-    "rmdir": frozenset({"rmdir"}),
-    "unlink": frozenset({"unlink"}),
-    "unlinkat": frozenset({"unlink", "rmdir"}),
-    "chmod": frozenset({"chmod"}),
-    "fchmod": frozenset({"chmod"}),
-    "fchmodat": frozenset({"chmod"}),
-    "fchmodat2": frozenset({"chmod"}),
-    "chown": frozenset({"chown"}),
-    "fchown": frozenset({"chown"}),
-    "lchown": frozenset({"chown"}),
-    "fchownat": frozenset({"chown"}),
-    "setxattr": frozenset({"setxattr"}),
-    "lsetxattr": frozenset({"setxattr"}),
-    "fsetxattr": frozenset({"setxattr"}),
-    "setxattrat": frozenset({"setxattr"}),
-    "removexattr": frozenset({"removexattr"}),
-    "lremovexattr": frozenset({"removexattr"}),
-    "fremovexattr": frozenset({"removexattr"}),
-    "removexattrat": frozenset({"removexattr"}),
-    "truncate": frozenset({"truncate"}),
-    "ftruncate": frozenset({"truncate"}),
-    "utime": frozenset({"utime"}),
-    "utimes": frozenset({"utime"}),
-    "futimesat": frozenset({"utime"}),
-    "utimensat": frozenset({"utime"}),
-    "execve": frozenset({"exec"}),
-    "execveat": frozenset({"exec"}),
+    "creat": frozenset({ops.CREATE}),
+    "open": frozenset({ops.OPEN, ops.CREATE}),
+    "openat": frozenset({ops.OPEN, ops.CREATE}),
+    "openat2": frozenset({ops.OPEN, ops.CREATE}),
+    "link": frozenset({ops.LINK}),
+    "linkat": frozenset({ops.LINK}),
+    "mkdir": frozenset({ops.MKDIR}),
+    "mkdirat": frozenset({ops.MKDIR}),
+    "mknod": frozenset({ops.MKNOD}),
+    "mknodat": frozenset({ops.MKNOD}),
+    "rename": frozenset({ops.RENAME}),
+    "renameat": frozenset({ops.RENAME}),
+    "renameat2": frozenset({ops.RENAME}),
+    "symlink": frozenset({ops.SYMLINK}),
+    "symlinkat": frozenset({ops.SYMLINK}),
+    "rmdir": frozenset({ops.RMDIR}),
+    "unlink": frozenset({ops.UNLINK}),
+    "unlinkat": frozenset({ops.UNLINK, ops.RMDIR}),
+    "chmod": frozenset({ops.CHMOD}),
+    "fchmod": frozenset({ops.CHMOD}),
+    "fchmodat": frozenset({ops.CHMOD}),
+    "fchmodat2": frozenset({ops.CHMOD}),
+    "chown": frozenset({ops.CHOWN}),
+    "fchown": frozenset({ops.CHOWN}),
+    "lchown": frozenset({ops.CHOWN}),
+    "fchownat": frozenset({ops.CHOWN}),
+    "setxattr": frozenset({ops.SETXATTR}),
+    "lsetxattr": frozenset({ops.SETXATTR}),
+    "fsetxattr": frozenset({ops.SETXATTR}),
+    "setxattrat": frozenset({ops.SETXATTR}),
+    "removexattr": frozenset({ops.REMOVEXATTR}),
+    "lremovexattr": frozenset({ops.REMOVEXATTR}),
+    "fremovexattr": frozenset({ops.REMOVEXATTR}),
+    "removexattrat": frozenset({ops.REMOVEXATTR}),
+    "truncate": frozenset({ops.TRUNCATE}),
+    "ftruncate": frozenset({ops.TRUNCATE}),
+    "utime": frozenset({ops.UTIME}),
+    "utimes": frozenset({ops.UTIME}),
+    "futimesat": frozenset({ops.UTIME}),
+    "utimensat": frozenset({ops.UTIME}),
+    "execve": frozenset({ops.EXEC}),
+    "execveat": frozenset({ops.EXEC}),
 }
 
 # Alias name -> classic syscall names, as written in the proposal.
@@ -123,21 +124,21 @@ def expand_syscall(name: str) -> tuple[frozenset[str], frozenset[str]]:
         return frozenset(SYSCALL_OPS), ALL_OPS
     if name in ALIAS_SYSCALLS:
         calls = frozenset(v for c in ALIAS_SYSCALLS[name] for v in SYSCALL_VARIANTS[c])
-        ops = frozenset().union(*(ALIAS_OPS[a] for a in ALIAS_OPS if a.startswith("fs-")
+        selected = frozenset().union(*(ALIAS_OPS[a] for a in ALIAS_OPS if a.startswith("fs-")
                                   and (name == "fs-all" or a == name)))
-        return calls, ops
+        return calls, selected
     if name in SYSCALL_VARIANTS:
         calls = frozenset(SYSCALL_VARIANTS[name])
     elif name in SYSCALL_OPS:
         calls = frozenset({name})
     else:
         raise KeyError(name)
-    ops = frozenset().union(*(SYSCALL_OPS[c] for c in calls))
+    selected = frozenset().union(*(SYSCALL_OPS[c] for c in calls))
     if name == "rmdir":
-        ops = frozenset({"rmdir"})
+        selected = frozenset({ops.RMDIR})
     elif name == "unlink":
-        ops = frozenset({"unlink"})
-    return calls, ops
+        selected = frozenset({ops.UNLINK})
+    return calls, selected
 
 
 def known_syscall_names() -> list[str]:
@@ -153,9 +154,9 @@ def aliases_for_op(op: str) -> list[str]:
 def perms_for(op: str, access: str | None = None) -> frozenset[str]:
     """Permission letters an operation counts as: r/w for opens by access mode,
     w for every namespace or attribute change, a for attribute changes, x for exec."""
-    if op == "open":
+    if op == ops.OPEN:
         return frozenset(access or "r") & frozenset("rw")
-    if op == "exec":
+    if op == ops.EXEC:
         return frozenset("x")
     if op in ATTR_OPS:
         return frozenset("wa")

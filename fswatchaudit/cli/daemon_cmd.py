@@ -5,25 +5,10 @@ import argparse
 import os
 import sys
 
-from ..errors import EXIT_OK, EXIT_USAGE
-from ..rules import RuleError
+from ..errors import EXIT_USAGE
 from ..service import config as config_mod
-from ..service.config import ConfigError
-from ..service.daemon import Daemon, load_rules
+from ..service.daemon import Daemon, check
 
-
-def check(config_path: str | None) -> int:
-    """--check: validate the configuration and rules.d as a start or reload would
-    (for an ExecStartPre, or before `systemctl reload`), without starting anything."""
-    try:
-        cfg = config_mod.load(config_path)
-        rules = load_rules(cfg.rules_dir)
-    except (ConfigError, RuleError) as exc:
-        print(f"fswatchaudit: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"configuration ok: {len(rules)} rules from {cfg.rules_dir}, digest "
-          f"{rules.digest()}, log {cfg.log_path}, backend {cfg.backend}")
-    return EXIT_OK
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     if args.check:

@@ -27,6 +27,7 @@ from .. import rules as rules_mod
 from ..auditor import Auditor
 from ..backends.base import BackendUnavailable
 from ..errors import EXIT_FAILURE, EXIT_NO_BACKEND, EXIT_OK, EXIT_USAGE
+from ..events import Marker
 from ..rules import RuleError, RuleSet
 from ..sinks import RotatingFileSink, Sink
 from ..wiring import log_header, open_backend
@@ -248,7 +249,10 @@ class Daemon:
         if self.consumer is not None:
             self.consumer.join(30)
         if self.auditor is not None:
-            self.auditor.finish()
+            counts = self.auditor.finish()
+            # the other sinks learn why the stream ends here (the log cannot be written)
+            self.auditor.emit(Marker("suspend", {"reason": reason,
+                                                 "lost": sum(counts.values())}))
         if self.backend is not None:
             self.backend.close()
         self.notifier.status(status_line(self))

@@ -219,6 +219,20 @@ static __always_inline int in_scope(struct config *cfg, u32 tgid, int *all_paths
     return 1;
 }
 
+/* The configuration when the current task is in scope, else NULL; its tgid and
+ * whether everything it touches is reported (a per-process audit of all paths). */
+static __always_inline struct config *current_scope(u32 *tgid, int *all_paths)
+{
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return NULL;
+    *tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!in_scope(cfg, *tgid, all_paths))
+        return NULL;
+    return cfg;
+}
+
 struct walk {
     void *dentry;
     void *mnt;                  /* NULL: stay inside the dentry's filesystem */
@@ -720,13 +734,10 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         bump_kernel_gen();
     /* No syscall in progress: an io_uring worker (or another kernel path) acting for a
      * process.  Check it here, there will be no syscall exit. */
-    u32 zero = 0;
-    struct config *cfg = config.lookup(&zero);
-    if (!cfg)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid;
     int all_paths;
-    if (!in_scope(cfg, tgid, &all_paths))
+    struct config *cfg = current_scope(&tgid, &all_paths);
+    if (!cfg)
         return 0;
     u32 *op = uring_op.lookup(&tgid);
     if (!op)
@@ -943,13 +954,10 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
     if (ret >= 0 && spec->moves)
         note_moves(&pc, spec);
-    u32 zero = 0;
-    struct config *cfg = config.lookup(&zero);
-    if (!cfg)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid;
     int all_paths;
-    if (!in_scope(cfg, tgid, &all_paths))
+    struct config *cfg = current_scope(&tgid, &all_paths);
+    if (!cfg)
         return 0;
     u64 flags = syscall_flags(spec, &pc);
 
@@ -975,13 +983,10 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     void *file = read_ptr(bprm, OFF_BINPRM_FILE);
     if (!file)
         return 0;
-    u32 zero = 0;
-    struct config *cfg = config.lookup(&zero);
-    if (!cfg)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid;
     int all_paths;
-    if (!in_scope(cfg, tgid, &all_paths))
+    struct config *cfg = current_scope(&tgid, &all_paths);
+    if (!cfg)
         return 0;
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
