@@ -7,6 +7,7 @@ in its own stats.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..events import Record
@@ -42,26 +43,21 @@ class Fanout:
         if self.on_error is not None:
             self.on_error(sink, exc, count)
 
-    def write(self, record: Record) -> None:
+    def _each(self, call: Callable[[Sink], None]) -> None:
         for sink in self.sinks:
             try:
-                sink.write(record)
+                call(sink)
             except Exception as exc:
                 self._failed(sink, exc)
+
+    def write(self, record: Record) -> None:
+        self._each(lambda sink: sink.write(record))
 
     def flush(self) -> None:
-        for sink in self.sinks:
-            try:
-                sink.flush()
-            except Exception as exc:
-                self._failed(sink, exc)
+        self._each(lambda sink: sink.flush())
 
     def close(self) -> None:
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                self._failed(sink, exc)
+        self._each(lambda sink: sink.close())
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
