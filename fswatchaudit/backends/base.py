@@ -103,6 +103,11 @@ class Backend(abc.ABC):
         """Report only processes in this mount namespace (a container), or all (None)."""
         raise BackendUnavailable(f"the {self.name} backend cannot filter by container")
 
+    def backlog(self) -> dict[str, int]:
+        """What waits in the kernel's queue for the consumer (bytes, where known):
+        the part of recent activity a SIGKILL would lose."""
+        return {}
+
     def lost(self) -> dict[str, int]:
         """Events lost so far, per source (queue overflow, ring buffer full, ...)."""
         return {}

@@ -217,6 +217,12 @@ class EbpfBackend(Backend):
         """Records the kernel submitted to the ring buffer (for tests and status)."""
         return self._counter(CNT.SUBMITTED)
 
+    def backlog(self) -> dict[str, int]:
+        ring = self.ring
+        if ring is None:
+            return {}
+        return {"ring_bytes": ring.pending(), "ring_size": ring.size}
+
     def lost(self) -> dict[str, int]:
         if self.bpf is None:
             return {"ringbuf": 0}

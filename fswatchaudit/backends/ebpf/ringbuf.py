@@ -93,6 +93,10 @@ class RingReader:
                 break
         return n
 
+    def pending(self) -> int:
+        """Bytes the kernel has produced that are not consumed yet."""
+        return int(self._prod[0]) - int(self._cons.value)
+
     def close(self) -> None:
         self._poll.close()
         del self._len, self.data, self._prod
