@@ -84,6 +84,24 @@ class Event:
         return cls(**values)
 
 
+# The type of every key a record read back may hold (a damaged log must not pass).
+_STR_KEYS = ("op", "syscall", "path", "path2", "comm", "exe", "backend", "access", "cwd",
+             "reason")
+_INT_KEYS = ("seq", "time", "result", "dev", "ino", "pid", "tid", "ppid", "uid", "euid",
+             "gid", "loginuid", "start_time", "nspid")
+KEY_TYPES: dict[str, type] = {**{k: str for k in _STR_KEYS}, **{k: int for k in _INT_KEYS},
+                              "aliases": list, "keys": list, "stale": bool,
+                              "container": dict}
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        want = KEY_TYPES[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)) or (
+                want is list and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{key} holds {type(value).__name__}, not {want.__name__}")
+
+
 # Keys of a process state record, in output order.
 STATE_KEYS = ("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "cwd",
               "start_time", "reason", "nspid", "container")
@@ -176,6 +194,14 @@ class Marker:
 Record = Event | ProcessState | LostCounts | RulesInForce | Marker
 RECORD_TYPES: dict[str, Any] = {cls.kind: cls for cls in
                                 (Event, ProcessState, LostCounts, RulesInForce, Marker)}
+
+
+def check_types(data: dict[str, Any]) -> None:
+    """Raise ValueError where a serialised event or state holds a value of a type no
+    writer makes (what a damaged log shows)."""
+    kind = data.get("t")
+    if kind == "ev" or kind == "state":
+        _check_types({k: v for k, v in data.items() if k in KEY_TYPES})
 
 
 def record_from_dict(data: dict[str, Any]) -> Record | None:

@@ -68,7 +68,7 @@ def test_torn_tail_is_reported_and_nothing_before_it_lost(tmp_path):
     assert len(got) == 100                      # header + 99 whole events
     assert reader.torn > 0
     out, err = io.BytesIO(), io.StringIO()
-    assert show([path], as_json=True, out=out, err=err) == 0
+    assert show([path], as_json=True, out=out, err=err) == 1    # damage: not 0
     assert len(out.getvalue().splitlines()) == 100
     assert "last record is torn" in err.getvalue()
 
@@ -78,7 +78,7 @@ def test_garbage_in_the_middle_is_a_clear_error(tmp_path):
     with open(path, "wb") as fh:
         fh.write(msgpack.packb({"t": "hdr", "version": 1}))
         fh.write(msgpack.packb([1, 2, 3]))
-    with pytest.raises(LogFormatError, match="not a log record at byte"):
+    with pytest.raises(LogFormatError, match="damaged at byte 16: not a log record"):
         records(path)
 
 

@@ -3,30 +3,47 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import BinaryIO, TextIO
 
 from ..errors import EXIT_FAILURE, EXIT_OK
 from ..sinks import reader
 
 
-def cmd_log_show(args: argparse.Namespace) -> int:
+def show_logs(files: list[str], as_json: bool = False, all_rotated: bool = False,
+              out: BinaryIO | None = None, err: TextIO = sys.stderr) -> int:
+    """Print logs; every problem is a message on ``err`` and an exit code, never a
+    traceback: 0 whole, 1 damaged (the records before the damage are printed)."""
     try:
-        return reader.show(args.files, as_json=args.json, err=sys.stderr,
-                           all_rotated=args.all)
+        return reader.show(files, as_json=as_json, out=out, err=err,
+                           all_rotated=all_rotated)
     except reader.LogFormatError as exc:
-        print(f"fswatchaudit: {exc}", file=sys.stderr)
+        if out is not None:
+            out.flush()
+        print(f"fswatchaudit: {exc}", file=err)
         return EXIT_FAILURE
     except BrokenPipeError:            # `log show | head`: the reader has had enough
-        sys.stderr.close()
         return EXIT_OK
     except OSError as exc:
-        print(f"fswatchaudit: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"fswatchaudit: cannot read {exc.filename}: {exc.strerror}", file=err)
         return EXIT_FAILURE
+
+
+def cmd_log_show(args: argparse.Namespace) -> int:
+    code = show_logs(args.files, as_json=args.json, all_rotated=args.all)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        sys.stderr.close()
+    return code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     log_p = sub.add_parser("log", help="read msgpack logs")
     log_sub = log_p.add_subparsers(dest="log_command", required=True)
-    show = log_sub.add_parser("show", help="print a log")
+    show = log_sub.add_parser(
+        "show", help="print a log",
+        description="Print the records of logs. Exit 0 when every file is whole, 1 when "
+                    "one is damaged or torn (every record before the damage is printed).")
     show.add_argument("files", nargs="+", metavar="FILE")
     show.add_argument("--json", action="store_true", help="JSON lines")
     show.add_argument("--all", action="store_true",

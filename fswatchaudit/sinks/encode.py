@@ -1,8 +1,17 @@
-"""Encoders: a record (or a file's own map, such as its header) -> bytes.
+r"""Encoders: a record (or a file's own map, such as its header) -> bytes.
 
 One serialised form for every record kind (``Record.to_dict``, first key ``"t"``);
 the encoders differ only in how that map becomes bytes: msgpack for logs, one JSON
 object per line, or a line for people.
+
+Names are bytes.  In memory a name that is not UTF-8 is a str holding its raw bytes
+as lone surrogates (Python's "surrogateescape", as os.fsdecode gives); every encoder
+keeps those bytes:
+  msgpack  such a string is stored as a bin (bytes) value; the reader turns it back
+  JSON     the raw bytes appear as the escapes \udc80-\udcff; decoding the JSON and
+           encoding the string with "surrogateescape" gives back the exact bytes
+  human    every control, non-printable or non-UTF-8 character is escaped (see
+           ``escape``), so no name can forge a line or reach the terminal raw
 """
 from __future__ import annotations
 
@@ -20,6 +29,32 @@ class Encoder(Protocol):
     def encode_map(self, data: dict[str, Any]) -> bytes: ...
 
 
+def _as_bytes(value: Any) -> Any:
+    """Strings that hold raw bytes (surrogates) as bytes, inside lists and maps too."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, dict):
+        return {k: _as_bytes(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_bytes(v) for v in value]
+    return value
+
+
+def as_text(value: Any) -> Any:
+    """The inverse of the msgpack encoding: bin values back to (surrogateescape) str."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, dict):
+        return {as_text(k): as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    return value
+
+
 class MsgpackEncoder:
     """One msgpack map per record (the log format)."""
 
@@ -27,10 +62,13 @@ class MsgpackEncoder:
         self._packer = msgpack.Packer()
 
     def encode(self, record: Record) -> bytes:
-        return self._packer.pack(record.to_dict())
+        return self.encode_map(record.to_dict())
 
     def encode_map(self, data: dict[str, Any]) -> bytes:
-        return self._packer.pack(data)
+        try:
+            return self._packer.pack(data)
+        except UnicodeEncodeError:      # a name that is not UTF-8: stored as bytes
+            return self._packer.pack(_as_bytes(data))
 
 
 class JsonEncoder:
@@ -76,6 +114,35 @@ def format_state(st: ProcessState) -> str:
     return " ".join(parts)
 
 
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    r"""C-style escapes for what a terminal line must not carry raw: backslash, newline,
+    CR, tab as \\ \n \r \t; a byte that is not UTF-8 as \xHH; any other control or
+    non-printable character as \xHH, \uHHHH or \UHHHHHHHH.  Printable text stays
+    as it is, so ordinary names read as themselves."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:            # a raw byte (surrogateescape)
+                out.append(f"\\x{code - 0xDC00:02x}")
+            elif code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def format_record(record: Record) -> str:
     if isinstance(record, Event):
         return format_event(record)
@@ -99,13 +166,13 @@ def format_map(data: dict[str, Any]) -> str:
 
 
 class HumanEncoder:
-    """One line per record for a terminal."""
+    """One line per record for a terminal: everything in it escaped (``escape``)."""
 
     def encode(self, record: Record) -> bytes:
-        return (format_record(record) + "\n").encode(errors="surrogateescape")
+        return (escape(format_record(record)) + "\n").encode()
 
     def encode_map(self, data: dict[str, Any]) -> bytes:
-        return (format_map(data) + "\n").encode(errors="surrogateescape")
+        return (escape(format_map(data)) + "\n").encode()
 
 
 ENCODERS: dict[str, type[Encoder]] = {"msgpack": MsgpackEncoder, "json": JsonEncoder,
