@@ -97,8 +97,10 @@ KEY_TYPES: dict[str, type] = {**{k: str for k in _STR_KEYS}, **{k: int for k in 
 def _check_types(values: dict[str, Any]) -> None:
     for key, value in values.items():
         want = KEY_TYPES[key]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)) or (
-                want is list and not all(isinstance(v, str) for v in value)):
+        wrong = not isinstance(value, want) or (want is int and isinstance(value, bool))
+        if not wrong and isinstance(value, list):
+            wrong = not all(isinstance(v, str) for v in value)
+        if wrong:
             raise ValueError(f"{key} holds {type(value).__name__}, not {want.__name__}")
 
 
