@@ -238,4 +238,55 @@ def test_disk_full_stop(small_fs):
             w.sync()
     w.close()
     assert w.stopped and "disk full" in w.stop_reason
-    assert LogReader(path) and all(r["t"] in ("hdr", "ev") for r in records(path))
+    got = records(path)
+    # events until the stop; then, at close (the threshold does not apply), what was
+    # dropped and that auditing stopped
+    assert all(r["t"] in ("hdr", "ev") for r in got[:-2])
+    assert got[-2]["t"] == "dropped" and got[-2]["total"] == w.records_dropped
+    assert got[-1]["t"] == "mark" and got[-1]["what"] == "stop"
+    assert "disk full" in got[-1]["reason"]
+    assert len([r for r in got if r["t"] == "ev"]) + got[-2]["total"] == 3000
+
+
+def test_disk_full_keeps_what_fits_of_one_batch(small_fs):
+    path = os.path.join(small_fs, "audit.log")
+    w = LogWriter(path, HEADER, disk_full="keep-going", flush_interval=3600,
+                  high_water=1 << 30)
+    for n in range(10_002):             # one batch, far more than the disk holds
+        w.write(full_event(n))
+    w.sync()
+    assert 0 < w.records_written < 10_002 and w.records_dropped > 0
+    w.close()
+    events = [r for r in records(path) if r["t"] == "ev"]
+    # every record that fitted is there, in order, and the rest is counted
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert len(events) + w.records_dropped == 10_002
+
+
+@pytest.mark.parametrize("prepare, reason", [
+    (lambda p: (open(p, "w").close(), os.chmod(p, 0o666), os.chown(p, 65534, 65534)),
+     "owned by uid 65534"),
+    (lambda p: (open(p, "w").close(), os.chmod(p, 0o644)), "others may read or write it"),
+    (lambda p: (open(p, "w").close(), os.chmod(p, 0o600), os.link(p, p + ".other")),
+     "2 names"),
+    (lambda p: os.mkfifo(p, 0o600), "not a regular file"),
+])
+def test_output_file_others_can_reach_is_refused(tmp_path, prepare, reason):
+    """`trace -o FILE` where FILE was made by someone else (say 0666 in a sticky /tmp),
+    is readable by others, has another name or is a FIFO: refused, nothing written."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    os.chmod(tmp_path, 0o1777)
+    path = str(tmp_path / "audit.log")
+    prepare(path)
+    before = os.stat(path)
+    with pytest.raises(OSError, match=reason):
+        LogWriter(path, HEADER)
+    after = os.stat(path)
+    assert (after.st_size, after.st_mode, after.st_uid) == (
+        before.st_size, before.st_mode, before.st_uid)
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "trace", "--backend", "inotify",
+                        "-o", path, "--duration", "0.1", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1 and "refusing to write audit records" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .. import diag
-from ..events import Record, RulesInForce
+from ..events import Marker, Record, RulesInForce
 from ..units import parse_size, threshold_bytes
 from .encode import Encoder, MsgpackEncoder
 
@@ -33,6 +33,21 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 class DiskFull(OSError):
     """The log file system is full, or below the configured space left."""
+
+
+def unsafe_log_file(st: os.stat_result) -> str | None:
+    """Why an existing file must not receive audit records (None: it may): anything but
+    a regular file of ours that nobody else can read or write and that has no other
+    name (another user could read or truncate what we write)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this process's user"
+    if st.st_mode & 0o077:
+        return f"others may read or write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_nlink != 1:
+        return f"it has {st.st_nlink} names (hard links)"
+    return None
 
 
 class RotatingFileSink:
@@ -73,6 +88,7 @@ class RotatingFileSink:
         self.records_dropped = 0
         self._gap_noted = self._gap_pending = 0   # dropped records already reported
         self.last_error: str | None = None
+        self._full: OSError | None = None
         self.stopped = False
         self.stop_reason: str | None = None
         self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -102,13 +118,23 @@ class RotatingFileSink:
     # -- files ---------------------------------------------------------------------
     def _open_current(self) -> None:
         """Open (creating 0600, never through a symlink) and start with a header."""
-        fd = os.open(self.filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(self.filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                         | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600,
+                         dir_fd=self._dir_fd)
+        except OSError as exc:
+            why = {errno.ELOOP: "it is a symbolic link (not followed)",
+                   errno.ENXIO: "not a regular file (a FIFO)"}.get(exc.errno or 0)
+            if why is None:
+                raise
+            raise OSError(errno.EPERM, f"refusing to write audit records into "
+                                       f"{self.path}: {why}") from None
+        problem = unsafe_log_file(os.fstat(fd))
+        if problem is not None:
             os.close(fd)
-            raise OSError(errno.EINVAL, f"log {self.path} is not a regular file")
-        self._fd, self._size = fd, st.st_size
+            raise OSError(errno.EPERM, f"refusing to write audit records into {self.path}: "
+                                       f"{problem}")
+        self._fd, self._size = fd, os.fstat(fd).st_size
         record = self.encoder.encode_map({"t": "hdr", "version": FORMAT_VERSION,
                                           **self.header})
         # a file always starts with its header: the space_left threshold is for events
@@ -226,40 +252,66 @@ class RotatingFileSink:
         with self._write_lock:
             self._store(batch)
 
+    def _write_prefix(self, records: list[bytes]) -> int:
+        """Write as many leading whole records as the disk takes; how many.  A full
+        disk ends the prefix (remembered in ``_full``); other errors are raised."""
+        try:
+            self._write_all(records)
+            return len(records)
+        except OSError as exc:
+            if not (isinstance(exc, DiskFull) or exc.errno in DISK_FULL_ERRNOS):
+                raise
+            self._full = exc
+            if len(records) == 1:
+                return 0
+        half = len(records) // 2
+        done = self._write_prefix(records[:half])
+        if done < half:
+            return done
+        return done + self._write_prefix(records[half:])
+
     def _store(self, batch: list[bytes]) -> None:
+        """Write a batch: what fits is written, the rest is dropped and counted (and
+        then the disk-full action is carried out)."""
         if self.stopped:
             self.records_dropped += len(batch)
             return
         while True:
+            self._full = None
+            gap: list[bytes] = []
             try:
                 if self.rotate_size and self._size + sum(map(len, batch)) > self.rotate_size \
                         and self._size > 0:
                     self._rotate_files()
                 gap = self._gap_record()
-                self._write_all(gap + batch)
-                self.records_written += len(gap) + len(batch)
-                if gap:
-                    self._gap_noted = self._gap_pending
+                written = self._write_prefix(gap + batch)
+                error: OSError | None = self._full
+            except OSError as exc:
+                written, error = 0, exc
+            self.records_written += written
+            if gap and written:
+                self._gap_noted = self._gap_pending
+            batch = batch[max(0, written - len(gap)):]
+            if error is None:
                 if self.fsync == "flush":
                     os.fsync(self._fd)
                 if self.last_error:
                     self.log.info("log writes work again", file=self.path)
                     self.last_error = None
                 return
-            except OSError as exc:
-                full = isinstance(exc, DiskFull) or exc.errno in DISK_FULL_ERRNOS
-                self.last_error = f"{exc.strerror or exc}"
-                if full and self.disk_full == "drop-oldest" and self._drop_oldest():
-                    continue        # one rotated file fewer: try again
-                if full and self.disk_full == "stop":
-                    self.stopped = True
-                    self.stop_reason = f"log disk full: {self.last_error}"
-                self.records_dropped += len(batch)
-                self.log.error("LOG WRITE FAILED: records dropped" if not full else
-                               "LOG DISK FULL: records dropped", file=self.path,
-                               error=self.last_error, dropped=len(batch),
-                               action=self.disk_full if full else "count")
-                return
+            full = isinstance(error, DiskFull) or error.errno in DISK_FULL_ERRNOS
+            self.last_error = f"{error.strerror or error}"
+            if full and self.disk_full == "drop-oldest" and self._drop_oldest():
+                continue        # one rotated file fewer: try the rest again
+            if full and self.disk_full == "stop":
+                self.stopped = True
+                self.stop_reason = f"log disk full: {self.last_error}"
+            self.records_dropped += len(batch)
+            self.log.error("LOG WRITE FAILED: records dropped" if not full else
+                           "LOG DISK FULL: records dropped", file=self.path,
+                           error=self.last_error, dropped=len(batch), written=written,
+                           action=self.disk_full if full else "count")
+            return
 
     def _gap_record(self) -> list[bytes]:
         """A "dropped" record written in front of the first batch stored after records
@@ -286,6 +338,23 @@ class RotatingFileSink:
                 "buffer_bytes": buffered, "buffer_fill": round(buffered / self.high_water, 3),
                 "log_error": self.last_error, "log_stopped": self.stopped}
 
+    def _write_last_word(self) -> None:
+        """At the end, the log says what it could not store and, after the disk-full
+        "stop", that it stopped: written now if the disk has room again (the space
+        threshold does not apply to these last records)."""
+        tail = self._gap_record()
+        if self.stopped:
+            tail.append(self.encoder.encode(Marker("stop", {
+                "reason": self.stop_reason, "dropped": self.records_dropped})))
+        if not tail:
+            return
+        try:
+            self._write_all(tail, check_space=False)
+            self.records_written += len(tail)
+            self._gap_noted = self._gap_pending
+        except OSError:
+            pass
+
     def close(self) -> None:
         """Flush everything and close; idempotent, and safe after a signal."""
         with self._lock:
@@ -298,6 +367,7 @@ class RotatingFileSink:
             self._closed = True
         self.sync()
         if self._fd >= 0:
+            self._write_last_word()
             if self.fsync in ("flush", "rotate"):
                 try:
                     os.fsync(self._fd)
