@@ -2,6 +2,7 @@
 backend selection and start, the header every log file begins with, the sinks."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from . import backends, diag
 from .auditor import Auditor
 from .backends.base import Backend
-from .rules import RuleSet
+from .rules import RuleError, RuleSet
 from .sinks.base import Sink
 
 
@@ -29,6 +30,21 @@ def open_backend(name: str, rules: RuleSet, queue_size: int | None = None,
         backend.close()
         raise
     return backend
+
+
+def check_targets(rules: RuleSet, root: str = "/") -> None:
+    """Refuse rules whose object cannot be watched now, with the message a start would
+    give: a directory rule needs its directory, a path rule the directory it is in (the
+    file itself may come later).  The daemon's start, reload and --check all ask this,
+    so --check gives the verdict a start gives."""
+    for rule in rules:
+        if rule.target is None:
+            continue
+        need = rule.target if rule.kind == "dir" else os.path.dirname(rule.target) or "/"
+        if not os.path.isdir(os.path.join(root, need.lstrip("/"))):
+            what = "it" if need == rule.target else f"its directory {need}"
+            raise RuleError(f"cannot watch {rule.target}: {what} does not exist "
+                            "(or is not a directory)")
 
 
 def boot_id() -> str:

@@ -209,7 +209,7 @@ class Workload:
         return self.made
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "fanotify"])
 def test_daemon_lifecycle(base, backend):
     w = {n: os.path.join(base, "w", n) for n in "abc"}
     for d in w.values():
@@ -369,6 +369,53 @@ def test_bad_rules_at_start_exit_2(base, backend):
         dm.kill()
     assert "20-bad.rules:2: bad permission letters 'q'" in dm.stderr_text()
     assert not any("READY" in m for m in dm.messages)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("-w {base}/missing/file -p wa", "cannot watch {base}/missing/file: its directory "
+                                     "{base}/missing does not exist"),
+    ("-a always,exit -F dir={base}/gone", "cannot watch {base}/gone: it does not exist"),
+])
+def test_check_gives_the_verdict_a_start_gives(base, rule, message):
+    dm = Daemon(base, "inotify")
+    dm.write_rules("10.rules", rule.format(base=base) + "\n")
+    check = fswatchaudit("daemon", "--check", "--config", dm.conf, check=False)
+    assert check.returncode == 2 and message.format(base=base) in check.stderr
+    try:
+        dm.start()
+        assert dm.proc.wait(timeout=60) == 2
+    finally:
+        dm.kill()
+    assert message.format(base=base) in dm.stderr_text()
+    assert "Traceback" not in dm.stderr_text() + check.stderr
+
+
+def test_rules_with_raw_bytes_in_names(base, tmp_path):
+    """A rules file may name a path that is not UTF-8: it is watched as written, and
+    `rules check` prints it back byte for byte."""
+    raw = os.fsencode(base) + b"/d\xff"
+    os.mkdir(raw)
+    rules = tmp_path / "raw.rules"
+    rules.write_bytes(b"-w " + raw + b" -p wa -k raw\n")
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check", str(rules)],
+                       capture_output=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"-w '" + raw + b"' -p wa -k raw\n"
+    dm = Daemon(base, "inotify")
+    dm.write_rules("10.rules", "")
+    with open(os.path.join(dm.rules_dir, "10.rules"), "wb") as fh:
+        fh.write(rules.read_bytes())
+    try:
+        dm.start()
+        dm.wait_message("READY")
+        with open(raw + b"/f", "w"):
+            pass
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    created = [r for r in dm.records() if r["t"] == "ev" and r["op"] == "create"]
+    assert [r["path"].encode("utf-8", "surrogateescape") for r in created] == [raw + b"/f"]
+    assert created[0]["keys"] == ["raw"]
 
 
 def test_systemd_unit_verifies(tmp_path):

@@ -16,8 +16,10 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     except RuleError as exc:
         print(f"fswatchaudit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    out = sys.stdout.buffer        # rule lines with raw bytes in names print as written
     for text in rs.texts():
-        print(text)
+        out.write(text.encode("utf-8", "surrogateescape") + b"\n")
+    out.flush()
     return EXIT_OK
 
 

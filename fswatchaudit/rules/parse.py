@@ -292,7 +292,8 @@ def read_files(paths: Iterable[str], root: str = "/") -> list[Command]:
     cmds: list[Command] = []
     for path in rules_files(paths):
         try:
-            with open(path, encoding="utf-8") as fh:
+            # names are bytes: a path that is not UTF-8 is kept as it is written
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
                 text = fh.read()
         except OSError as exc:
             raise RuleError(f"cannot read rules file: {exc.strerror}", path) from None

@@ -30,7 +30,7 @@ from ..errors import EXIT_FAILURE, EXIT_NO_BACKEND, EXIT_OK, EXIT_USAGE
 from ..events import Marker
 from ..rules import RuleError, RuleSet
 from ..sinks import RotatingFileSink, Sink
-from ..wiring import log_header, open_backend
+from ..wiring import check_targets, log_header, open_backend
 from . import config as config_mod
 from .config import Config, ConfigError
 from .control import ControlServer
@@ -48,7 +48,9 @@ def load_rules(rules_dir: str) -> RuleSet:
     """The rules of rules_dir/*.rules, all or nothing; a missing directory is no rules."""
     if not os.path.isdir(rules_dir):
         raise RuleError("rules directory does not exist", rules_dir)
-    return rules_mod.load([rules_dir])
+    rules = rules_mod.load([rules_dir])
+    check_targets(rules)
+    return rules
 
 
 def prepare_log_dir(path: str) -> None:
