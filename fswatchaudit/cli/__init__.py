@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import diag
-from ..errors import EXIT_CODES_HELP
+from ..errors import EXIT_CODES_HELP, EXIT_FAILURE
 from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, trace
 
 
@@ -22,7 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     diag.configure()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:
+        # A failure no command foresaw: one line naming it, never a traceback (set
+        # FSWATCHAUDIT_DEBUG=1 to see where it came from).
+        if os.environ.get("FSWATCHAUDIT_DEBUG"):
+            raise
+        print(f"fswatchaudit: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

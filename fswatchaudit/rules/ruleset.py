@@ -297,4 +297,5 @@ class RuleSet:
         return ev
 
     def digest(self) -> str:
-        return hashlib.sha256("\n".join(sorted(self.texts())).encode()).hexdigest()[:16]
+        text = "\n".join(sorted(self.texts()))
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
