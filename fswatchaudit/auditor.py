@@ -32,6 +32,11 @@ class Auditor:
         self.per_alias: Counter[str] = Counter()
         self.events = 0
         self.last_lost: dict[str, int] = {}
+        # lag: how far behind the operations the consumer is (what a SIGKILL would lose)
+        self.backlog: dict[str, int] = {}
+        self.behind = 0.0                   # seconds, newest event of the last batch
+        self.max_behind = 0.0
+        self._newest = 0
         self._stop = threading.Event()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._loop_thread: threading.Thread | None = None
@@ -103,6 +108,7 @@ class Auditor:
             return
         if type(out) is Event:
             self.events += 1
+            self._newest = out.time
             for alias in out.aliases:
                 self.per_alias[alias] += 1
         self.out.write(out)
@@ -112,6 +118,10 @@ class Auditor:
             self.emit(item)
         if items:
             self.out.flush()
+            if self._newest:
+                self.behind = max(0.0, (time.time_ns() - self._newest) / 1e9)
+                self.max_behind = max(self.max_behind, self.behind)
+                self._newest = 0
 
     def _note_lost(self, final: bool = False) -> None:
         lost = self.backend.lost()
@@ -131,6 +141,7 @@ class Auditor:
                 fut.set_exception(exc)
         self._dispatch(self.backend.read(timeout))
         self._note_lost()
+        self.backlog = self.backend.backlog()
 
     def run(self, duration: float | None = None) -> None:
         """Consume until stop() or the duration ends; then drain what is already queued."""
@@ -172,6 +183,10 @@ class Auditor:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
         lines.append(f"events: {self.events}")
         lines.append(f"events lost: {sum(lost.values())}" + (f" ({detail})" if detail else ""))
+        lag = f"consumer lag: at most {self.max_behind:.2f} s behind the operations"
+        if "ring_bytes" in self.backlog:
+            lag += f", {self.backlog['ring_bytes']} bytes left in the ring"
+        lines.append(lag)
         errors = sum(self.out.errors.values())
         if errors:
             lines.append(f"records not written: {errors} ("

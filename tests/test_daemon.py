@@ -233,6 +233,7 @@ def test_daemon_lifecycle(base, backend):
         assert st["rules"] == 1 and st["state"] == "running"
         assert st["log_file"] == os.path.join(dm.log_dir, "audit.log")
         assert "events_lost" in st and "buffer_fill" in st and "records_written" in st
+        assert "seconds_behind" in st["lag"]
         if backend != "auto":
             assert st["backend"] == backend
         sock = os.lstat(dm.socket)

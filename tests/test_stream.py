@@ -154,3 +154,19 @@ def test_one_serialised_form_for_every_kind_through_every_encoder():
         line = HumanEncoder().encode(record)
         assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert record_from_dict({"t": "hdr", "version": 1}) is None
+
+
+def test_lag_is_measured_and_reported():
+    import time as _time
+
+    class Behind(Replay):
+        def backlog(self):
+            return {"ring_bytes": 4096, "ring_size": 1 << 20}
+    rs = rules_of("-w /srv")
+    old = _time.time_ns() - 3 * 10**9           # an operation done 3 s ago
+    auditor = Auditor(Behind(rs, [[ev("create", "/srv/a", time=old)]]), rs, [ListSink()])
+    auditor.poll_once(0)
+    assert 2.5 < auditor.behind < 30 and auditor.max_behind == auditor.behind
+    assert auditor.backlog == {"ring_bytes": 4096, "ring_size": 1 << 20}
+    line = next(x for x in auditor.summary() if x.startswith("consumer lag"))
+    assert "4096 bytes left in the ring" in line

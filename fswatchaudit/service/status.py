@@ -24,6 +24,9 @@ def status(daemon: Daemon) -> dict[str, Any]:
         out["events"] = auditor.events
         # as of the consumer's last poll (the backend is read on that thread only)
         out["events_lost"] = dict(auditor.last_lost)
+        # what waits for the consumer: the part of recent activity a SIGKILL would lose
+        out["lag"] = {"seconds_behind": round(auditor.behind, 3),
+                      "max_seconds_behind": round(auditor.max_behind, 3), **auditor.backlog}
         sinks = auditor.out.stats()
         log_stats = sinks.pop("log", None)
         if log_stats is not None:
