@@ -560,7 +560,7 @@ def test_disk_full_stop(base, backend):
         before = mkdirs(w, "before", 20)
         wait_until(lambda: flushed(dm, 20), "events written before the disk fills")
         assert dm.status()["records_dropped"] == 0
-        fill(dm.log_dir)
+        filler = fill(dm.log_dir)
         mkdirs(w, "during", 200)
         st = wait_until(lambda: (s := dm.status())["state"] != "running" and s,
                         "auditing to stop")
@@ -569,6 +569,7 @@ def test_disk_full_stop(base, backend):
                    "STATUS= to say that auditing stopped")
         refused = dm.ctl("-w", w, check=False)
         assert refused.returncode != 0 and "auditing stopped" in refused.stderr
+        os.unlink(filler)                   # space comes back before the stop
         assert dm.stop() == 0
     finally:
         dm.kill()
@@ -578,6 +579,10 @@ def test_disk_full_stop(base, backend):
     records = dm.records()
     for path in before:
         assert count(records, "mkdir", path) == 1, path
+    # the log itself says what it could not store and that auditing stopped
+    assert records[-2]["t"] == "dropped" and records[-2]["total"] > 0
+    assert records[-1]["t"] == "mark" and records[-1]["what"] == "stop"
+    assert "disk full" in records[-1]["reason"]
 
 
 @pytest.mark.parametrize("make, message", [
