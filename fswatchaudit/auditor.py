@@ -58,6 +58,8 @@ class Auditor:
     def _apply(self, cmds: list[Command], reason: str) -> list[str]:
         # What the kernel recorded under the old rules is judged by the old rules.
         self._dispatch(self.backend.read(0))
+        self.backend.refuse_unhonoured(c.rule for c in cmds
+                                       if c.action == "add" and c.rule is not None)
         before = dict(self.rules.rules)
         listed = self.rules.apply(cmds)
         after = self.rules.rules

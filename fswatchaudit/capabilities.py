@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .rules import FIELDS, Rule
+
 # Event fields about the process and the syscall, in the README's column order.
 PROCESS_FIELDS = ("pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 SYSCALL_FIELDS = ("syscall", "result")
@@ -28,6 +30,7 @@ class Capability:
     io_uring: bool                # sees operations submitted through io_uring
     in_kernel_filter: bool        # unwatched operations never reach user space
     notes: str = ""
+    pathless_rules: bool = False  # audits -S syscalls on every object (rules without a path)
 
 
 CAPABILITIES: dict[str, Capability] = {
@@ -77,3 +80,23 @@ def markdown_table() -> str:
     out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     return "\n".join(out)
+
+
+def refusal(backend: str, rule: Rule) -> str | None:
+    """Why ``backend`` cannot honour ``rule`` (None: it can).  A rule is refused rather
+    than widened: a field is honoured only where the backend reports what it compares."""
+    cap = CAPABILITIES[backend]
+    for cond in rule.conds:
+        row = FIELDS[cond.name]
+        if cond.name == "arch" and cond.value == "b64":
+            continue                    # the machine's own table: every backend's
+        if row.attr not in cap.fields:
+            return (f"the {backend} backend cannot honour -F {cond.name}{cond.op}"
+                    f"{cond.value}: it does not report {row.attr}")
+        if row.attr == "result" and not cap.failures:
+            return (f"the {backend} backend cannot honour -F {cond.name}: it does not see "
+                    "failed operations")
+    if rule.kind == "syscall" and not cap.pathless_rules:
+        return (f"the {backend} backend cannot audit syscalls on every object: give the "
+                "rule a -F path=, -F dir= or -F inode=")
+    return None

@@ -7,6 +7,10 @@ x86_64 and aarch64 (glibc calls the old ``rename``/``unlink``/``chmod`` on x86_6
 """
 from __future__ import annotations
 
+import difflib
+import os
+import re
+
 from . import ops
 from .ops import ALL_OPS, ATTR_OPS, CREATE_OPS, EXEC_OPS, OPEN_OPS, REMOVE_OPS  # noqa: F401
 
@@ -93,6 +97,8 @@ SYSCALL_OPS: dict[str, frozenset[str]] = {
     "utimes": frozenset({ops.UTIME}),
     "futimesat": frozenset({ops.UTIME}),
     "utimensat": frozenset({ops.UTIME}),
+    "open_by_handle_at": frozenset({ops.OPEN}),
+    "file_setattr": frozenset({ops.ATTR}),
     "execve": frozenset({ops.EXEC}),
     "execveat": frozenset({ops.EXEC}),
 }
@@ -139,6 +145,42 @@ def expand_syscall(name: str) -> tuple[frozenset[str], frozenset[str]]:
     elif name == "unlink":
         selected = frozenset({ops.UNLINK})
     return calls, selected
+
+
+UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
+                  "/usr/include/{multiarch}/asm/unistd_32.h",
+                  "/usr/include/asm-generic/unistd.h")
+MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
+_all_names: frozenset[str] | None = None
+
+
+def kernel_syscall_names() -> frozenset[str]:
+    """Every syscall name of the kernel ABI headers (Debian's linux-libc-dev), to tell a
+    syscall this product does not audit from a misspelt one."""
+    global _all_names
+    if _all_names is None:
+        multiarch = MULTIARCH.get(os.uname().machine, "")
+        names: set[str] = set()
+        for pattern in UNISTD_HEADERS:
+            try:
+                with open(pattern.format(multiarch=multiarch)) as fh:
+                    names.update(re.findall(r"#define\s+__NR(?:3264)?_(\w+)\s", fh.read()))
+            except OSError:
+                continue
+        _all_names = frozenset(names)
+    return _all_names
+
+
+def unaudited_syscall_message(name: str) -> str:
+    """Why -S NAME is refused: a syscall outside the file domain, or an unknown name
+    (with a suggestion only when one is really close)."""
+    if name in kernel_syscall_names():
+        return (f"syscall {name!r} is not audited by this product: it audits the "
+                "file-system syscalls (what creates, removes, changes, opens or runs "
+                "files)")
+    close = difflib.get_close_matches(name, known_syscall_names(), n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown syscall or alias {name!r}{hint}"
 
 
 def known_syscall_names() -> list[str]:

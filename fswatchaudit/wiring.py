@@ -25,6 +25,7 @@ def open_backend(name: str, rules: RuleSet, queue_size: int | None = None,
     if container is not None:
         backend.set_container(container)
     try:
+        backend.refuse_unhonoured(rules)
         backend.start()
     except BaseException:
         backend.close()

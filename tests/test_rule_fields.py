@@ -19,6 +19,24 @@ SAMPLES = {
     "dev": ("-F inode=42 -F dev=8:1", "dev=8:1"),
     "perm": ("-F dir=/srv -F perm=wa", "perm=wa"),
     "key": ("-F dir=/srv -F key=srv", None),   # written back as -k
+    "auid": ("-F dir=/srv -F auid>=1000 -F auid!=unset", "auid!=4294967295"),
+    "loginuid": ("-F dir=/srv -F loginuid=0", "loginuid=0"),
+    "uid": ("-F dir=/srv -F uid=root", "uid=0"),
+    "euid": ("-F dir=/srv -F euid<1000", "euid<1000"),
+    "gid": ("-F dir=/srv -F gid=root", "gid=0"),
+    "suid": ("-F dir=/srv -F suid=0", "suid=0"),
+    "fsuid": ("-F dir=/srv -F fsuid=0", "fsuid=0"),
+    "egid": ("-F dir=/srv -F egid=0", "egid=0"),
+    "sgid": ("-F dir=/srv -F sgid=0", "sgid=0"),
+    "fsgid": ("-F dir=/srv -F fsgid=0", "fsgid=0"),
+    "pid": ("-F dir=/srv -F pid=1", "pid=1"),
+    "ppid": ("-F dir=/srv -F ppid!=1", "ppid!=1"),
+    "exe": ("-F dir=/srv -F exe=/usr/bin/touch", "exe=/usr/bin/touch"),
+    "comm": ("-F dir=/srv -F comm=touch", "comm=touch"),
+    "success": ("-F dir=/srv -F success=0", "success=0"),
+    "exit": ("-F dir=/srv -F exit=-EACCES", "exit=-EACCES"),
+    "dev_major": ("-F dir=/srv -F dev_major=8", "dev_major=8"),
+    "dev_minor": ("-F dir=/srv -F dev_minor>=1", "dev_minor>=1"),
 }
 
 
@@ -53,11 +71,12 @@ def test_field_values_set_the_rule_parts():
 
 
 def test_rows_say_where_they_are_evaluated():
-    for name in ("path", "dir", "inode", "dev", "perm"):
+    for name in ("path", "dir", "inode", "dev", "perm", "arch", "auid", "uid", "success"):
         assert FIELDS[name].where == Where.KERNEL | Where.CONSUMER
     assert FIELDS["key"].where == Where.CONSUMER
-    assert FIELDS["arch"].where == Where.NOWHERE
-    assert all(row.operators == {"="} for row in FIELDS.values())
+    assert FIELDS["suid"].where == Where.KERNEL          # no backend reports it yet
+    assert FIELDS["uid"].operators == {"=", "!=", "<", ">", "<=", ">="}
+    assert FIELDS["path"].operators == {"="}
 
 
 @pytest.mark.parametrize("text, parts", [
@@ -83,17 +102,20 @@ def test_operator_tokenizer(text, parts):
 @pytest.mark.parametrize("op", ["!=", "<", ">", "<=", ">=", "&", "&="])
 @pytest.mark.parametrize("name", list(FIELDS))
 def test_refused_operators_name_the_field_and_what_it_takes(name, op):
+    row = FIELDS[name]
+    if op in row.operators:
+        return
     with pytest.raises(RuleError) as info:
         rules.parse_line(f"-a always,exit -F dir=/x -F {name}{op}1", "f.rules", 3)
-    assert str(info.value) == \
-        f"f.rules:3: field {name} does not take the operator '{op}' (it takes: =)"
+    assert str(info.value) == (f"f.rules:3: field {name} does not take the operator "
+                               f"'{op}' (it takes: {fields.operators_text(row.operators)})")
 
 
 def test_unknown_field_lists_the_table_and_suggests():
     with pytest.raises(RuleError) as info:
         rules.parse_line("-a always,exit -F pth=/x", "f.rules", 3)
     assert str(info.value) == ("f.rules:3: unsupported field 'pth' (did you mean 'path'?) "
-                               "(supported: arch, path, dir, inode, dev, perm, key)")
+                               f"(supported: {', '.join(FIELDS)})")
     with pytest.raises(RuleError, match="bad field 'path': expected NAME=VALUE"):
         rules.parse_line("-a always,exit -F path")
 
@@ -104,7 +126,7 @@ def test_option_table_and_parse_state():
     st = parse.read_options(["-a", "always,exit", "-F", "dir=/srv", "-S", "open,fs-remove",
                              "-k", "k"])
     assert (st.action, st.key, st.fields, st.syscall_names) == \
-        ("add", "k", {"dir": ("=", "/srv")}, ["open", "fs-remove"])
+        ("add", "k", {"dir": [("=", "/srv")]}, ["open", "fs-remove"])
     cmd = parse.build(st)
     assert cmd.action == "add" and cmd.rule.target == "/srv"
     with pytest.raises(RuleError, match="-k given twice"):
@@ -117,6 +139,7 @@ def test_option_table_and_parse_state():
 
 @pytest.fixture
 def uid_field(monkeypatch):
+    """A comparison row as one would add it (bit operators too), in place of uid's."""
     row = Field("uid", fields.parse_uint, fields.COMPARE | {"&", "&="},
                 Where.KERNEL | Where.CONSUMER, attr="uid")
     monkeypatch.setitem(FIELDS, "uid", row)
@@ -129,7 +152,7 @@ def event(uid=None, path="/srv/f"):
 
 def test_a_comparison_row_parses_writes_and_matches(uid_field):
     r = parse_rule("-a always,exit -F dir=/srv -F uid>=1000 -k k")
-    assert r.conds == (rules.Cond("uid", ">=", 1000),)
+    assert r.conds == (rules.Cond("arch", "=", "b64"), rules.Cond("uid", ">=", 1000))
     assert r.text() == "-a always,exit -F arch=b64 -F dir=/srv -F uid>=1000 -k k"
     assert parse_rule(r.text()) == r
     assert r.matches(event(1000)) and not r.matches(event(999))

@@ -120,7 +120,7 @@ def test_normalised_text_round_trips(tmp_path):
     ("-w /a --frobnicate", "unknown option '--frobnicate'"),
     ("-a always,exit -F colour=red", "unsupported field 'colour'"),
     ("-a never,exit -F dir=/a", "only 'always,exit'"),
-    ("-a always,exit -S open", "needs -F path="),
+    ("-a always,exit -F perm=w", "needs -F path="),
     ("-a always,exit -F dir=/a -F path=/b", "only one of"),
     ("-a always,exit -F inode=abc", "bad inode"),
     ("-a always,exit -F inode=3 -F dev=8", "expected MAJOR:MINOR"),

@@ -4,11 +4,12 @@ from __future__ import annotations
 import abc
 import os
 import stat
+from collections.abc import Iterable
 from typing import ClassVar
 
 from .. import ops
 from ..events import Event, ProcessState
-from ..rules import Rule, RuleSet
+from ..rules import Rule, RuleError, RuleSet
 
 
 def entry_op(path: str, is_dir: bool) -> str:
@@ -68,6 +69,18 @@ class Backend(abc.ABC):
         """Events that arrived, waiting at most ``timeout`` seconds for the first one.
         Process state records (a process entering a per-process audit) come in the
         same stream, in order."""
+
+    def refuse_unhonoured(self, rules: Iterable[Rule]) -> None:
+        """Raise RuleError for the first rule this backend cannot honour exactly (a
+        field it does not report, a path-less rule it cannot see): refused, never
+        silently widened or narrowed."""
+        from ..capabilities import CAPABILITIES, refusal
+        if self.name not in CAPABILITIES:
+            return                      # a backend outside the table vouches for itself
+        for rule in rules:
+            why = refusal(self.name, rule)
+            if why is not None:
+                raise RuleError(f"{rule.text()}: {why}")
 
     def add_rule(self, rid: int, rule: Rule) -> None:
         """Start watching for a rule already added to ``self.rules`` under ``rid``."""

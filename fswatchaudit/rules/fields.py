@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import difflib
 import enum
+import errno
+import grp
 import operator
 import os
+import pwd
 import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "&=": lambda have, want: have & want == want,
 }
 EQ = frozenset({"="})
+NE_EQ = frozenset({"=", "!="})
 COMPARE = frozenset({"=", "!=", "<", ">", "<=", ">="})
 # Longest first: "<=" must not be read as "<" followed by a value "=...".
 _OP_TOKENS = sorted(OPERATORS, key=len, reverse=True)
@@ -142,6 +146,62 @@ def parse_arch(value: str) -> str:
     return value
 
 
+UNSET = 4294967295          # (u32)-1: a login uid never set, auditctl's "unset"
+
+
+def parse_id(kind: str) -> Callable[[str], int]:
+    """A user or group id as auditctl reads one: a number, ``unset``/``-1``/
+    ``4294967295`` (never set), or a user or group name (looked up now)."""
+    def parse(value: str) -> int:
+        if value in ("unset", "-1"):
+            return UNSET
+        try:
+            number = int(value, 0)
+        except ValueError:
+            try:
+                if kind == "group":
+                    return grp.getgrnam(value).gr_gid
+                return pwd.getpwnam(value).pw_uid
+            except KeyError:
+                raise BadValue(f"no {kind} named {value!r} on this host") from None
+        if not 0 <= number <= UNSET:
+            raise BadValue(f"bad {kind} id {value!r}")
+        return number
+    return parse
+
+
+def parse_success(value: str) -> bool:
+    text = value.lower()
+    if text in ("1", "yes", "true"):
+        return True
+    if text in ("0", "no", "false"):
+        return False
+    raise BadValue(f"bad success value {value!r}: expected 1 (succeeded) or 0 (failed)")
+
+
+def parse_exit(value: str) -> int:
+    """An exit value: a number or an errno name, negative as the kernel returns it
+    (``-EACCES``, ``-13``; ``EACCES`` alone means the same)."""
+    text = value.lstrip("-")
+    code = getattr(errno, text, None) if text.isalpha() or "_" in text else None
+    if isinstance(code, int):
+        return -code
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise BadValue(f"bad exit value {value!r}: a number or an errno name "
+                       "such as -EACCES") from None
+
+
+def show_exit(value: int) -> str:
+    name = errno.errorcode.get(-value) if value < 0 else None
+    return f"-{name}" if name else str(value)
+
+
+def parse_program(value: str) -> str:
+    return absolute_path(value, "exe=")
+
+
 def parse_uint(value: str) -> int:
     """A number as auditctl reads one (decimal, 0x hex, 0 octal), not negative."""
     try:
@@ -184,6 +244,17 @@ class Field:
         return have is not None and OPERATORS[op](have, value)
 
 
+def _id(name: str, attr: str, kind: str = "user", where: Where = BOTH) -> Field:
+    """A credential compared as a number (uid, auid, gid, ...)."""
+    return Field(name, parse_id(kind), COMPARE, where, attr=attr)
+
+
+def _dev_part(name: str, part_of: Callable[[int], int]) -> Field:
+    return Field(name, parse_uint, COMPARE, Where.CONSUMER, attr="dev",
+                 compare=lambda ev, op, v: ev.dev is not None
+                 and OPERATORS[op](part_of(ev.dev), v))
+
+
 def _target(name: str) -> Field:
     """path= (one entry) and dir= (a subtree): the rule's target, its kind is the name."""
     return Field(name, lambda v: absolute_path(v, f"{name}="), EQ, BOTH,
@@ -193,9 +264,11 @@ def _target(name: str) -> Field:
 
 
 ROWS: tuple[Field, ...] = (
-    # Accepted for auditctl compatibility and checked; the syscall tables are the
-    # 64-bit ones, so every rule is written back as arch=b64.
-    Field("arch", parse_arch, EQ, Where.NOWHERE, value_of=lambda r: "b64"),
+    # The syscall table: b64 the machine's own, b32 the 32-bit one (ia32 on x86_64);
+    # two rules that differ only in arch are two rules.  An event whose arch is not
+    # told is a native (b64) one.
+    Field("arch", parse_arch, EQ, BOTH, attr="arch",
+          compare=lambda ev, op, v: (getattr(ev, "arch", None) or "b64") == v),
     _target("path"),
     _target("dir"),
     Field("inode", parse_inode, EQ, BOTH, part="inode", kind="inode",
@@ -210,6 +283,30 @@ ROWS: tuple[Field, ...] = (
     # Written back as -k; the consumer attaches the keys (RuleSet.select).
     Field("key", str, EQ, Where.CONSUMER, part="key", show=None,
           value_of=lambda r: r.key),
+    # Who: compared with what the kernel recorded for the process at the operation.
+    _id("auid", "loginuid"),
+    _id("loginuid", "loginuid"),
+    _id("uid", "uid"),
+    _id("euid", "euid"),
+    _id("gid", "gid", "group"),
+    # Saved and filesystem ids: no backend reports them yet, so a rule with them is
+    # refused by every backend (never silently widened).
+    _id("suid", "suid", where=Where.KERNEL),
+    _id("fsuid", "fsuid", where=Where.KERNEL),
+    _id("egid", "egid", "group", where=Where.KERNEL),
+    _id("sgid", "sgid", "group", where=Where.KERNEL),
+    _id("fsgid", "fsgid", "group", where=Where.KERNEL),
+    Field("pid", parse_uint, COMPARE, BOTH, attr="pid"),
+    Field("ppid", parse_uint, COMPARE, BOTH, attr="ppid"),
+    Field("exe", parse_program, NE_EQ, Where.CONSUMER, attr="exe", show=shlex.quote),
+    Field("comm", str, NE_EQ, Where.CONSUMER, attr="comm", show=shlex.quote),
+    # What came of it: success is result == 0; exit is the result itself (-errno).
+    Field("success", parse_success, NE_EQ, BOTH, attr="result", show=lambda v: str(int(v)),
+          compare=lambda ev, op, v: ev.result is not None
+          and OPERATORS[op](ev.result == 0, v)),
+    Field("exit", parse_exit, COMPARE, BOTH, attr="result", show=show_exit),
+    _dev_part("dev_major", os.major),
+    _dev_part("dev_minor", os.minor),
 )
 
 FIELDS: dict[str, Field] = {row.name: row for row in ROWS}

@@ -36,7 +36,9 @@ class ParseState:
     watch: str | None = None                  # -w/-W path
     perms: frozenset[str] | None = None       # -p
     key: str | None = None                    # -k
-    fields: dict[str, tuple[str, str]] = field(default_factory=dict)  # -F: name -> (op, text)
+    # -F: name -> [(op, text)]; a comparison may be given more than once
+    # (auid>=1000 -F auid!=unset), a rule part only once
+    fields: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     syscall_names: list[str] = field(default_factory=list)            # -S, as written
 
     def error(self, message: str) -> RuleError:
@@ -93,9 +95,9 @@ def _field(st: ParseState, opt: str, value: str) -> None:
     if op not in row.operators:
         raise st.error(f"field {name} does not take the operator {op!r} "
                        f"(it takes: {operators_text(row.operators)})")
-    if name in st.fields:
+    if name in st.fields and row.attr is None:
         raise st.error(f"field {name} given twice")
-    st.fields[name] = (op, text)
+    st.fields.setdefault(name, []).append((op, text))
 
 
 def _syscall(st: ParseState, opt: str, value: str) -> None:
@@ -105,8 +107,7 @@ def _syscall(st: ParseState, opt: str, value: str) -> None:
         try:
             tables.expand_syscall(name)
         except KeyError:
-            raise st.error(f"unknown syscall or alias {name!r}"
-                           f"{suggest(name, tables.known_syscall_names())}") from None
+            raise st.error(tables.unaudited_syscall_message(name)) from None
         st.syscall_names.append(name)
 
 
@@ -199,8 +200,9 @@ def _check_form(st: ParseState) -> None:
                        "(the inode would be ignored)")
     if len(targets) > 1:
         raise st.error("give only one of path= and dir=")
-    if not targets:
-        raise st.error("a rule needs -F path=, -F dir= or -F inode=")
+    if not targets and not st.syscall_names:
+        raise st.error("a rule needs -F path=, -F dir=, -F inode= or, for every object, "
+                       "-S with the syscalls to audit")
     if "dev" in given and "inode" not in given:
         raise st.error("dev= goes with inode=")
 
@@ -211,16 +213,18 @@ def _syscall_rule(st: ParseState) -> Rule:
     conds: list[Cond] = []
     kind = ""
     for row in FIELDS.values():
-        if row.name not in st.fields:
-            continue
-        op, text = st.fields[row.name]
-        value = st.value(row, text)
-        if row.kind is not None:
-            kind = row.kind
-        if row.part is not None:
-            parts[row.part] = value
-        elif row.attr is not None:
-            conds.append(Cond(row.name, op, value))
+        for op, text in st.fields.get(row.name, ()):
+            value = st.value(row, text)
+            if row.kind is not None:
+                kind = row.kind
+            if row.part is not None:
+                parts[row.part] = value
+            elif row.attr is not None:
+                conds.append(Cond(row.name, op, value))
+    if not kind:
+        kind = "syscall"            # no object named: the syscalls on every object
+    if "arch" not in st.fields:
+        conds.insert(0, Cond("arch", "=", "b64"))      # the machine's own table
     if kind == "inode" and "dev" not in st.fields:
         parts["dev"] = os.stat(st.root).st_dev
     names = st.syscall_names

@@ -1,0 +1,166 @@
+"""auditctl's field filters on real processes (eBPF backend), and what each backend
+refuses instead of widening."""
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from tracehelp import Trace
+
+from fswatchaudit import backends, rules
+from fswatchaudit.capabilities import refusal
+from fswatchaudit.events import Event
+from fswatchaudit.rules import RuleError, RuleSet
+
+EBPF = backends.probe("ebpf")
+needs_ebpf = pytest.mark.skipif(not EBPF.usable, reason=f"eBPF backend: {EBPF.reason}")
+
+
+def rule(text):
+    return rules.parse_line(text).rule
+
+
+def ev(**kw):
+    base = dict(op="unlink", path="/srv/f", backend="ebpf", result=0, loginuid=1000,
+                uid=0, exe="/usr/bin/rm", comm="rm")
+    base.update(kw)
+    return Event(**base)
+
+
+def test_comparisons_select_events():
+    login = rule("-a always,exit -F dir=/srv -F auid>=1000 -F auid!=unset -S unlink")
+    assert login.matches(ev()) and not login.matches(ev(loginuid=999))
+    assert not login.matches(ev(loginuid=4294967295))          # never logged in
+    failed = rule("-a always,exit -F dir=/srv -F success=0")
+    assert failed.matches(ev(result=-13)) and not failed.matches(ev())
+    denied = rule("-a always,exit -F dir=/srv -F exit=-EACCES")
+    assert denied.matches(ev(result=-13)) and not denied.matches(ev(result=-1))
+    assert denied.text().endswith("-F exit=-EACCES")
+    touch = rule("-a always,exit -F dir=/srv -F exe=/usr/bin/touch")
+    assert touch.matches(ev(exe="/usr/bin/touch")) and not touch.matches(ev())
+    assert rule("-a always,exit -F dir=/srv -F comm!=rm").matches(ev(comm="mv"))
+    assert rule("-a always,exit -F dir=/srv -F uid=root").conds[-1].value == 0
+    with pytest.raises(RuleError, match="no user named 'nosuchuser'"):
+        rule("-a always,exit -F dir=/srv -F uid=nosuchuser")
+
+
+def test_arch_b32_and_b64_are_two_rules():
+    rs = RuleSet()
+    rs.apply([rules.parse_line(f"-a always,exit -F arch={a} -S unlink -F dir=/srv -k d")
+              for a in ("b32", "b64")])
+    assert len(rs) == 2
+    assert rs.texts()[0].startswith("-a always,exit -F arch=b32 -F dir=/srv")
+    b32 = rule("-a always,exit -F arch=b32 -F dir=/srv")
+    assert not b32.matches(ev())                   # a native event is not a b32 one
+
+
+def test_syscall_names_and_messages():
+    assert rule("-a always,exit -S open_by_handle_at -F dir=/srv").syscalls == \
+        {"open_by_handle_at"}
+    assert rule("-a always,exit -S file_setattr -F dir=/srv").ops == {"attr"}
+    with pytest.raises(RuleError, match="'adjtimex' is not audited by this product"):
+        rule("-a always,exit -S adjtimex -F dir=/srv")
+    with pytest.raises(RuleError, match=r"unknown syscall or alias 'unlnk' \(did you mean "
+                                        r"'unlink'\?\)"):
+        rule("-a always,exit -S unlnk -F dir=/srv")
+    with pytest.raises(RuleError) as info:
+        rule("-a always,exit -S frobnicate -F dir=/srv")
+    assert "did you mean" not in str(info.value)        # nothing close: no guess
+
+
+def test_a_path_less_rule_is_a_rule_on_every_object():
+    r = rule("-a always,exit -F arch=b64 -S unlink,rename -F auid>=1000 -F auid!=-1 -k del")
+    assert r.kind == "syscall" and r.target is None
+    assert r.matches(ev(path="/anywhere/x")) and not r.matches(ev(op="chmod"))
+
+
+@pytest.mark.parametrize("backend, text, reason", [
+    ("inotify", "-a always,exit -F dir=/srv -F uid=0", "does not report uid"),
+    ("fanotify", "-a always,exit -F dir=/srv -F success=0", "does not report result"),
+    ("ebpf", "-a always,exit -F dir=/srv -F suid=0", "does not report suid"),
+    ("fanotify", "-a always,exit -S unlink -F auid>=1000", "syscalls on every object"),
+    ("inotify", "-a always,exit -F arch=b32 -F dir=/srv", "does not report arch"),
+])
+def test_backends_refuse_what_they_cannot_honour(backend, text, reason):
+    assert reason in refusal(backend, rule(text))
+    assert refusal(backend, rule("-w /srv -p wa")) is None
+    assert refusal(backend, rule("-a always,exit -F arch=b64 -F dir=/srv")) is None
+
+
+@pytest.fixture
+def tree():
+    base = tempfile.mkdtemp(prefix="fswa-filter-", dir="/tmp")
+    os.chmod(base, 0o755)
+    w = os.path.join(base, "w")
+    os.mkdir(w)
+    os.chmod(w, 0o777)
+    yield base, w
+    shutil.rmtree(base)
+
+
+def as_login(loginuid: int, script: str, user: int | None = None) -> None:
+    """Run a shell script in a process whose login uid is set (as pam_loginuid does)."""
+    prefix = f"echo {loginuid} > /proc/self/loginuid && "
+    if user is not None:
+        script = f"exec setpriv --reuid={user} --regid={user} --clear-groups -- sh -c '{script}'"
+    subprocess.run(["sh", "-c", prefix + script], check=True)
+
+
+def traced(base, w, rule_text, work):
+    path = os.path.join(base, "r.rules")
+    with open(path, "w") as fh:
+        fh.write(rule_text.format(w=w) + "\n")
+    trace = Trace("--backend", "ebpf", "-r", path)
+    work()
+    marker = os.path.join(w, "zz-marker")
+    open(marker, "w").close()          # a last event every rule file below reports
+    trace.wait_for(1)
+    events, stderr, code = trace.stop()
+    assert code == 0, stderr
+    return [e for e in events if e.get("path") != marker]
+
+
+@needs_ebpf
+def test_auid_filter_logs_only_the_logged_in_users_deletes(tree):
+    base, w = tree
+    for name in ("a", "b"):
+        open(os.path.join(w, name), "w").close()
+
+    def work():
+        as_login(500, f"rm {w}/a")              # a system account's session
+        as_login(1000, f"rm {w}/b")             # a person's session
+    got = traced(base, w, "-a always,exit -F dir={w} -F auid>=1000 -F auid!=unset -k del\n"
+                          "-w {w}/zz-marker", work)
+    deletes = [(e["op"], e["path"], e["loginuid"], e["keys"]) for e in got]
+    assert deletes == [("unlink", f"{w}/b", 1000, ["del"])]
+
+
+@needs_ebpf
+def test_success_0_logs_only_failed_attempts(tree):
+    base, w = tree
+    os.chmod(w, 0o755)
+
+    def work():
+        open(os.path.join(w, "mine"), "w").close()                     # succeeds
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "--", "touch", f"{w}/theirs"], check=False)   # EACCES
+    got = traced(base, w, "-a always,exit -F dir={w} -F success=0 -k failed\n"
+                          "-w {w}/zz-marker", work)
+    assert [(e["op"], e["path"], e["result"], e["uid"]) for e in got] == \
+        [("create", f"{w}/theirs", -13, 65534)]
+
+
+@needs_ebpf
+def test_exe_filter(tree):
+    base, w = tree
+    touch = shutil.which("touch")
+
+    def work():
+        subprocess.run([touch, f"{w}/by-touch"], check=True)
+        subprocess.run(["sh", "-c", f": > {w}/by-sh"], check=True)
+    got = traced(base, w, f"-a always,exit -F dir={{w}} -F exe={os.path.realpath(touch)}"
+                          " -k t\n-w {w}/zz-marker", work)
+    assert {(e["op"], e["path"]) for e in got if e["op"] == "create"} == \
+        {("create", f"{w}/by-touch")}
+    assert all(e["exe"] == os.path.realpath(touch) for e in got)
