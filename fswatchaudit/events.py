@@ -62,6 +62,8 @@ class Event:
     # Not serialised: set by a backend on events of a per-process audit (the keys of
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None
+    # Not serialised: the flags of an open, for rules on them (-F a2&0100).
+    open_flags: int | None = None
 
     kind: ClassVar[str] = "ev"
 

@@ -202,6 +202,28 @@ def parse_program(value: str) -> str:
     return absolute_path(value, "exe=")
 
 
+def parse_c_number(value: str) -> int:
+    """A number as strtoul(.., 0) reads it: 0x hex, a leading 0 octal, else decimal."""
+    try:
+        if len(value) > 1 and value[0] == "0" and value[1] not in "xX":
+            return int(value, 8)
+        return int(value, 0)
+    except ValueError:
+        raise BadValue(f"bad number {value!r}") from None
+
+
+# Where the open flags are among the arguments, by syscall as written in -S.
+OPEN_FLAGS_ARG = {"open": 1, "openat": 2, "openat2": 2, "open_by_handle_at": 2}
+
+
+def _open_flags(n: int) -> Field:
+    """aN on the open syscalls: their flags (a1 of open, a2 of openat and
+    open_by_handle_at), as the OSPP rules use them (a2&0100: created, a2&01003: opened
+    to change).  Other arguments are not reported by any backend."""
+    return Field(f"a{n}", parse_c_number, COMPARE | {"&", "&="}, BOTH, attr="open_flags",
+                 show=lambda v: f"0{v:o}" if v else "0")
+
+
 def parse_uint(value: str) -> int:
     """A number as auditctl reads one (decimal, 0x hex, 0 octal), not negative."""
     try:
@@ -307,6 +329,7 @@ ROWS: tuple[Field, ...] = (
     Field("exit", parse_exit, COMPARE, BOTH, attr="result", show=show_exit),
     _dev_part("dev_major", os.major),
     _dev_part("dev_minor", os.minor),
+    *(_open_flags(n) for n in range(4)),
 )
 
 FIELDS: dict[str, Field] = {row.name: row for row in ROWS}

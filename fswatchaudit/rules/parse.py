@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .. import syscalls as tables
 from .fields import (
     FIELDS,
+    OPEN_FLAGS_ARG,
     BadValue,
     Field,
     absolute_path,
@@ -23,6 +24,8 @@ from .fields import (
     suggest,
 )
 from .ruleset import Command, Cond, Rule, RuleError, RuleSet
+
+ARG_FIELDS = {f"a{n}": n for n in range(4)}
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ParseState:
     # (auid>=1000 -F auid!=unset), a rule part only once
     fields: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     syscall_names: list[str] = field(default_factory=list)            # -S, as written
+    note: str | None = None                                           # a control line
 
     def error(self, message: str) -> RuleError:
         return RuleError(message, self.source, self.line)
@@ -111,6 +115,29 @@ def _syscall(st: ParseState, opt: str, value: str) -> None:
         st.syscall_names.append(name)
 
 
+# auditctl's settings of the kernel's audit system, and what each means here.
+CONTROL_NOTES = {
+    "-b": "the kernel audit backlog; here the eBPF ring buffer is ring_buffer_size in the "
+          "configuration",
+    "--backlog_wait_time": "how long the kernel waits for the audit backlog; the eBPF "
+                           "ring never makes a process wait (loss is counted instead)",
+    "-f": "the kernel's action on audit failure (silent, printk, panic); here a loss is "
+          "counted and reported, never a panic",
+    "-e": "enabling or locking kernel auditing (-e 2: immutable); this product's rules "
+          "change only through its own daemon and files",
+    "-r": "a kernel message rate limit; this product writes every record or counts it",
+    "--loginuid-immutable": "a kernel setting for login uids; not this product's",
+    "-i": "ignore errors of later lines; `rules check --keep-going` reports them all",
+    "-c": "continue past errors; `rules check --keep-going` reports them all",
+    "--reset-lost": "reset the kernel's lost counter; ours count from the start",
+}
+
+
+def _control(st: ParseState, opt: str, value: str) -> None:
+    words = f"{opt} {value}".strip()
+    st.note = f"{words}: no effect here: {CONTROL_NOTES[opt]}"
+
+
 @dataclass(frozen=True)
 class Option:
     handler: Callable[[ParseState, str, str], None]
@@ -131,6 +158,8 @@ OPTIONS: dict[str, Option] = {
     "-k": Option(_key, True, once="key"),
     "-F": Option(_field, True),
     "-S": Option(_syscall, True),
+    **{opt: Option(_control, opt in ("-b", "--backlog_wait_time", "-f", "-e", "-r"),
+                   action="control") for opt in CONTROL_NOTES},
 }
 
 
@@ -221,6 +250,11 @@ def _syscall_rule(st: ParseState) -> Rule:
                 parts[row.part] = value
             elif row.attr is not None:
                 conds.append(Cond(row.name, op, value))
+    for cond in conds:
+        if cond.name in ARG_FIELDS and not any(
+                OPEN_FLAGS_ARG.get(name) == ARG_FIELDS[cond.name] for name in st.syscall_names):
+            raise st.error(f"field {cond.name} is understood only as the open flags: a1 "
+                           "of -S open, a2 of -S openat or open_by_handle_at")
     if not kind:
         kind = "syscall"            # no object named: the syscalls on every object
     if "arch" not in st.fields:
@@ -250,6 +284,8 @@ def build(st: ParseState) -> Command:
         if len(st.tokens) != 1:
             raise st.error(f"{st.tokens[0]} takes no other options")
         return Command(st.action, None, st.source, st.line)
+    if st.action == "control":
+        return Command("control", None, st.source, st.line, note=st.note)
     if st.watch is not None:
         rule = _watch_rule(st, st.watch)
     else:
@@ -291,17 +327,40 @@ def rules_files(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def read_files(paths: Iterable[str], root: str = "/") -> list[Command]:
-    """Parse rules files (or rules.d directories) completely before anything is applied."""
+def read_text(path: str) -> str:
+    """A rules file's text; names are bytes, so a path that is not UTF-8 is kept as
+    it is written."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise RuleError(f"cannot read rules file: {exc.strerror}", path) from None
+
+
+def read_files(paths: Iterable[str], root: str = "/",
+               problems: list[RuleError] | None = None) -> list[Command]:
+    """Parse rules files (or rules.d directories) completely before anything is applied.
+    With ``problems``, every bad line is collected there and the others are returned
+    (`rules check --keep-going`); without, the first one is raised."""
     cmds: list[Command] = []
     for path in rules_files(paths):
         try:
-            # names are bytes: a path that is not UTF-8 is kept as it is written
-            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise RuleError(f"cannot read rules file: {exc.strerror}", path) from None
-        cmds += parse_lines(text.splitlines(), path, root)
+            lines = read_text(path).splitlines()
+        except RuleError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+            continue
+        for number, text in enumerate(lines, 1):
+            try:
+                cmd = parse_line(text, path, number, root)
+            except RuleError as exc:
+                if problems is None:
+                    raise
+                problems.append(exc)
+                continue
+            if cmd is not None:
+                cmds.append(cmd)
     return cmds
 
 

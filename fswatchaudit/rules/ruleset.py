@@ -119,11 +119,13 @@ class Rule:
 
 @dataclass(frozen=True)
 class Command:
-    """One parsed line: action is add, delete, list or delete-all."""
+    """One parsed line: action is add, delete, list, delete-all or control (an
+    auditctl setting such as -b or -e, kept with a note of what it means here)."""
     action: str
     rule: Rule | None = None
     source: str | None = None
     line: int | None = None
+    note: str | None = None
 
 
 class RuleTable(dict[int, Rule]):

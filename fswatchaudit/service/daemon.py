@@ -48,8 +48,15 @@ def load_rules(rules_dir: str) -> RuleSet:
     """The rules of rules_dir/*.rules, all or nothing; a missing directory is no rules."""
     if not os.path.isdir(rules_dir):
         raise RuleError("rules directory does not exist", rules_dir)
-    rules = rules_mod.load([rules_dir])
+    cmds = rules_mod.read_files([rules_dir])
+    rules = RuleSet()
+    rules.apply(cmds)
     check_targets(rules)
+    log = diag.get_logger("daemon")
+    for cmd in cmds:
+        if cmd.note:
+            log.info("rules file setting has no effect", where=f"{cmd.source}:{cmd.line}",
+                     note=cmd.note)
     return rules
 
 

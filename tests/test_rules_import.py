@@ -1,0 +1,137 @@
+"""`rules import` and `rules check --keep-going` on rules written as Linux audit users
+write them (the forms of the STIG, OSPP and PCI-DSS sets)."""
+import os
+import subprocess
+import sys
+
+from tracehelp import REPO
+
+from fswatchaudit.rules import RuleSet, parse_line
+from fswatchaudit.rules.importer import commands, import_rules
+
+AUDIT_RULES = """\
+## kernel settings
+-D
+-b 8192
+--backlog_wait_time 60000
+-f 1
+## identity
+-w /etc/passwd -p wa -k identity
+-w /etc/shadow -p wa -k identity
+## deletes by people
+-a always,exit -F arch=b32 -S unlink,unlinkat,rename,renameat -F auid>=1000 -F auid!=unset -F key=delete
+-a always,exit -F arch=b64 -S unlink,unlinkat,rename,renameat -F auid>=1000 -F auid!=-1 -F key=delete
+## failed creations
+-a always,exit -F arch=b64 -S openat,open_by_handle_at -F a2&0100 -F exit=-EACCES -F auid>=1000 -F auid!=unset -F key=unsuccessful-create
+-a always,exit -F arch=b64 -S creat -F exit=-EPERM -F auid>=1000 -F auid!=unset -F key=unsuccessful-create
+## time, not files
+-a always,exit -F arch=b64 -S adjtimex,settimeofday -F key=time-change
+## mixed: the file syscall stays
+-a always,exit -F arch=b64 -S chmod,adjtimex -F auid>=1000 -F key=perm
+## exclusions
+-a never,exit -F arch=b64 -S all -F exe=/usr/sbin/chronyd
+-a always,exit -F arch=b64 -S execve -C uid!=euid -F euid=0 -F key=setuid
+-a always,exit -F dir=/etc -F perm=wa -F auid>=1000 -F auid!=unset -k etc
+-a always,exit -F dir=/etc -F perm=wa -F auid>=1000 -F auid!=unset -k etc
+-e 2
+"""
+
+
+def reasons(lines):
+    return {line.number: line.reason for line in lines if line.reason}
+
+
+def test_import_keeps_every_file_rule_and_says_why_for_the_rest(tmp_path):
+    src = tmp_path / "audit.rules"
+    src.write_text(AUDIT_RULES)
+    lines = import_rules([str(src)])
+    kept = [line.rule for line in lines if line.kept]
+    assert kept == [
+        "-w /etc/passwd -p wa -k identity",
+        "-w /etc/shadow -p wa -k identity",
+        "-a always,exit -F arch=b32 -F auid>=1000 -F auid!=4294967295 "
+        "-S unlink,unlinkat,rename,renameat -k delete",
+        "-a always,exit -F arch=b64 -F auid>=1000 -F auid!=4294967295 "
+        "-S unlink,unlinkat,rename,renameat -k delete",
+        "-a always,exit -F arch=b64 -F auid>=1000 -F auid!=4294967295 -F exit=-EACCES "
+        "-F a2&0100 -S openat,open_by_handle_at -k unsuccessful-create",
+        "-a always,exit -F arch=b64 -F auid>=1000 -F auid!=4294967295 -F exit=-EPERM "
+        "-S creat -k unsuccessful-create",
+        "-a always,exit -F arch=b64 -F auid>=1000 -S chmod -k perm",
+        "-a always,exit -F arch=b64 -F dir=/etc -F perm=wa -F auid>=1000 "
+        "-F auid!=4294967295 -k etc",
+    ]
+    why = reasons(lines)
+    assert "implied" in why[2]                                    # -D
+    assert why[3].startswith("-b 8192: no effect here") and "ring_buffer_size" in why[3]
+    assert "never makes a process wait" in why[4]
+    assert "never a panic" in why[5]
+    assert why[16] == "not a file-system rule: adjtimex, settimeofday are not audited " \
+                      "by this product"
+    assert why[18].startswith("kept without adjtimex")
+    assert "no exclusions" in why[20]
+    assert "-C" in why[21]
+    assert why[23] == f"the same rule as {src}:22"
+    assert why[24].startswith("-e 2: no effect here")
+    # what is kept loads as one rule set
+    rs = RuleSet()
+    rs.apply(commands(lines))
+    assert len(rs) == 8
+
+
+def test_import_cli_exit_codes_and_output_directory(tmp_path):
+    d = tmp_path / "rules.d"
+    d.mkdir()
+    (d / "10-base.rules").write_text("-D\n-b 8192\n")
+    (d / "30-files.rules").write_text("-w /etc/passwd -p wa -k identity\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "import",
+                        "-o", str(out), str(d)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1, r.stderr                       # two lines left out
+    assert "10-base.rules:2: left out: -b 8192: no effect here" in r.stderr
+    assert "1 rules imported, 2 lines left out" in r.stderr
+    assert os.listdir(out) == ["30-files.rules"]
+    written = (out / "30-files.rules").read_text().splitlines()
+    assert written[1] == "-w /etc/passwd -p wa -k identity"
+    # the imported files are rules files of this product
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout == "-w /etc/passwd -p wa -k identity\n"
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "import",
+                        str(out / "30-files.rules")], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0 and "-w /etc/passwd -p wa -k identity" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "import",
+                        str(tmp_path / "missing.rules")], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 2 and "cannot read rules file" in r.stderr
+
+
+def test_check_keep_going_reports_every_problem(tmp_path):
+    a = tmp_path / "a.rules"
+    a.write_text("-w /etc/passwd -p q\n-w /etc/group -p wa\n-a always,exit -S mkdri -F dir=/x\n")
+    b = tmp_path / "b.rules"
+    b.write_text("-w /etc/group -p wa\n-b 320\n-a always,exit -F dir=/x -F uid=nosuchuser\n")
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check",
+                        "--keep-going", str(a), str(b)], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 2
+    assert f"{a}:1: bad permission letters 'q'" in r.stderr
+    assert f"{a}:3: unknown syscall or alias 'mkdri' (did you mean 'mkdir'?)" in r.stderr
+    assert f"{b}:1: duplicate rule: -w /etc/group -p wa" in r.stderr
+    assert f"{b}:3: no user named 'nosuchuser'" in r.stderr
+    assert f"note: {b}:2: -b 320: no effect here" in r.stderr
+    assert "4 problem(s)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "rules", "check", str(a),
+                        str(b)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("fswatchaudit:") == 1   # the first only
+
+
+def test_open_flag_fields_only_on_open_syscalls():
+    import pytest
+
+    from fswatchaudit.rules import RuleError
+    r = parse_line("-a always,exit -S open -F a1&01003 -F dir=/srv").rule
+    assert r.text() == "-a always,exit -F arch=b64 -F dir=/srv -F a1&01003 -S open"
+    with pytest.raises(RuleError, match="a2 is understood only as the open flags"):
+        parse_line("-a always,exit -S unlink -F a2&0100 -F dir=/srv")
