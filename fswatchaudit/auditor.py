@@ -189,6 +189,13 @@ class Auditor:
         if "ring_bytes" in self.backlog:
             lag += f", {self.backlog['ring_bytes']} bytes left in the ring"
         lines.append(lag)
+        for name, stats in self.out.stats().items():
+            if "queued" in stats:           # a sink with a queue of its own
+                line = (f"sink {name}: {stats['sent']} sent, {stats['queued']} queued, "
+                        f"{stats['lost']} lost")
+                if stats.get("last_error"):
+                    line += f" (failing: {stats['last_error']})"
+                lines.append(line)
         errors = sum(self.out.errors.values())
         if errors:
             lines.append(f"records not written: {errors} ("

@@ -148,27 +148,50 @@ def expand_syscall(name: str) -> tuple[frozenset[str], frozenset[str]]:
 
 
 UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
-                  "/usr/include/{multiarch}/asm/unistd_32.h",
                   "/usr/include/asm-generic/unistd.h")
 MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
-_all_names: frozenset[str] | None = None
+# Syscalls newer than the libc headers we may find.  Since Linux 5.1 new syscalls get
+# the same number on every architecture.
+NEWER_SYSCALLS = {"fchmodat2": 452, "statmount": 457, "listmount": 458,
+                  "lsm_get_self_attr": 459, "lsm_set_self_attr": 460, "lsm_list_modules": 461,
+                  "mseal": 462, "setxattrat": 463, "getxattrat": 464,
+                  "listxattrat": 465, "removexattrat": 466, "open_tree_attr": 467,
+                  "file_getattr": 468, "file_setattr": 469}
+_numbers: dict[str, int] | None = None
+
+
+def syscall_numbers() -> dict[str, int]:
+    """Syscall name -> number of this machine's own table, from the kernel ABI headers
+    (Debian's linux-libc-dev); empty when there are none."""
+    global _numbers
+    if _numbers is not None:
+        return _numbers
+    multiarch = MULTIARCH.get(os.uname().machine, "")
+    define = re.compile(r"#define\s+__NR(?:3264)?_(\w+)\s+(\w+)")
+    numbers: dict[str, int] = {}
+    for pattern in UNISTD_HEADERS:
+        try:
+            with open(pattern.format(multiarch=multiarch)) as fh:
+                raw = dict(define.findall(fh.read()))
+        except OSError:
+            continue
+        for name, value in raw.items():
+            while not value.isdigit() and value.startswith("__NR"):
+                value = raw.get(value.split("_", 3)[-1] if value.startswith("__NR3264_")
+                                else value[len("__NR_"):], "x")
+            if value.isdigit():
+                numbers[name] = int(value)
+        for name, nr in NEWER_SYSCALLS.items():
+            numbers.setdefault(name, nr)
+        break
+    _numbers = numbers
+    return numbers
 
 
 def kernel_syscall_names() -> frozenset[str]:
-    """Every syscall name of the kernel ABI headers (Debian's linux-libc-dev), to tell a
-    syscall this product does not audit from a misspelt one."""
-    global _all_names
-    if _all_names is None:
-        multiarch = MULTIARCH.get(os.uname().machine, "")
-        names: set[str] = set()
-        for pattern in UNISTD_HEADERS:
-            try:
-                with open(pattern.format(multiarch=multiarch)) as fh:
-                    names.update(re.findall(r"#define\s+__NR(?:3264)?_(\w+)\s", fh.read()))
-            except OSError:
-                continue
-        _all_names = frozenset(names)
-    return _all_names
+    """Every syscall name of the kernel ABI, to tell a syscall this product does not
+    audit from a misspelt one."""
+    return frozenset(syscall_numbers())
 
 
 def unaudited_syscall_message(name: str) -> str:

@@ -128,6 +128,15 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
             backend.close()
             _abandon(child, release)
             return EXIT_FAILURE
+    try:
+        sinks += extra_sinks(args.sink, backend.name, log_header(backend.name, rules))
+    except (ValueError, OSError) as exc:
+        for sink in sinks:
+            sink.close()
+        print(f"fswatchaudit: {exc}", file=sys.stderr)
+        backend.close()
+        _abandon(child, release)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILURE
     auditor = Auditor(backend, rules, sinks)
 
     def on_signal(signum, frame):
@@ -160,6 +169,22 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
     return status
 
 
+def extra_sinks(specs: list[str], backend: str, header: dict) -> list[Sink]:
+    """The sinks of `--sink KIND[:TARGET]` options."""
+    from ..capabilities import CAPABILITIES
+    from ..sinks import kinds
+    out: list[Sink] = []
+    try:
+        for index, spec in enumerate(specs):
+            out.append(kinds.build(kinds.parse_spec(spec, index), kinds.SinkContext(header),
+                                   CAPABILITIES[backend].fields))
+    except BaseException:
+        for sink in out:
+            sink.close()
+        raise
+    return out
+
+
 def _stop_when_exits(pid: int, auditor: Auditor, exit_codes: dict[int, int]) -> None:
     """Stop the audit once the command has exited (its events are then drained)."""
     def wait() -> None:
@@ -177,6 +202,10 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     p.add_argument("-o", "--output", metavar="LOGFILE", help="also write a msgpack log")
+    p.add_argument("--sink", action="append", default=[], metavar="KIND[:TARGET]",
+                   help="also send records to a sink (repeatable): jsonl:FILE, "
+                        "auditd:FILE, syslog[:unix:PATH|udp://HOST:PORT|tcp://HOST:PORT], "
+                        "journald[:SOCKET]")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="audit this process (repeatable); with no PATH, all it touches")

@@ -63,6 +63,10 @@ class Config:
     control_socket: str = "/run/fswatchaudit/control.sock"
     # Seconds between two sd_notify STATUS= updates.
     status_interval: float = 10.0
+    # More places records go besides the msgpack log, one block of keys per sink:
+    #   sink.NAME.kind = jsonl | auditd | syslog | journald
+    #   sink.NAME.SETTING = VALUE     (see the README for each kind's settings)
+    sinks: tuple[dict[str, Any], ...] = ()
 
     @property
     def log_path(self) -> str:
@@ -70,7 +74,7 @@ class Config:
 
 
 DEFAULTS = Config()
-KEYS = tuple(f.name for f in dataclasses.fields(Config))
+KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "sinks")
 
 def _size(minimum: int) -> Callable[[str], int]:
     def conv(text: str) -> int:
@@ -165,6 +169,7 @@ def parse(text: str, source: str | None = None) -> Config:
     """A Config from the text of a configuration file; raises ConfigError."""
     values: dict[str, Any] = {}
     seen: dict[str, int] = {}
+    sinks: dict[str, dict[str, tuple[str, int]]] = {}      # name -> setting -> (value, line)
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -175,6 +180,19 @@ def parse(text: str, source: str | None = None) -> Config:
         key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ConfigError(f"expected 'key = value', got {raw.strip()!r}", source, number)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if key.startswith("sink."):
+            name, _, setting = key[len("sink."):].partition(".")
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not setting:
+                raise ConfigError(f"bad sink key {key!r}: expected sink.NAME.SETTING with "
+                                  "NAME of letters, digits, '-' and '_'", source, number)
+            block = sinks.setdefault(name, {})
+            if setting in block:
+                raise ConfigError(f"{key} given twice (first on line {block[setting][1]})",
+                                  source, number)
+            block[setting] = (value, number)
+            continue
         if key not in CONVERTERS:
             close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -183,13 +201,26 @@ def parse(text: str, source: str | None = None) -> Config:
             raise ConfigError(f"{key} given twice (first on line {seen[key]})", source,
                               number)
         seen[key] = number
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
         try:
             values[key] = CONVERTERS[key](value)
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc}", source, number) from None
+    values["sinks"] = tuple(_sink(name, block, source) for name, block in sinks.items())
     return Config(**values)
+
+
+def _sink(name: str, block: dict[str, tuple[str, int]], source: str | None) -> dict[str, Any]:
+    """One sink's settings from its sink.NAME.* keys, checked against its kind."""
+    from ..sinks.kinds import settings_for
+    first = min(line for _, line in block.values())
+    if "kind" not in block:
+        raise ConfigError(f"sink {name!r} has no sink.{name}.kind", source, first)
+    kind, line = block["kind"]
+    given = {k: v for k, (v, _) in block.items() if k != "kind"}
+    try:
+        return settings_for(kind, given, name)
+    except ValueError as exc:
+        raise ConfigError(f"sink {name}: {exc}", source, line) from None
 
 
 def load(path: str | None) -> Config:

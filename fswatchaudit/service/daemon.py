@@ -41,7 +41,8 @@ from .status import status_line
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 # Settings a reload cannot change in a running daemon.
-RESTART_KEYS = ("backend", "ring_buffer_size", "log_dir", "log_file", "control_socket")
+RESTART_KEYS = ("backend", "ring_buffer_size", "log_dir", "log_file", "control_socket",
+                "sinks")
 
 
 def load_rules(rules_dir: str) -> RuleSet:
@@ -75,6 +76,25 @@ def prepare_log_dir(path: str) -> None:
         raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not root", path)
     if st.st_mode & 0o022:
         raise OSError(errno.EPERM, "writable by group or others (chmod go-w)", path)
+
+
+def configured_sinks(cfg: Config, backend: str, header: dict[str, Any]) -> list[Sink]:
+    """The sinks of the configuration's sink.NAME.* blocks, besides the msgpack log."""
+    from ..capabilities import CAPABILITIES
+    from ..sinks import kinds
+    ctx = kinds.SinkContext(header, writer_options(cfg))
+    out: list[Sink] = []
+    try:
+        for settings in cfg.sinks:
+            try:
+                out.append(kinds.build(settings, ctx, CAPABILITIES[backend].fields))
+            except ValueError as exc:
+                raise ValueError(f"sink {settings['name']}: {exc}") from None
+    except BaseException:
+        for sink in out:
+            sink.close()
+        raise
+    return out
 
 
 def writer_options(cfg: Config) -> dict[str, Any]:
@@ -154,6 +174,13 @@ class Daemon:
             self._teardown()
             return EXIT_FAILURE
         sinks: list[Sink] = [self.log_sink]
+        try:
+            sinks += configured_sinks(cfg, self.backend.name,
+                                      log_header(self.backend.name, rules, daemon=True))
+        except (ValueError, OSError) as exc:
+            print(f"fswatchaudit: {exc}", file=sys.stderr)
+            self._teardown()
+            return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILURE
         self.auditor = Auditor(self.backend, rules, sinks, on_sink_error=self._sink_failed)
         self.auditor.emit(self.auditor.rules_in_force("start"))
         try:

@@ -1,0 +1,120 @@
+"""A sink that never holds up auditing: records wait in a bounded queue of their own
+and a thread of their own hands them to a transport that may be slow, full or dead.
+
+The transport (syslog, journald, a network service) raises when it cannot take a
+record; the record then stays first in the queue and the thread tries again after a
+back-off that doubles up to a limit.  When the queue is full, new records are counted
+as lost, never waited for.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from .. import diag
+from ..events import Record
+from .base import Sink
+
+DEFAULT_QUEUE = 100_000          # records
+BACKOFF_FIRST = 0.1              # seconds
+BACKOFF_MAX = 30.0
+CLOSE_WAIT = 5.0                 # seconds close() waits for the queue to drain
+
+
+class QueuedSink:
+    def __init__(self, transport: Sink, max_records: int = DEFAULT_QUEUE,
+                 backoff_max: float = BACKOFF_MAX) -> None:
+        self.transport = transport
+        self.name = transport.name
+        self.max_records = max_records
+        self.backoff_max = backoff_max
+        self._queue: collections.deque[Record] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.sent = 0
+        self.lost = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.retry_at = 0.0
+        self.log = diag.get_logger(f"sink.{self.name}")
+        self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def write(self, record: Record) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_records:
+                self.lost += 1
+                return
+            self._queue.append(record)
+            if len(self._queue) == 1:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """The thread hands records on as they come: nothing to do here."""
+
+    def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                record = self._queue[0]
+            try:
+                self.transport.write(record)
+            except Exception as exc:
+                self.errors += 1
+                if self.last_error is None:
+                    self.log.error("SINK FAILING: records wait in its queue",
+                                   error=str(exc), queued=len(self._queue))
+                self.last_error = str(exc)
+                self.retry_at = time.monotonic() + backoff
+                with self._cond:
+                    if self._closing:
+                        return          # close() counts what is left
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            if self.last_error is not None:
+                self.log.info("sink works again", sent=self.sent)
+                self.last_error = None
+            backoff = BACKOFF_FIRST
+            with self._cond:
+                self._queue.popleft()
+                self.sent += 1
+                if not self._queue:
+                    try:
+                        self.transport.flush()
+                    except Exception as exc:
+                        self.last_error = str(exc)
+
+    def close(self) -> None:
+        """Hand on what is queued (waiting up to CLOSE_WAIT seconds for a transport that
+        works), count the rest as lost, close the transport."""
+        deadline = time.monotonic() + CLOSE_WAIT
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._queue or self.last_error is not None:
+                    break
+            time.sleep(0.01)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(CLOSE_WAIT)
+        with self._cond:
+            self.lost += len(self._queue)
+            self._queue.clear()
+        self.transport.close()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            queued = len(self._queue)
+        out: dict[str, Any] = {"sent": self.sent, "queued": queued, "lost": self.lost}
+        if self.errors:
+            out["errors"] = self.errors
+            out["last_error"] = self.last_error
+        return out

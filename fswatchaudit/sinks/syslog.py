@@ -1,0 +1,121 @@
+"""Syslog (RFC 5424) with the event's fields as structured data, to the local socket,
+over UDP, or over TCP with octet-counted framing (RFC 6587).
+
+    <PRI>1 TIMESTAMP HOST fswatchaudit PID KIND [fswatchaudit@32473 op="..." ...] LINE
+
+The structured data carries the fields a collector filters on; the message is the
+human line.  Values go through the human escaping (no control character, no raw byte)
+and then RFC 5424's own escaping of `"`, `\\` and `]`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..events import Event, Record
+from .encode import escape, format_record
+
+SD_ID = "fswatchaudit@32473"      # 32473: the enterprise number RFC 5612 sets aside
+FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
+              **{f"local{n}": 16 + n for n in range(8)}}
+SEVERITY_NOTICE, SEVERITY_INFO = 5, 6
+SD_FIELDS = ("seq", "op", "path", "path2", "result", "syscall", "pid", "ppid", "uid",
+             "euid", "gid", "loginuid", "comm", "exe", "dev", "ino", "backend")
+
+
+def _sd_value(value: Any) -> str:
+    text = escape(str(value))
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _rfc3339(ns: int) -> str:
+    seconds, rest = divmod(ns, 10**9)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{rest // 1000:06d}Z"
+
+
+def format_5424(record: Record, facility: int, host: str, app: str = "fswatchaudit") -> bytes:
+    params: list[str] = []
+    when = getattr(record, "time", 0) or time.time_ns()
+    severity = SEVERITY_INFO
+    if isinstance(record, Event):
+        severity = SEVERITY_NOTICE
+        for name in SD_FIELDS:
+            value = getattr(record, name)
+            if value is not None:
+                params.append(f'{name}="{_sd_value(value)}"')
+        for key in record.keys:
+            params.append(f'key="{_sd_value(key)}"')
+    sd = f"[{SD_ID} {' '.join(params)}]" if params else "-"
+    head = f"<{facility * 8 + severity}>1 {_rfc3339(when)} {host} {app} {os.getpid()} " \
+           f"{record.kind} {sd} "
+    return head.encode() + escape(format_record(record)).encode()
+
+
+class SyslogSink:
+    """RFC 5424 messages to ``address``: ``unix:/dev/log`` (the local socket, the
+    default), ``udp://HOST:PORT`` or ``tcp://HOST:PORT``.  A transport for QueuedSink:
+    it raises when the receiver cannot take a message."""
+
+    def __init__(self, address: str = "unix:/dev/log", facility: str = "authpriv",
+                 name: str = "syslog") -> None:
+        if facility not in FACILITIES:
+            raise ValueError(f"unknown syslog facility {facility!r}: choose from "
+                             f"{', '.join(FACILITIES)}")
+        self.name = name
+        self.facility = FACILITIES[facility]
+        self.host = socket.gethostname() or "-"
+        self.address = address
+        url = urlsplit(address)
+        self.scheme = url.scheme
+        if self.scheme == "unix":
+            self.target: Any = url.path
+        elif self.scheme in ("udp", "tcp"):
+            if not url.hostname or not url.port:
+                raise ValueError(f"syslog address {address!r} needs a host and a port")
+            self.target = (url.hostname, url.port)
+        else:
+            raise ValueError(f"syslog address {address!r}: use unix:PATH, "
+                             "udp://HOST:PORT or tcp://HOST:PORT")
+        self.sock: socket.socket | None = None
+        self.sent = 0
+
+    def _connect(self) -> socket.socket:
+        if self.sock is None:
+            if self.scheme == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            elif self.scheme == "udp":
+                sock = socket.socket(socket.AF_INET6 if ":" in self.target[0]
+                                     else socket.AF_INET, socket.SOCK_DGRAM)
+            else:
+                sock = socket.create_connection(self.target, timeout=10)
+            sock.settimeout(10)
+            if self.scheme != "tcp":
+                sock.connect(self.target)
+            self.sock = sock
+        return self.sock
+
+    def write(self, record: Record) -> None:
+        message = format_5424(record, self.facility, self.host)
+        if self.scheme == "tcp":
+            message = str(len(message)).encode() + b" " + message   # octet counting
+        try:
+            self._connect().sendall(message)
+        except OSError:
+            self.close()            # reconnect on the next try
+            raise
+        self.sent += 1
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"sent": self.sent}
