@@ -111,3 +111,26 @@ def test_daemon_check(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert f"{rules_d}/20.rules:1: unknown syscall or alias 'mkdri'" in proc.stderr
+
+
+def test_sink_blocks():
+    cfg = config.parse("sink.central.kind = syslog\nsink.central.address = tcp://127.0.0.1:6514\n"
+                       "sink.copy.kind = jsonl\nsink.copy.path = /var/log/fswatchaudit/a.jsonl\n")
+    assert [(s["name"], s["kind"]) for s in cfg.sinks] == [("central", "syslog"),
+                                                          ("copy", "jsonl")]
+    assert cfg.sinks[0]["address"] == "tcp://127.0.0.1:6514"
+    assert cfg.sinks[0]["facility"] == "authpriv" and cfg.sinks[0]["queue"] == 100_000
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sink.a.address = udp://x:1\n", "sink 'a' has no sink.a.kind"),
+    ("sink.a.kind = carrier-pigeon\n", "unknown sink kind 'carrier-pigeon'"),
+    ("sink.a.kind = jsonl\n", "a jsonl sink needs path"),
+    ("sink.a.kind = syslog\nsink.a.colour = red\n", "a syslog sink has no setting 'colour'"),
+    ("sink.a.kind = jsonl\nsink.a.path = x.log\n", "path: 'x.log' is not an absolute path"),
+    ("sink.a b.kind = jsonl\n", "bad sink key"),
+    ("sink.a.kind = jsonl\nsink.a.kind = jsonl\n", r"given twice \(first on line 1\)"),
+])
+def test_bad_sink_blocks(text, message):
+    with pytest.raises(ConfigError, match=message):
+        config.parse(text, "f.conf")

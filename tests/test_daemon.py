@@ -419,6 +419,39 @@ def test_rules_with_raw_bytes_in_names(base, tmp_path):
     assert created[0]["keys"] == ["raw"]
 
 
+def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()                                 # nothing listens there any more
+    jsonl = os.path.join(base, "copy.jsonl")
+    dm = Daemon(base, "inotify", **{"sink.copy.kind": "jsonl", "sink.copy.path": jsonl,
+                                    "sink.central.kind": "syslog",
+                                    "sink.central.address": f"tcp://127.0.0.1:{port}"})
+    w = os.path.join(base, "w")
+    os.makedirs(w)
+    dm.write_rules("10.rules", f"-w {w} -p wa -k w\n")
+    try:
+        dm.start()
+        dm.wait_message("READY")
+        for n in range(20):
+            os.mkdir(os.path.join(w, f"d{n}"))
+        st = wait_until(lambda: (s := dm.status()).get("events", 0) >= 20 and s,
+                        "the events")
+        central = wait_until(lambda: (c := dm.status()["sinks"]["central"])["errors"] and c,
+                             "the dead sink to be seen failing")
+        assert central["sent"] == 0 and central["queued"] + central["lost"] > 0
+        assert "sinks" in st and "copy" in st["sinks"]
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    with open(jsonl) as fh:
+        copied = [json.loads(line) for line in fh]
+    logged = dm.records()
+    assert [r for r in copied if r["t"] == "ev"] == [r for r in logged if r["t"] == "ev"]
+    assert "SINK FAILING" in dm.stderr_text()
+
+
 def test_systemd_unit_verifies(tmp_path):
     """systemd-analyze verify on the shipped unit, ExecStart pointed at this checkout's
     command (verify insists that the program exists)."""
