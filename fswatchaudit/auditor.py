@@ -14,7 +14,7 @@ from typing import Any
 
 from . import syscalls
 from .backends.base import Backend
-from .enrich import Processor, default_pipeline, run_pipeline
+from .enrich import Pipeline, Processor, default_pipeline
 from .events import Event, LostCounts, Record, RulesInForce
 from .rules import Command, Rule, RuleSet
 from .sinks.base import Fanout, Sink
@@ -27,7 +27,7 @@ class Auditor:
         self.backend = backend
         self.rules = rules
         self.out = Fanout(sinks, on_sink_error)
-        self.pipeline = pipeline if pipeline is not None else default_pipeline(rules)
+        self.pipeline = Pipeline(pipeline if pipeline is not None else default_pipeline(rules))
         self.read_timeout = read_timeout
         self.per_alias: Counter[str] = Counter()
         self.events = 0
@@ -105,7 +105,7 @@ class Auditor:
     # -- the stream ----------------------------------------------------------
     def emit(self, record: Record) -> None:
         """One record through the processor chain into every sink (consumer thread)."""
-        out = run_pipeline(self.pipeline, record)
+        out = self.pipeline(record)
         if out is None:
             return
         if type(out) is Event:

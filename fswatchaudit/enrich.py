@@ -8,9 +8,11 @@ at the time of the operation is more trustworthy than what /proc says later.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import syscalls
 from .events import Event, Record
@@ -22,13 +24,16 @@ EventStep = Callable[[Event], "Event | None"]
 
 
 def on_events(step: EventStep) -> Processor:
-    """A processor that applies ``step`` to events and passes other records through."""
+    """A processor that applies ``step`` to events and passes other records through.
+    ``run_pipeline`` calls the step directly for events (``events_only``)."""
     def process(record: Record) -> Record | None:
         return step(record) if type(record) is Event else record
+    process.events_only = step  # type: ignore[attr-defined]
     return process
 
 
 PROC_FIELDS = ("ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
+_proc_values = operator.attrgetter(*PROC_FIELDS)
 
 
 def attach_keys(rules: RuleSet) -> Processor:
@@ -59,7 +64,7 @@ class ProcessFacts:
         self.max_age = max_age
 
     def __call__(self, ev: Event) -> Event:
-        if ev.pid is None or all(getattr(ev, f) is not None for f in PROC_FIELDS):
+        if ev.pid is None or None not in _proc_values(ev):
             return ev
         now = time.monotonic()
         cached = self.cache.get(ev.pid)
@@ -133,10 +138,24 @@ def default_pipeline(rules: RuleSet) -> list[Processor]:
     ]
 
 
+class Pipeline:
+    """The processor chain, read top to bottom; for events it runs the event steps
+    directly (the hot path: no per-step test of the record's kind)."""
+
+    def __init__(self, processors: Iterable[Processor]) -> None:
+        self.processors = list(processors)
+        self.for_events = [getattr(p, "events_only", p) for p in self.processors]
+        self.for_others = [p for p in self.processors if not hasattr(p, "events_only")]
+
+    def __call__(self, record: Record) -> Record | None:
+        steps = self.for_events if type(record) is Event else self.for_others
+        out: Any = record
+        for step in steps:
+            out = step(out)
+            if out is None:
+                return None
+        return out
+
+
 def run_pipeline(pipeline: Iterable[Processor], record: Record) -> Record | None:
-    for step in pipeline:
-        result = step(record)
-        if result is None:
-            return None
-        record = result
-    return record
+    return Pipeline(pipeline)(record)

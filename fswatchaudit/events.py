@@ -14,6 +14,7 @@ file could not store).  Readers skip kinds they do not know.
 """
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,6 +27,9 @@ SCHEMA_KEYS = (
     # additions after the first schema
     "access", "stale", "container",
 )
+
+
+_schema_values = operator.attrgetter(*SCHEMA_KEYS)
 
 
 @dataclass(slots=True)
@@ -70,11 +74,9 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """Schema-ordered dict without the fields that are unknown."""
         out: dict[str, Any] = {"t": "ev"}
-        for key in SCHEMA_KEYS:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            out[key] = value
+        for key, value in zip(SCHEMA_KEYS, _schema_values(self), strict=True):
+            if value is not None:
+                out[key] = value
         return out
 
     @classmethod
