@@ -37,6 +37,8 @@ SAMPLES = {
     "exit": ("-F dir=/srv -F exit=-EACCES", "exit=-EACCES"),
     "dev_major": ("-F dir=/srv -F dev_major=8", "dev_major=8"),
     "dev_minor": ("-F dir=/srv -F dev_minor>=1", "dev_minor>=1"),
+    "a1": ("-F dir=/srv -S open -F a1&0100", "a1&0100"),
+    "a2": ("-F dir=/srv -S openat -F a2&01003", "a2&01003"),
 }
 
 
@@ -122,7 +124,7 @@ def test_unknown_field_lists_the_table_and_suggests():
 
 def test_option_table_and_parse_state():
     assert set(parse.OPTIONS) == {"-w", "-W", "-a", "-A", "-d", "-l", "-D", "-p", "-k",
-                                  "-F", "-S"}
+                                  "-F", "-S", *parse.CONTROL_NOTES}
     st = parse.read_options(["-a", "always,exit", "-F", "dir=/srv", "-S", "open,fs-remove",
                              "-k", "k"])
     assert (st.action, st.key, st.fields, st.syscall_names) == \

@@ -329,7 +329,8 @@ ROWS: tuple[Field, ...] = (
     Field("exit", parse_exit, COMPARE, BOTH, attr="result", show=show_exit),
     _dev_part("dev_major", os.major),
     _dev_part("dev_minor", os.minor),
-    *(_open_flags(n) for n in range(4)),
+    _open_flags(1),
+    _open_flags(2),
 )
 
 FIELDS: dict[str, Field] = {row.name: row for row in ROWS}

@@ -25,7 +25,7 @@ from .fields import (
 )
 from .ruleset import Command, Cond, Rule, RuleError, RuleSet
 
-ARG_FIELDS = {f"a{n}": n for n in range(4)}
+ARG_FIELDS = {"a1": 1, "a2": 2}
 
 
 @dataclass
