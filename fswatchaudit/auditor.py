@@ -172,6 +172,8 @@ class Auditor:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
         lines.append(f"events: {self.events}")
         lines.append(f"events lost: {sum(lost.values())}" + (f" ({detail})" if detail else ""))
+        # What the backend cannot count: "0 lost" is not the whole story there.
+        lines += [f"not counted: {note}" for note in self.backend.limits()]
         errors = sum(self.out.errors.values())
         if errors:
             lines.append(f"records not written: {errors} ("

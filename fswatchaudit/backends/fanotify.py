@@ -32,7 +32,7 @@ from collections import OrderedDict
 from .. import ops
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
-from .base import Backend, BackendUnavailable, entry_op
+from .base import Backend, BackendUnavailable, entry_op, entry_op_of
 from .fanotify_c import (
     FAN_ATTRIB,
     FAN_CLASS_NOTIF,
@@ -54,6 +54,7 @@ from .fanotify_c import (
     FAN_REPORT_DFID_NAME,
     FAN_REPORT_FID,
     FAN_REPORT_PIDFD,
+    FAN_REPORT_TARGET_FID,
     FAN_UNLIMITED_QUEUE,
     INFO_DFID,
     INFO_DFID_NAME,
@@ -62,6 +63,7 @@ from .fanotify_c import (
     INFO_OLD_DFID_NAME,
     Info,
     RawEvent,
+    birth_time,
     init,
     mark,
     open_by_handle,
@@ -74,6 +76,16 @@ EVENTS = (FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ATTRIB | FAN_CLOSE_WRITE
 MEMORY_SECONDS = 5.0
 DIR_CACHE_SIZE = 65536
 PINNED_MAX = 256        # pidfds held until the next read (distinct processes)
+KNOWN_MAX = 1 << 17     # inode handles remembered from events (an entry of a known inode
+                        # is a link)
+# The operations one event's mask can carry: more than one means the kernel merged
+# queued events for the same object (repeats of one operation leave no trace at all).
+OP_BITS = (FAN_CREATE, FAN_DELETE, FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CLOSE_NOWRITE,
+           FAN_OPEN_EXEC)
+CLOCK_REALTIME_COARSE = 5   # the clock inode timestamps are taken from
+MERGE_NOTE = ("fanotify merges unread events for one file and process: operations "
+              "folded into one event are marked merged, repeats of one operation "
+              "are folded without trace; neither is counted as lost")
 
 
 class FanotifyBackend(Backend):
@@ -104,6 +116,14 @@ class FanotifyBackend(Backend):
         self.dir_paths: OrderedDict[bytes, str] = OrderedDict()   # handle -> last path
         self.unresolved = 0
         self.pinned: dict[int, int] = {}            # pid -> pidfd, until the next read
+        self.target_fid = True          # entry events carry the child's handle (5.17+)
+        # Inode handles seen in events, oldest first, with when they were read (ns):
+        # a new name for a known inode is a link.  forgotten_until: read time of the
+        # newest entry dropped from the table (inodes born before may be unknown).
+        self.known: OrderedDict[bytes, int] = OrderedDict()
+        self.forgotten_until = 0
+        self.started_ns = 0                         # when the first mark was added
+        self.fs_marked: dict[int, int] = {}         # st_dev -> filesystem mark since (ns)
 
     # -- marks ---------------------------------------------------------------------
     def _marks_for(self, rule: Rule) -> list[tuple[int, str]]:
@@ -120,6 +140,9 @@ class FanotifyBackend(Backend):
         return [(FAN_MARK_FILESYSTEM, target or "/")]
 
     def _add_marks(self, rule: Rule) -> None:
+        # Taken before the mark exists: an inode born later has a birth time at least this.
+        since = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        self.started_ns = self.started_ns or since
         for key in self._marks_for(rule):
             if self.marks.get(key, 0) == 0:
                 flags, path = key
@@ -131,6 +154,8 @@ class FanotifyBackend(Backend):
                                     ) from None
                 self.mount_fds.setdefault(path, os.open(
                     path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))  # O_PATH: EBADF
+                if flags == FAN_MARK_FILESYSTEM:
+                    self.fs_marked.setdefault(os.stat(path).st_dev, since)
             self.marks[key] = self.marks.get(key, 0) + 1
 
     def start(self) -> None:
@@ -138,14 +163,19 @@ class FanotifyBackend(Backend):
         # overflows under load, so the queue is unlimited (kernel memory, root only).
         base = FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME \
             | FAN_REPORT_FID | (FAN_UNLIMITED_QUEUE if self.unlimited_queue else 0)
-        try:
-            self.fd = init(base | FAN_REPORT_PIDFD)
-        except OSError:
-            self.pidfd = False
+        error = None
+        for flags in (base | FAN_REPORT_TARGET_FID | FAN_REPORT_PIDFD,
+                      base | FAN_REPORT_PIDFD, base):
             try:
-                self.fd = init(base)
+                self.fd = init(flags)
+                break
             except OSError as exc:
-                raise BackendUnavailable(f"fanotify_init failed: {exc.strerror}") from None
+                error = exc
+        else:
+            assert error is not None
+            raise BackendUnavailable(f"fanotify_init failed: {error.strerror}") from None
+        self.target_fid = bool(flags & FAN_REPORT_TARGET_FID)
+        self.pidfd = bool(flags & FAN_REPORT_PIDFD)
         for rule in self.rules:
             self._add_marks(rule)
 
@@ -174,6 +204,9 @@ class FanotifyBackend(Backend):
         # directory of a watched tree is named when its creation is read (see _remember),
         # so those are events of other parts of the filesystem.
         return {"fanotify_overflow": self.overflows}
+
+    def limits(self) -> list[str]:
+        return [MERGE_NOTE]
 
     def close(self) -> None:
         self._unpin()
@@ -218,7 +251,8 @@ class FanotifyBackend(Backend):
         return os.path.join(directory, name)
 
     def _emit(self, out: list, op: str, path: str | None, path2: str | None, pid: int,
-              stale: bool, access: str | None = None) -> None:
+              stale: bool, access: str | None = None,
+              ident: tuple[int, int] | None = None) -> Event:
         if op == ops.LINK and path2 is None:
             path, path2 = None, path
         ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
@@ -226,20 +260,33 @@ class FanotifyBackend(Backend):
         if stale:
             ev.stale = True     # exited (or exiting) before its event was read
         target = path2 if op in (ops.LINK, ops.RENAME) else path
-        if target:
+        if ident is not None:
+            ev.dev, ev.ino = ident
+        elif target:
             try:
                 st = os.lstat(target)
                 ev.dev, ev.ino = st.st_dev, st.st_ino
             except OSError:
                 pass
         out.append(ev)      # the consumer's match (RuleSet.select) decides
+        return ev
 
     def read(self, timeout: float) -> list[Event | ProcessState]:
         # The consumer is done with the events of the previous read.
         self._unpin()
         out: list[Event | ProcessState] = []
+        by_pid: dict[int, list[Event]] = {}
         for raw in read_events(self.fd, timeout):
+            if raw.mask & FAN_OPEN_EXEC:
+                # The process executed a program after these events: the facts the
+                # consumer reads from /proc (exe, comm, uid...) are the new program's.
+                for ev in by_pid.pop(raw.pid, ()):
+                    ev.stale = True
+            start = len(out)
             self._one(out, raw)
+            for rec in out[start:]:
+                assert isinstance(rec, Event)
+                by_pid.setdefault(raw.pid, []).append(rec)
         self._forget(time.monotonic() - MEMORY_SECONDS)
         return out
 
@@ -254,6 +301,9 @@ class FanotifyBackend(Backend):
             if pidfd is not None:
                 stale = pidfd < 0 or process_exited(pidfd)
             self._translate(out, raw, stale)
+            if sum(1 for bit in OP_BITS if raw.mask & bit) > 1:
+                for ev in out[emitted:]:
+                    ev.merged = True
         finally:
             if pidfd is not None and pidfd >= 0:
                 if (len(out) > emitted and not stale and raw.pid not in self.pinned
@@ -262,9 +312,69 @@ class FanotifyBackend(Backend):
                 else:
                     os.close(pidfd)
 
+    def _know(self, fid: Info | None) -> bool:
+        """Remember an inode seen in an event; whether it had been seen before."""
+        if fid is None:
+            return False
+        known = fid.handle in self.known
+        self.known[fid.handle] = time.time_ns()
+        if known:
+            self.known.move_to_end(fid.handle)
+        elif len(self.known) > KNOWN_MAX:
+            _, self.forgotten_until = self.known.popitem(last=False)
+        return known
+
+    def _open_handle(self, handle: bytes) -> int | None:
+        for mount_fd in self.mount_fds.values():
+            try:
+                return open_by_handle(mount_fd, handle)
+            except OSError:
+                continue
+        return None
+
+    def _created(self, path: str, is_dir: bool, fid: Info | None,
+                 known: bool) -> tuple[str, bool, tuple[int, int] | None]:
+        """Which operation made a new entry: (op, whether op was inferred from what the
+        file looked like when the event was read, (dev, ino) of the new entry's inode).
+
+        Decided from the event where it can be: the entry's own inode handle (kernel
+        5.17+) says whether the inode was seen before (a link: link() also reports a
+        change of the inode's link count first), and its birth time whether it existed
+        before the audit (a link) or was born under a filesystem mark that would have
+        reported any earlier name (a create).  Otherwise (an inode mark only, no birth
+        time, the inode already gone) its link count when read decides, and the event
+        says so (``inferred``)."""
+        if fid is None:
+            return entry_op(path, is_dir), not is_dir, None
+        fd = self._open_handle(fid.handle)
+        if fd is None:                  # removed before the event was read
+            if is_dir:
+                return ops.MKDIR, False, None
+            return (ops.LINK, False, None) if known else (ops.CREATE, True, None)
+        try:
+            st = os.fstat(fd)
+            born = birth_time(fd)
+        finally:
+            os.close(fd)
+        ident = (st.st_dev, st.st_ino)
+        op = entry_op_of(st)
+        if op != ops.CREATE:
+            return op, False, ident     # the inode's type never changes
+        if known:
+            return ops.LINK, False, ident
+        if born is not None and born > 0:
+            if born < self.started_ns:
+                return ops.LINK, False, ident   # older than the audit: not its first name
+            since = self.fs_marked.get(st.st_dev)
+            if since is not None and born >= since and born > self.forgotten_until:
+                return ops.CREATE, False, ident
+        return (ops.LINK if st.st_nlink > 1 else ops.CREATE), True, ident
+
     def _translate(self, out: list, raw: RawEvent, stale: bool) -> None:
         mask, pid, infos = raw.mask, raw.pid, raw.infos
         is_dir = bool(mask & FAN_ONDIR)
+        fid = infos.get(INFO_FID)
+        known = self._know(fid)
         if mask & FAN_RENAME:
             old = infos.get(INFO_OLD_DFID_NAME)
             new = infos.get(INFO_NEW_DFID_NAME)
@@ -284,8 +394,10 @@ class FanotifyBackend(Backend):
         if mask & FAN_CREATE:
             if is_dir:
                 self._remember(infos, path)
-            op = entry_op(path, is_dir)
-            self._emit(out, op, path, None, pid, stale)
+            op, inferred, ident = self._created(path, is_dir, fid, known)
+            ev = self._emit(out, op, path, None, pid, stale, ident=ident)
+            if inferred:
+                ev.inferred = ["op"]
             if op == ops.CREATE:
                 self.fresh[path] = now
         if mask & FAN_OPEN_EXEC:

@@ -24,6 +24,7 @@ FAN_REPORT_PIDFD = 0x80
 FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
+FAN_REPORT_TARGET_FID = 0x1000     # Linux 5.17: the child's own handle on entry events
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 # fanotify_mark flags
 FAN_MARK_ADD = 0x1
@@ -63,6 +64,14 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                 ctypes.c_char_p]
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_statx = getattr(_libc, "statx", None)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                       ctypes.c_char_p]
+AT_EMPTY_PATH = 0x1000
+STATX_BTIME = 0x800
+STATX_SIZE = 256
+STATX_BTIME_AT = struct.Struct("<qI")           # struct statx_timestamp at offset 80
 
 
 @dataclass(slots=True)
@@ -105,6 +114,21 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int = O_PATH | os.O_CLOE
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return fd
+
+
+def birth_time(fd: int) -> int | None:
+    """The inode's birth time (statx btime, ns since the epoch) of an open file, or None
+    where the filesystem does not record it."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    if _statx(fd, b"", AT_EMPTY_PATH, STATX_BTIME, buf) < 0:
+        return None
+    mask = struct.unpack_from("<I", buf.raw, 0)[0]
+    if not mask & STATX_BTIME:
+        return None
+    sec, nsec = STATX_BTIME_AT.unpack_from(buf.raw, 80)
+    return sec * 1_000_000_000 + nsec
 
 
 def process_exited(pidfd: int) -> bool:
