@@ -66,7 +66,7 @@ class InotifyBackend(Backend):
         # Directories of watched trees that cannot be read (permissions): not watched,
         # named in one warning (at start, then once per read that finds new ones).
         self.unreadable: list[str] = []
-        self.unreadable_count = 0
+        self.unreadable_seen: set[str] = set()
 
     # -- watches ---------------------------------------------------------------
     def _watch_dir(self, path: str) -> bool:
@@ -94,8 +94,9 @@ class InotifyBackend(Backend):
         return True
 
     def _unreadable(self, path: str) -> None:
-        self.unreadable.append(path)
-        self.unreadable_count += 1
+        if path not in self.unreadable_seen:
+            self.unreadable_seen.add(path)
+            self.unreadable.append(path)
 
     def _warn_unreadable(self) -> None:
         """One warning naming the directories found unreadable since the last one."""
@@ -211,8 +212,8 @@ class InotifyBackend(Backend):
 
     def limits(self) -> list[str]:
         notes = [MERGE_NOTE]
-        if self.unreadable_count:
-            notes.append(f"{self.unreadable_count} unreadable directories were not "
+        if self.unreadable_seen:
+            notes.append(f"{len(self.unreadable_seen)} unreadable directories were not "
                          "watched: operations in them are not seen")
         return notes
 
