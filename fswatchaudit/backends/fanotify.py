@@ -19,6 +19,13 @@ exited is marked stale.  Its uid, comm, exe are the consumer's to read from /pro
 (enrich.ProcessFacts), for the events it keeps: a filesystem mark reports the whole
 filesystem.  One pidfd per process of a read is held until the next read, so that its
 pid cannot be reused before the consumer has read its facts.
+An exec that fanotify reports after a process's events (same read) marks them stale:
+/proc then describes the new program.
+Create or link comes from the entry's own inode handle (FAN_REPORT_TARGET_FID), not from
+the name when read; what cannot be decided so is marked inferred (see _created).
+The kernel merges unread events for one object and process: an event whose mask holds
+several operations gives one event per operation, each marked merged; repeats of one
+operation are invisible, which limits() says (the summary prints it).
 fanotify knows no syscall and no result, cannot tell chmod from chown (op "attr") and
 does not see truncate (a modification).
 The kernel interface itself (calls, record layouts) is in fanotify_c.

@@ -8,7 +8,9 @@ that crosses the edge of the watched tree has only the side that inotify saw (th
 path is absent).  inotify cannot tell who did anything: pid, uid, comm, exe, syscall and
 result are always absent.  It cannot tell chmod from chown or utime ("attr"), does not
 see executions, and reports opens when the file is closed (IN_CLOSE_WRITE: opened for
-write; IN_CLOSE_NOWRITE: opened for read).
+write; IN_CLOSE_NOWRITE: opened for read).  Create or link is told by the link count
+when the event is read (marked inferred).  Directories the user cannot read are skipped
+with one warning naming them; a watched path that cannot be read is a rule error.
 """
 from __future__ import annotations
 
