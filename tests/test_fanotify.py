@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -177,11 +178,19 @@ def test_events_before_an_exec_are_marked_stale(tree):
     now describes the new program, so those events are marked stale."""
     w, _ = tree
     be = backend_for(watch_rule(w))
+    sleep = os.path.realpath(shutil.which("sleep"))
     proc = subprocess.Popen([
-        "python3", "-c", f"import os; open('{w}/before', 'w').close(); "
-        "os.execv('/bin/sleep', ['sleep', '2'])"])
+        sys.executable, "-c", f"import os; open('{w}/before', 'w').close(); "
+        f"os.execv('{sleep}', ['sleep', '5'])"])
     try:
-        time.sleep(0.5)                         # exec'd, still running, nothing read
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:      # exec'd, still running, nothing read
+            try:
+                if os.readlink(f"/proc/{proc.pid}/exe") == sleep:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
         got = [e for e in drain(be) if e.pid == proc.pid]
         before = [e for e in got if e.path == f"{w}/before"]
         assert [(e.op, e.stale) for e in before] == [("create", True)]
@@ -216,5 +225,37 @@ def test_merged_events_are_marked_and_the_summary_says_merging_is_not_counted(tr
         assert "events lost: 0 (fanotify_overflow=0)" in summary
         assert any(line.startswith("not counted: fanotify merges") for line in summary)
         assert seen.events[0].to_dict()["merged"] is True
+    finally:
+        be.close()
+
+
+def test_filesystem_mounted_below_later_is_watched_from_the_next_read(tree):
+    w, _ = tree
+    os.mkdir(f"{w}/mnt")
+    be = backend_for(watch_rule(w))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "fswa", f"{w}/mnt"], check=True)
+        assert drain(be) == []                  # the read notices the new mount
+        open(f"{w}/mnt/x", "w").close()
+        os.chmod(f"{w}/mnt/x", 0o600)
+        got = drain(be)
+        assert [(e.op, e.path) for e in got] == [("create", f"{w}/mnt/x"),
+                                                 ("attr", f"{w}/mnt/x")]
+        assert got[0].dev == os.stat(f"{w}/mnt").st_dev    # the tmpfs inode's own
+    finally:
+        be.close()
+        subprocess.run(["umount", f"{w}/mnt"], check=False)
+
+
+def test_removing_one_directory_rule_keeps_another_on_the_same_filesystem(tree):
+    """Both rules share one filesystem mark: removing a rule must not remove it."""
+    w, o = tree
+    be = backend_for(watch_rule(w), watch_rule(o))
+    try:
+        gone = next(r for r in be.rules if r.target == w)
+        be.rules.apply([parse_line(f"-W {w}")])
+        be.remove_rule(0, gone)
+        open(f"{o}/still", "w").close()
+        assert [(e.op, e.path) for e in drain(be)] == [("create", f"{o}/still")]
     finally:
         be.close()

@@ -33,10 +33,13 @@ The kernel interface itself (calls, record layouts) is in fanotify_c.
 from __future__ import annotations
 
 import os
+import select
 import time
 from collections import OrderedDict
+from typing import TextIO
 
 from .. import ops
+from ..diag import get_logger
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable, entry_op, entry_op_of
@@ -73,6 +76,7 @@ from .fanotify_c import (
     birth_time,
     init,
     mark,
+    mounts_below,
     open_by_handle,
     process_exited,
     read_events,
@@ -117,7 +121,6 @@ class FanotifyBackend(Backend):
         self.overflows = 0
         self.pidfd = True
         self.mount_fds: dict[str, int] = {}         # marked path -> O_PATH fd
-        self.marks: dict[tuple[int, str], int] = {}  # (flags, path) -> users
         self.fresh: dict[str, float] = {}           # created: its first close-write is it
         self.execs: dict[tuple[str, int], float] = {}
         self.dir_paths: OrderedDict[bytes, str] = OrderedDict()   # handle -> last path
@@ -131,39 +134,96 @@ class FanotifyBackend(Backend):
         self.forgotten_until = 0
         self.started_ns = 0                         # when the first mark was added
         self.fs_marked: dict[int, int] = {}         # st_dev -> filesystem mark since (ns)
+        self.marks: dict[tuple[int, object], int] = {}  # mark key -> users (rules)
+        self.mark_paths: dict[tuple[int, object], str] = {}  # mark key -> path marked
+        self.rule_marks: dict[tuple, set[tuple[int, object]]] = {}  # rule -> its marks
+        self.fsid_fd: dict[int, int] = {}           # fsid -> a directory fd on it
+        self.unmarkable: dict[str, str] = {}        # mount point below a rule -> why
+        self.unmarkable_new: list[str] = []         # not warned about yet
+        self.mountinfo: TextIO | None = None        # polled: the mount table changed
+        self.mount_poll = select.poll()
 
     # -- marks ---------------------------------------------------------------------
-    def _marks_for(self, rule: Rule) -> list[tuple[int, str]]:
+    # A mark is keyed by what it marks: (FAN_MARK_FILESYSTEM, fsid) for a filesystem,
+    # so that two directory rules on one filesystem share its mark (removing one rule
+    # keeps the other's), and (FAN_MARK_INODE, path) for a directory.
+    def _marks_for(self, rule: Rule) -> list[tuple[tuple[int, object], str, bool]]:
+        """(key, path to mark through, required) for a rule: a directory rule also
+        marks every filesystem mounted below its directory (not required: a filesystem
+        fanotify cannot mark is a warning, not an error)."""
         if rule.kind == "path":
             assert rule.target is not None
             parent = os.path.dirname(rule.target) or "/"
             if not os.path.isdir(parent):
                 raise RuleError(f"cannot watch {rule.target}: directory {parent} "
                                 "does not exist")
-            return [(FAN_MARK_INODE, parent)]
-        target = rule.target if rule.kind == "dir" else "/"
-        if rule.kind == "dir" and not os.path.isdir(target or ""):
+            return [((FAN_MARK_INODE, parent), parent, True)]
+        target = (rule.target if rule.kind == "dir" else "/") or "/"
+        if rule.kind == "dir" and not os.path.isdir(target):
             raise RuleError(f"watched directory {target} does not exist")
-        return [(FAN_MARK_FILESYSTEM, target or "/")]
+        out: list[tuple[tuple[int, object], str, bool]] = [
+            ((FAN_MARK_FILESYSTEM, os.statvfs(target).f_fsid), target, True)]
+        if rule.kind == "dir":
+            for below in mounts_below(target):
+                try:
+                    fsid = os.statvfs(below).f_fsid
+                except OSError:
+                    continue
+                out.append(((FAN_MARK_FILESYSTEM, fsid), below, False))
+        return out
 
     def _add_marks(self, rule: Rule) -> None:
         # Taken before the mark exists: an inode born later has a birth time at least this.
         since = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
         self.started_ns = self.started_ns or since
-        for key in self._marks_for(rule):
+        held = self.rule_marks.setdefault(rule.identity(), set())
+        for key, path, required in self._marks_for(rule):
+            if key in held:
+                continue
             if self.marks.get(key, 0) == 0:
-                flags, path = key
+                flags = key[0]
                 mask = EVENTS | (FAN_EVENT_ON_CHILD if flags == FAN_MARK_INODE else 0)
                 try:
                     mark(self.fd, FAN_MARK_ADD | flags, mask, path)
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise RuleError(f"cannot watch {path} with fanotify: {exc.strerror}"
-                                    ) from None
-                self.mount_fds.setdefault(path, os.open(
-                    path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))  # O_PATH: EBADF
+                    if required:
+                        raise RuleError(f"cannot watch {path} with fanotify: "
+                                        f"{exc.strerror}") from None
+                    if path not in self.unmarkable:
+                        self.unmarkable[path] = exc.strerror or str(exc)
+                        self.unmarkable_new.append(path)
+                    continue
+                self.mark_paths[key] = path
+                self.mount_fds[path] = fd       # (O_PATH fds: EBADF for handles)
+                self.fsid_fd.setdefault(os.fstatvfs(fd).f_fsid, fd)
                 if flags == FAN_MARK_FILESYSTEM:
-                    self.fs_marked.setdefault(os.stat(path).st_dev, since)
+                    self.fs_marked.setdefault(os.fstat(fd).st_dev, since)
             self.marks[key] = self.marks.get(key, 0) + 1
+            held.add(key)
+        self._warn_unmarkable()
+
+    def _warn_unmarkable(self) -> None:
+        if self.unmarkable_new:
+            get_logger("fanotify").warning(
+                "filesystems mounted below a watched directory cannot be watched: "
+                "their changes are not audited",
+                mounts=", ".join(f"{p} ({self.unmarkable[p]})" for p in self.unmarkable_new))
+            self.unmarkable_new.clear()
+
+    def _mounts_changed(self) -> None:
+        """Mount table changed: mark filesystems newly mounted below directory rules
+        (covered from now on: what happened on them before this read is not seen)."""
+        if self.mountinfo is None or not self.mount_poll.poll(0):
+            return
+        self.mountinfo.seek(0)
+        self.mountinfo.read()
+        for rule in self.rules:
+            if rule.kind == "dir":
+                try:
+                    self._add_marks(rule)
+                except (RuleError, OSError):
+                    continue    # the directory itself went away: its events say so
 
     def start(self) -> None:
         # A filesystem mark sees the whole filesystem: the default queue (16384 events)
@@ -183,6 +243,12 @@ class FanotifyBackend(Backend):
             raise BackendUnavailable(f"fanotify_init failed: {error.strerror}") from None
         self.target_fid = bool(flags & FAN_REPORT_TARGET_FID)
         self.pidfd = bool(flags & FAN_REPORT_PIDFD)
+        try:
+            self.mountinfo = open("/proc/self/mountinfo")    # noqa: SIM115 (kept open)
+            self.mount_poll.register(self.mountinfo, select.POLLPRI | select.POLLERR)
+            self.mountinfo.read()
+        except OSError:
+            self.mountinfo = None
         for rule in self.rules:
             self._add_marks(rule)
 
@@ -190,13 +256,14 @@ class FanotifyBackend(Backend):
         self._add_marks(rule)
 
     def remove_rule(self, rid: int, rule: Rule) -> None:
-        for key in self._marks_for(rule):
+        for key in self.rule_marks.pop(rule.identity(), set()):
             users = self.marks.get(key, 0) - 1
             if users > 0:
                 self.marks[key] = users
                 continue
             self.marks.pop(key, None)
-            flags, path = key
+            path = self.mark_paths.pop(key)
+            flags = key[0]
             try:
                 mask = EVENTS | (FAN_EVENT_ON_CHILD if flags == FAN_MARK_INODE else 0)
                 mark(self.fd, FAN_MARK_REMOVE | flags, mask, path)
@@ -213,7 +280,11 @@ class FanotifyBackend(Backend):
         return {"fanotify_overflow": self.overflows}
 
     def limits(self) -> list[str]:
-        return [MERGE_NOTE]
+        notes = [MERGE_NOTE]
+        if self.unmarkable:
+            notes.append(f"{len(self.unmarkable)} filesystems mounted below watched "
+                         "directories could not be marked: their changes are not seen")
+        return notes
 
     def close(self) -> None:
         self._unpin()
@@ -223,6 +294,10 @@ class FanotifyBackend(Backend):
         for fd in self.mount_fds.values():
             os.close(fd)
         self.mount_fds.clear()
+        self.fsid_fd.clear()
+        if self.mountinfo is not None:
+            self.mountinfo.close()
+            self.mountinfo = None
 
     # -- events --------------------------------------------------------------------
     def _resolve(self, info: Info) -> str | None:
@@ -231,7 +306,7 @@ class FanotifyBackend(Backend):
         when last seen is used (directory handles are stable)."""
         handle, name = info.handle, info.name
         directory = None
-        for mount_fd in self.mount_fds.values():
+        for mount_fd in self._mount_fds_for(info):
             try:
                 fd = open_by_handle(mount_fd, handle)
             except OSError:
@@ -281,6 +356,7 @@ class FanotifyBackend(Backend):
     def read(self, timeout: float) -> list[Event | ProcessState]:
         # The consumer is done with the events of the previous read.
         self._unpin()
+        self._mounts_changed()
         out: list[Event | ProcessState] = []
         by_pid: dict[int, list[Event]] = {}
         for raw in read_events(self.fd, timeout):
@@ -331,10 +407,16 @@ class FanotifyBackend(Backend):
             _, self.forgotten_until = self.known.popitem(last=False)
         return known
 
-    def _open_handle(self, handle: bytes) -> int | None:
-        for mount_fd in self.mount_fds.values():
+    def _mount_fds_for(self, info: Info) -> list[int]:
+        """Where a handle can be opened: a directory on the filesystem its fsid names
+        (a handle decoded on another filesystem could name an unrelated inode)."""
+        fd = self.fsid_fd.get(info.fsid)
+        return [fd] if fd is not None else list(self.mount_fds.values())
+
+    def _open_handle(self, info: Info) -> int | None:
+        for mount_fd in self._mount_fds_for(info):
             try:
-                return open_by_handle(mount_fd, handle)
+                return open_by_handle(mount_fd, info.handle)
             except OSError:
                 continue
         return None
@@ -353,7 +435,7 @@ class FanotifyBackend(Backend):
         says so (``inferred``)."""
         if fid is None:
             return entry_op(path, is_dir), not is_dir, None
-        fd = self._open_handle(fid.handle)
+        fd = self._open_handle(fid)
         if fd is None:                  # removed before the event was read
             if is_dir:
                 return ops.MKDIR, False, None
