@@ -185,6 +185,8 @@ class Auditor:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(lost.items()))
         lines.append(f"events: {self.events}")
         lines.append(f"events lost: {sum(lost.values())}" + (f" ({detail})" if detail else ""))
+        # What the backend cannot count: "0 lost" is not the whole story there.
+        lines += [f"not counted: {note}" for note in self.backend.limits()]
         lag = f"consumer lag: at most {self.max_behind:.2f} s behind the operations"
         if "ring_bytes" in self.backlog:
             lag += f", {self.backlog['ring_bytes']} bytes left in the ring"

@@ -29,6 +29,14 @@ class Capability:
     link_source: bool             # a hard link has the existing name as path
     io_uring: bool                # sees operations submitted through io_uring
     in_kernel_filter: bool        # unwatched operations never reach user space
+    # Ways around a watch (issue 11's evasion cases): is the change still reported?
+    hard_links: bool = False      # write/chmod through a link made outside the tree
+    bind_mounts: bool = False     # create/chmod through a bind mount of a watched dir
+    mounts_below: bool = False    # a filesystem mounted below a watched dir (before)
+    later_mounts: bool = False    # ... mounted after the watch started, from that instant
+    proc_fd: bool = False         # chmod through /proc/self/fd/N (tar does)
+    open_by_handle: bool = False  # a file opened for write with open_by_handle_at
+    deep_trees: bool = False      # any depth below a watched directory
     notes: str = ""
     pathless_rules: bool = False  # audits -S syscalls on every object (rules without a path)
 
@@ -38,20 +46,38 @@ CAPABILITIES: dict[str, Capability] = {
         needs="root (CAP_BPF+CAP_PERFMON), bcc, BTF, kernel >= 6.13 (timestamp tracepoints)",
         fields=frozenset(PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS),
         attr_kind=True, truncate=True, exec=True, read_opens=True, failures=True,
-        rename_both_sides=True, link_source=True, io_uring=True, in_kernel_filter=True),
+        rename_both_sides=True, link_source=True, io_uring=True, in_kernel_filter=True,
+        # measured on the current probes (issue 11): each of these is missed
+        hard_links=False, bind_mounts=False, mounts_below=False, later_mounts=False,
+        proc_fd=False, open_by_handle=False, deep_trees=False),
     "fanotify": Capability(
         needs="root (CAP_SYS_ADMIN), kernel >= 5.9 (FAN_REPORT_DFID_NAME)",
         fields=frozenset(("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
                          + INODE_FIELDS),
         attr_kind=False, truncate=False, exec=True, read_opens=True, failures=False,
         rename_both_sides=True, link_source=False, io_uring=True, in_kernel_filter=False,
-        notes="process facts read from /proc when the event is read (marked stale if gone)"),
+        hard_links=False, bind_mounts=True, mounts_below=True, later_mounts=False,
+        proc_fd=True, open_by_handle=True, deep_trees=True,
+        notes="process facts read from /proc when the event is read: marked stale when "
+              "the process had exited, or executed a program fanotify saw (an exec of a "
+              "program on an unwatched filesystem goes unnoticed); create or link told "
+              "from the event's inode handle (Linux 5.17+), else marked inferred; unread "
+              "events for one file are merged (marked merged; repeats of one operation "
+              "are not counted); a bind mount's changes are named by the watched path; "
+              "a filesystem mounted below a watched directory after the start is "
+              "marked at the next read (what happened on it before is missed); pseudo "
+              "filesystems (proc, sysfs) cannot be marked (a warning names them)"),
     "inotify": Capability(
         needs="nothing (any user)",
         fields=frozenset(),
         attr_kind=False, truncate=False, exec=False, read_opens=True, failures=False,
         rename_both_sides=False, link_source=False, io_uring=True, in_kernel_filter=False,
-        notes="no process attribution at all"),
+        hard_links=False, bind_mounts=True, mounts_below=True, later_mounts=False,
+        proc_fd=True, open_by_handle=True, deep_trees=True,
+        notes="no process attribution at all; create or link told by the link count when "
+              "the event is read (marked inferred); identical consecutive events are "
+              "merged and not counted; unreadable directories are skipped with a "
+              "warning; one watch per directory (max_user_watches)"),
 }
 
 
@@ -71,6 +97,13 @@ def markdown_table() -> str:
         ("both paths of a rename across the tree's edge", "rename_both_sides"),
         ("existing name of a hard link", "link_source"),
         ("io_uring operations", "io_uring"),
+        ("writes and chmod through a hard link made outside the tree", "hard_links"),
+        ("changes through a bind mount of a watched directory", "bind_mounts"),
+        ("filesystems mounted below a watched directory", "mounts_below"),
+        ("... mounted after the start, from the instant they are mounted", "later_mounts"),
+        ("chmod through /proc/self/fd/N", "proc_fd"),
+        ("open_by_handle_at for write", "open_by_handle"),
+        ("any depth below a watched directory", "deep_trees"),
         ("filters in the kernel", "in_kernel_filter"),
     ]
     for label, attr in flags:

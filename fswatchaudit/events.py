@@ -25,7 +25,7 @@ SCHEMA_KEYS = (
     "pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "keys",
     "backend",
     # additions after the first schema
-    "access", "stale", "container",
+    "access", "stale", "container", "merged", "inferred",
 )
 
 
@@ -62,7 +62,15 @@ class Event:
     keys: list[str] = field(default_factory=list)
     access: str | None = None        # open: "r", "w" or "rw"
     stale: bool | None = None        # process facts read after the process had exited
+    #                                  or executed another program (they may be wrong)
     container: dict[str, Any] | None = None
+    # The kernel merged several queued events into the one this came from (fanotify):
+    # the operations of one such record are in a fixed order, not the real one, and
+    # repeats of one operation were folded without trace.
+    merged: bool | None = None
+    # Fields worked out from what the file looked like when the event was read, not
+    # from the event itself (e.g. ["op"]: create or link decided by the link count).
+    inferred: list[str] | None = None
     # Not serialised: set by a backend on events of a per-process audit (the keys of
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None

@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -115,5 +116,146 @@ def test_queue_overflow_is_counted(tree, small_queue):
             open(f"{w}/f{i}", "w").close()
         drain(be)
         assert be.lost()["fanotify_overflow"] >= 1
+    finally:
+        be.close()
+
+
+def test_create_then_link_before_the_read_keeps_its_create(tree):
+    """The operation comes from the event (the entry's own inode), not from what the
+    name shows when the event is read: linked before the read, still a create."""
+    w, _ = tree
+    be = backend_for(watch_rule(w))
+    try:
+        with open(f"{w}/f", "w") as fh:
+            fh.write("x")
+        os.link(f"{w}/f", f"{w}/g")             # before anything is read
+        got = drain(be)
+        ino = os.stat(f"{w}/f").st_ino
+        assert [(e.op, e.path, e.path2) for e in got] == [
+            ("create", f"{w}/f", None), ("link", None, f"{w}/g")]
+        assert [e.ino for e in got] == [ino, ino]
+        assert all(e.inferred is None for e in got)     # decided from the events
+    finally:
+        be.close()
+
+
+def test_link_of_a_file_older_than_the_audit(tree):
+    w, o = tree
+    with open(f"{o}/old", "w") as fh:
+        fh.write("x")
+    time.sleep(0.05)            # born before the marks, on any clock granularity
+    be = backend_for(watch_rule(w))
+    try:
+        os.link(f"{o}/old", f"{w}/new")
+        os.unlink(f"{o}/old")                   # only one name left when read
+        got = [e for e in drain(be) if e.path2 == f"{w}/new" or e.path == f"{w}/new"]
+        assert [(e.op, e.path, e.path2, e.inferred) for e in got] == [
+            ("link", None, f"{w}/new", None)]
+    finally:
+        be.close()
+
+
+def test_undecidable_create_or_link_says_inferred(tree):
+    """A file rule marks only its directory: a file made elsewhere after the start and
+    linked in cannot be told from a create by the event; the answer (the link count
+    when read) is marked as inferred."""
+    w, o = tree
+    be = backend_for(parse_line(f"-w {w}/target -p wa").rule)
+    try:
+        time.sleep(0.05)
+        with open(f"{o}/made", "w") as fh:
+            fh.write("x")
+        os.link(f"{o}/made", f"{w}/target")
+        got = drain(be)
+        assert [(e.op, e.path, e.path2, e.inferred) for e in got] == [
+            ("link", None, f"{w}/target", ["op"])]
+    finally:
+        be.close()
+
+
+def test_events_before_an_exec_are_marked_stale(tree):
+    """A process that executes another program before its events are read: /proc
+    now describes the new program, so those events are marked stale."""
+    w, _ = tree
+    be = backend_for(watch_rule(w))
+    sleep = os.path.realpath(shutil.which("sleep"))
+    proc = subprocess.Popen([
+        sys.executable, "-c", f"import os; open('{w}/before', 'w').close(); "
+        f"os.execv('{sleep}', ['sleep', '5'])"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:      # exec'd, still running, nothing read
+            try:
+                if os.readlink(f"/proc/{proc.pid}/exe") == sleep:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+        got = [e for e in drain(be) if e.pid == proc.pid]
+        before = [e for e in got if e.path == f"{w}/before"]
+        assert [(e.op, e.stale) for e in before] == [("create", True)]
+    finally:
+        proc.kill()
+        proc.wait()
+        be.close()
+
+
+def test_merged_events_are_marked_and_the_summary_says_merging_is_not_counted(tree):
+    """Hold the reader while one process changes one file several times: the kernel
+    folds them into one event.  Each operation of its mask is reported, marked merged,
+    and the summary says what merging hides instead of a bare "0 lost"."""
+    w, _ = tree
+    open(f"{w}/f", "w").close()
+    be = backend_for(watch_rule(w))
+    seen = ListSink()
+    aud = Auditor(be, be.rules, [seen])
+    try:
+        os.chmod(f"{w}/f", 0o600)
+        with open(f"{w}/f", "a") as fh:
+            fh.write("x")
+        os.chmod(f"{w}/f", 0o640)
+        with open(f"{w}/f", "a") as fh:
+            fh.write("y")
+        aud.poll_once(0.5)
+        aud.poll_once(0.3)
+        got = [(e.op, e.path, e.access, e.merged) for e in seen.events]
+        assert got == [("attr", f"{w}/f", None, True), ("open", f"{w}/f", "w", True)]
+        aud.finish()
+        summary = aud.summary()
+        assert "events lost: 0 (fanotify_overflow=0)" in summary
+        assert any(line.startswith("not counted: fanotify merges") for line in summary)
+        assert seen.events[0].to_dict()["merged"] is True
+    finally:
+        be.close()
+
+
+def test_filesystem_mounted_below_later_is_watched_from_the_next_read(tree):
+    w, _ = tree
+    os.mkdir(f"{w}/mnt")
+    be = backend_for(watch_rule(w))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "fswa", f"{w}/mnt"], check=True)
+        assert drain(be) == []                  # the read notices the new mount
+        open(f"{w}/mnt/x", "w").close()
+        os.chmod(f"{w}/mnt/x", 0o600)
+        got = drain(be)
+        assert [(e.op, e.path) for e in got] == [("create", f"{w}/mnt/x"),
+                                                 ("attr", f"{w}/mnt/x")]
+        assert got[0].dev == os.stat(f"{w}/mnt").st_dev    # the tmpfs inode's own
+    finally:
+        be.close()
+        subprocess.run(["umount", f"{w}/mnt"], check=False)
+
+
+def test_removing_one_directory_rule_keeps_another_on_the_same_filesystem(tree):
+    """Both rules share one filesystem mark: removing a rule must not remove it."""
+    w, o = tree
+    be = backend_for(watch_rule(w), watch_rule(o))
+    try:
+        gone = next(r for r in be.rules if r.target == w)
+        be.rules.apply([parse_line(f"-W {w}")])
+        be.remove_rule(0, gone)
+        open(f"{o}/still", "w").close()
+        assert [(e.op, e.path) for e in drain(be)] == [("create", f"{o}/still")]
     finally:
         be.close()

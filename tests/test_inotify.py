@@ -183,3 +183,66 @@ def test_rules_check_prints_normalised_rules_and_names_bad_lines(tmp_path):
     assert r.returncode == 2
     assert f"{bad}:2: unknown syscall or alias 'mkdri' (did you mean 'mkdir'?)" in r.stderr
     assert r.stdout == ""
+
+
+def unprivileged_trace_cmd(*args):
+    """`fswatchaudit trace` as the unprivileged user: (command, cwd, env)."""
+    import subprocess  # noqa: F401
+    import sys
+
+    from tracehelp import portable_copy, readable_by_others
+    cmd = ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}",
+           "--clear-groups", "--", sys.executable, "-m", "fswatchaudit", "trace", *args]
+    if readable_by_others(REPO):
+        return cmd, REPO, None
+    cwd = portable_copy()
+    cmd[cmd.index(sys.executable)] = "/usr/bin/python3"
+    return cmd, cwd, dict(os.environ, PYTHONPATH=cwd)
+
+
+needs_root_and_setpriv = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to switch to an unprivileged user")
+
+
+@needs_root_and_setpriv
+def test_unprivileged_trace_skips_unreadable_directories_with_one_warning(dirs):
+    watched, _ = dirs
+    for name in ("secret", "secret2"):
+        os.mkdir(os.path.join(watched, name), 0o700)      # root's, not readable
+    os.makedirs(os.path.join(watched, "open", "locked"))
+    os.chown(os.path.join(watched, "open"), UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+    os.chmod(os.path.join(watched, "open", "locked"), 0o700)
+    trace = Trace("--backend", "inotify", "-k", "u", watched, user=UNPRIVILEGED_UID)
+    sh("echo x > open/f", cwd=watched, user=UNPRIVILEGED_UID)
+    trace.wait_for(1)
+    events, stderr, code = trace.stop()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "PermissionError" not in stderr
+    warnings = [line for line in stderr.splitlines() if "not readable" in line]
+    assert len(warnings) == 1, stderr
+    for name in ("secret", "secret2", "open/locked"):
+        assert os.path.join(watched, name) in warnings[0]
+    assert [(e["op"], e["path"]) for e in events] == [("create", f"{watched}/open/f")]
+    assert "not counted: 3 unreadable directories were not watched" in stderr
+
+
+@needs_root_and_setpriv
+def test_unprivileged_trace_of_etc_never_raises():
+    trace = Trace("--backend", "inotify", "/etc", user=UNPRIVILEGED_UID)
+    _, stderr, code = trace.stop()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert sum("not readable" in line for line in stderr.splitlines()) <= 1
+
+
+@needs_root_and_setpriv
+def test_unprivileged_trace_of_an_unreadable_path_is_refused(dirs):
+    import subprocess
+    locked = os.path.join(os.path.dirname(dirs[0]), "locked")
+    os.mkdir(locked, 0o700)                         # root's, in a directory all can read
+    cmd, cwd, env = unprivileged_trace_cmd("--backend", "inotify", locked)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot watch {locked}: permission denied" in r.stderr
+    assert "Traceback" not in r.stderr

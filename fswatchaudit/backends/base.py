@@ -12,22 +12,34 @@ from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
 
 
+def entry_op_of(st: os.stat_result) -> str:
+    """The create-like operation that makes a new entry of this inode's type; "create"
+    for a regular file (a link is told apart by what the backend knows of the inode)."""
+    if stat.S_ISDIR(st.st_mode):
+        return ops.MKDIR
+    if stat.S_ISLNK(st.st_mode):
+        return ops.SYMLINK
+    if not stat.S_ISREG(st.st_mode):
+        return ops.MKNOD
+    return ops.CREATE
+
+
 def entry_op(path: str, is_dir: bool) -> str:
     """Which create-like operation made a new directory entry, for backends that are
-    only told "created": looked up at once (the entry may be gone: then "create")."""
+    only told "created" and a name: looked up when the event is read, so the answer is
+    what the name shows then (the entry may be gone: then "create"; a file linked
+    elsewhere since its creation: "link").  Events decided this way say so
+    (``inferred``)."""
     if is_dir:
         return ops.MKDIR
     try:
         st = os.lstat(path)
     except OSError:
         return ops.CREATE
-    if stat.S_ISLNK(st.st_mode):
-        return ops.SYMLINK
-    if not stat.S_ISREG(st.st_mode):
-        return ops.MKNOD
-    if st.st_nlink > 1:
+    op = entry_op_of(st)
+    if op == ops.CREATE and st.st_nlink > 1:
         return ops.LINK   # a new name for an existing file
-    return ops.CREATE
+    return op
 
 
 class BackendUnavailable(RuntimeError):
@@ -124,6 +136,12 @@ class Backend(abc.ABC):
     def lost(self) -> dict[str, int]:
         """Events lost so far, per source (queue overflow, ring buffer full, ...)."""
         return {}
+
+    def limits(self) -> list[str]:
+        """What this backend cannot count: operations that can vanish without a lost
+        count (a kernel that merges queued events, ...), one sentence each.  Summaries
+        print them next to the lost counts, so "0 lost" is never the whole story."""
+        return []
 
     def watched_count(self) -> int:
         """How many objects (inodes, marks, watches) are really being watched."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import select
 import struct
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ FAN_REPORT_PIDFD = 0x80
 FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
+FAN_REPORT_TARGET_FID = 0x1000     # Linux 5.17: the child's own handle on entry events
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 # fanotify_mark flags
 FAN_MARK_ADD = 0x1
@@ -52,7 +54,8 @@ FAN_NOPIDFD, FAN_EPIDFD = -1, -2
 
 METADATA = struct.Struct("<IBBHQii")           # event_len, vers, reserved, len, mask, fd, pid
 INFO_HEADER = struct.Struct("<BBH")             # info_type, pad, len
-FSID_AND_HANDLE = struct.Struct("<8sIi")        # fsid, handle_bytes, handle_type
+FSID_AND_HANDLE = struct.Struct("<QIi")         # fsid (as statvfs f_fsid), handle_bytes,
+#                                                 handle_type
 PIDFD = struct.Struct("<i")
 READ_SIZE = 1 << 16
 O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -63,6 +66,14 @@ _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                 ctypes.c_char_p]
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_statx = getattr(_libc, "statx", None)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                       ctypes.c_char_p]
+AT_EMPTY_PATH = 0x1000
+STATX_BTIME = 0x800
+STATX_SIZE = 256
+STATX_BTIME_AT = struct.Struct("<qI")           # struct statx_timestamp at offset 80
 
 
 @dataclass(slots=True)
@@ -72,6 +83,7 @@ class Info:
     for the records that carry one."""
     handle: bytes
     name: str | None = None
+    fsid: int = 0           # the filesystem, as os.statvfs(path).f_fsid gives it
 
 
 @dataclass(slots=True)
@@ -107,6 +119,41 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int = O_PATH | os.O_CLOE
     return fd
 
 
+def birth_time(fd: int) -> int | None:
+    """The inode's birth time (statx btime, ns since the epoch) of an open file, or None
+    where the filesystem does not record it."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    if _statx(fd, b"", AT_EMPTY_PATH, STATX_BTIME, buf) < 0:
+        return None
+    mask = struct.unpack_from("<I", buf.raw, 0)[0]
+    if not mask & STATX_BTIME:
+        return None
+    sec, nsec = STATX_BTIME_AT.unpack_from(buf.raw, 80)
+    return sec * 1_000_000_000 + nsec
+
+
+def mounts_below(directory: str) -> list[str]:
+    """Mount points strictly below a directory, from /proc/self/mountinfo, in order."""
+    prefix = directory.rstrip("/") + "/"
+    out: list[str] = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
+                       fields[4]).decode(errors="surrogateescape")
+        if point.startswith(prefix) and point not in out:
+            out.append(point)
+    return out
+
+
 def process_exited(pidfd: int) -> bool:
     """Whether the process of a pidfd has exited (a zombie has: its pidfd polls readable)."""
     poller = select.poll()
@@ -126,7 +173,7 @@ def parse_infos(data: bytes, pos: int, end: int) -> tuple[int | None, dict[int, 
         if info_type == INFO_PIDFD:
             pidfd = PIDFD.unpack_from(data, body)[0]
         elif info_type in HANDLE_INFOS:
-            _, hbytes, _ = FSID_AND_HANDLE.unpack_from(data, body)
+            fsid, hbytes, _ = FSID_AND_HANDLE.unpack_from(data, body)
             hstart = body + 8                   # the file_handle follows the fsid
             handle = data[hstart:hstart + 8 + hbytes]
             name = None
@@ -134,7 +181,7 @@ def parse_infos(data: bytes, pos: int, end: int) -> tuple[int | None, dict[int, 
                 nstart = hstart + 8 + hbytes
                 name = data[nstart:pos + length].split(b"\0", 1)[0].decode(
                     errors="surrogateescape")
-            infos[info_type] = Info(handle, name)
+            infos[info_type] = Info(handle, name, fsid)
         pos += length
     return pidfd, infos
 

@@ -8,7 +8,9 @@ that crosses the edge of the watched tree has only the side that inotify saw (th
 path is absent).  inotify cannot tell who did anything: pid, uid, comm, exe, syscall and
 result are always absent.  It cannot tell chmod from chown or utime ("attr"), does not
 see executions, and reports opens when the file is closed (IN_CLOSE_WRITE: opened for
-write; IN_CLOSE_NOWRITE: opened for read).
+write; IN_CLOSE_NOWRITE: opened for read).  Create or link is told by the link count
+when the event is read (marked inferred).  Directories the user cannot read are skipped
+with one warning naming them; a watched path that cannot be read is a rule error.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from inotify_simple import INotify, flags
 
 from .. import ops
+from ..diag import get_logger
 from ..events import Event, ProcessState
 from ..rules import Rule, RuleError, RuleSet
 from .base import Backend, BackendUnavailable, entry_op
@@ -33,6 +36,10 @@ DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.
 # How long a created file's first close-write, or a scanned entry's queued IN_CREATE, is
 # waited for before the bookkeeping for it is dropped.
 MEMORY_SECONDS = 5.0
+MERGE_NOTE = ("inotify merges identical consecutive events for one file: repeated "
+              "operations (two chmods in a row) are folded without trace, not counted "
+              "as lost")
+SKIPPED_SHOWN = 20      # directories named in one warning
 
 
 class InotifyBackend(Backend):
@@ -58,25 +65,52 @@ class InotifyBackend(Backend):
         # already reported (their own IN_CREATE may still be queued): path -> when.
         self.fresh: dict[str, float] = {}
         self.scanned: dict[str, float] = {}
+        # Directories of watched trees that cannot be read (permissions): not watched,
+        # named in one warning (at start, then once per read that finds new ones).
+        self.unreadable: list[str] = []
+        self.unreadable_seen: set[str] = set()
 
     # -- watches ---------------------------------------------------------------
-    def _watch_dir(self, path: str) -> None:
+    def _watch_dir(self, path: str) -> bool:
+        """Watch one directory; False when it cannot be (gone, or not readable: then
+        it is noted for the warning)."""
         assert self.inotify is not None
         try:
             wd = self.inotify.add_watch(path, DIR_MASK)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return
+                return False
             if exc.errno == errno.ENOSPC:
                 raise BackendUnavailable(
                     f"inotify watch limit reached adding {path}: raise "
                     "/proc/sys/fs/inotify/max_user_watches") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self._unreadable(path)
+                return False
             raise
         old = self.wd_path.get(wd)
         if old is not None and old != path:
             self.path_wd.pop(old, None)
         self.wd_path[wd] = path
         self.path_wd[path] = wd
+        return True
+
+    def _unreadable(self, path: str) -> None:
+        if path not in self.unreadable_seen:
+            self.unreadable_seen.add(path)
+            self.unreadable.append(path)
+
+    def _warn_unreadable(self) -> None:
+        """One warning naming the directories found unreadable since the last one."""
+        if not self.unreadable:
+            return
+        names = self.unreadable[:SKIPPED_SHOWN]
+        more = len(self.unreadable) - len(names)
+        get_logger("inotify").warning(
+            "directories not readable: not watched, their entries are not audited",
+            count=len(self.unreadable),
+            directories=", ".join(names) + (f" and {more} more" if more else ""))
+        self.unreadable.clear()
 
     def _in_subtree(self, path: str) -> bool:
         return any(path == r or path.startswith(r.rstrip("/") + "/") for r in self.recursive)
@@ -84,19 +118,23 @@ class InotifyBackend(Backend):
     def _watch_tree(self, root: str, report: list[Event | ProcessState] | None = None) -> None:
         """Watch root and every directory below it; with ``report``, also report what is
         found there (entries created before the watch could exist)."""
-        self._watch_dir(root)
+        if not self._watch_dir(root):
+            return
         stack = [root]
         while stack:
             d = stack.pop()
             try:
                 entries = list(os.scandir(d))
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    # watched (its own entries are seen) but its content is unknown
+                    self._unreadable(d)
                 continue
             for entry in entries:
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if report is not None:
                     op = entry_op(entry.path, is_dir)
-                    self._emit(report, op, entry.path)
+                    self._emit(report, op, entry.path, inferred=not is_dir)
                     now = time.monotonic()
                     self.scanned[entry.path] = now
                     if op == ops.CREATE:
@@ -125,6 +163,11 @@ class InotifyBackend(Backend):
             self.path_wd[moved] = wd
             self.wd_path[wd] = moved
 
+    def _readable_root(self, path: str) -> None:
+        """A watched path that cannot be read at all is an error, not a warning."""
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise RuleError(f"cannot watch {path}: permission denied")
+
     def _install(self, rule: Rule) -> None:
         if rule.kind == "inode":
             raise RuleError("the inotify backend cannot watch by inode number: "
@@ -133,6 +176,7 @@ class InotifyBackend(Backend):
         if rule.kind == "dir":
             if not os.path.isdir(rule.target):
                 raise RuleError(f"watched directory {rule.target} does not exist")
+            self._readable_root(rule.target)
             self.recursive.add(rule.target)
             self._watch_tree(rule.target)
         else:
@@ -140,6 +184,7 @@ class InotifyBackend(Backend):
             if not os.path.isdir(parent):
                 raise RuleError(f"cannot watch {rule.target}: directory {parent} "
                                 "does not exist")
+            self._readable_root(parent)
             self._watch_dir(parent)
             if os.path.isdir(rule.target):
                 self._watch_dir(rule.target)
@@ -148,9 +193,11 @@ class InotifyBackend(Backend):
         self.inotify = INotify(nonblocking=False)
         for rule in self.rules:
             self._install(rule)
+        self._warn_unreadable()
 
     def add_rule(self, rid: int, rule: Rule) -> None:
         self._install(rule)
+        self._warn_unreadable()
 
     def remove_rule(self, rid: int, rule: Rule) -> None:
         if rule.kind == "dir" and rule.target in self.recursive:
@@ -165,6 +212,13 @@ class InotifyBackend(Backend):
     def lost(self) -> dict[str, int]:
         return {"inotify_overflow": self.overflows}
 
+    def limits(self) -> list[str]:
+        notes = [MERGE_NOTE]
+        if self.unreadable_seen:
+            notes.append(f"{len(self.unreadable_seen)} unreadable directories were not "
+                         "watched: operations in them are not seen")
+        return notes
+
     def close(self) -> None:
         if self.inotify is not None:
             self.inotify.close()
@@ -172,11 +226,14 @@ class InotifyBackend(Backend):
 
     # -- events ----------------------------------------------------------------
     def _emit(self, out: list[Event | ProcessState], op: str, path: str | None,
-              path2: str | None = None, access: str | None = None) -> None:
+              path2: str | None = None, access: str | None = None,
+              inferred: bool = False) -> None:
         if op == ops.LINK and path2 is None:
             path, path2 = None, path   # the new name; the existing one is unknown
         ev = Event(op=op, path=path, path2=path2, backend=self.name, time=time.time_ns(),
                    access=access)
+        if inferred:
+            ev.inferred = ["op"]    # create or link: the name's link count when read
         out.append(ev)      # the consumer's match (RuleSet.select) decides
 
     def read(self, timeout: float) -> list[Event | ProcessState]:
@@ -202,7 +259,7 @@ class InotifyBackend(Backend):
                 if self.scanned.pop(path, None) is not None:
                     continue  # already reported by the scan of its new parent
                 op = entry_op(path, is_dir)
-                self._emit(out, op, path)
+                self._emit(out, op, path, inferred=not is_dir)
                 if is_dir and self._in_subtree(path):
                     self._watch_tree(path, report=out)
                 elif op == ops.CREATE:
@@ -240,6 +297,7 @@ class InotifyBackend(Backend):
             if is_dir:
                 self._unwatch_tree(gone)
         self._forget_older_than(time.monotonic() - MEMORY_SECONDS)
+        self._warn_unreadable()
         return out
 
     def _forget_older_than(self, cutoff: float) -> None:
