@@ -105,7 +105,7 @@ def init(flags: int) -> int:
 
 
 def mark(fd: int, flags: int, mask: int, path: str) -> None:
-    if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, path.encode()) < 0:
+    if _libc.fanotify_mark(fd, flags, mask, AT_FDCWD, os.fsencode(path)) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fanotify_mark {path}: {os.strerror(err)}")
 
