@@ -17,6 +17,9 @@ def status(daemon: Daemon) -> dict[str, Any]:
                            if daemon.suspended is None else "stopped: " + daemon.suspended}
     if daemon.backend is not None:
         out["backend"] = daemon.backend.name
+        limits = daemon.backend.limits()
+        if limits:
+            out["not_counted"] = limits      # what this backend cannot see or count
     if daemon.auditor is not None:
         auditor = daemon.auditor
         out["rules"] = len(auditor.rules)
