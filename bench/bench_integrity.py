@@ -7,6 +7,8 @@ and reports, as medians over repetitions:
                not computed there)
   end to end   records/s from the first write() to the end of close(), i.e. what the
                writer thread sustains, hashing included
+  CPU          the process's CPU time per record (both threads): the figure least
+               moved by other load on a shared machine
 Run: .venv/bin/python bench/bench_integrity.py [--records N] [--repeat R]
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ def events(n: int) -> list[Event]:
                   comm="writer", exe="/usr/bin/writer", keys=["srv"]) for i in range(n)]
 
 
-def run(way: str, evs: list[Event], d: str) -> tuple[float, float]:
+def run(way: str, evs: list[Event], d: str) -> tuple[float, float, float]:
     chain = None
     if way == "chained":
         chain = Chain(None)
@@ -43,16 +45,18 @@ def run(way: str, evs: list[Event], d: str) -> tuple[float, float]:
     path = os.path.join(d, f"audit-{way}.log")
     sink = RotatingFileSink(path, {"host": "bench"}, flush_interval=0.05, fsync="never",
                             rotate_size=64 << 20, integrity=chain)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for ev in evs:
         sink.write(ev)
     t1 = time.perf_counter()
     sink.close()
     t2 = time.perf_counter()
+    cpu = (time.process_time() - c0) / len(evs) * 1e6
     for name in os.listdir(d):
         if name.startswith("audit-"):
             os.unlink(os.path.join(d, name))
-    return len(evs) / (t1 - t0), len(evs) / (t2 - t0)
+    return len(evs) / (t1 - t0), len(evs) / (t2 - t0), cpu
 
 
 def main() -> int:
@@ -62,19 +66,20 @@ def main() -> int:
     args = ap.parse_args()
     evs = events(args.records)
     ways = ("plain", "chained", "sealed")
-    results: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
+    results: dict[str, list[tuple[float, float, float]]] = {w: [] for w in ways}
     with tempfile.TemporaryDirectory() as d:
         for _ in range(args.repeat):
             for way in ways:            # interleaved, so machine noise hits all alike
                 results[way].append(run(way, evs, d))
-    base = statistics.median(r[1] for r in results["plain"])
+    base = statistics.median(r[2] for r in results["plain"])
     print(f"{args.records} events, {args.repeat} repetitions, medians")
-    print("| way | write() records/s | end to end records/s | end to end vs plain |")
-    print("|---|---|---|---|")
+    print("| way | write() records/s | end to end records/s | CPU us/record | CPU vs plain |")
+    print("|---|---|---|---|---|")
     for way in ways:
         w = statistics.median(r[0] for r in results[way])
         e = statistics.median(r[1] for r in results[way])
-        print(f"| {way} | {w:,.0f} | {e:,.0f} | {e / base:.2f}x |")
+        c = statistics.median(r[2] for r in results[way])
+        print(f"| {way} | {w:,.0f} | {e:,.0f} | {c:.1f} | {c / base:.2f}x |")
     return 0
 
 

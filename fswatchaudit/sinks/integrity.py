@@ -80,15 +80,19 @@ def split_map_header(raw: bytes) -> tuple[int, int]:
     raise ValueError("not a map")
 
 
-def _add_entries(body: bytes, extra: bytes, count: int) -> bytes:
+def _add_entry(body: bytes, entry: bytes) -> bytes:
+    """A packed map with one more (packed key and value) entry at its end."""
+    b0 = body[0]
+    if 0x80 <= b0 < 0x8f:                           # fixmap with room: the usual case
+        return bytes((b0 + 1,)) + body[1:] + entry
+    if b0 == 0xde and body[2] != 0xff:              # map 16 (an event): bump the count
+        return b"\xde" + bytes((body[1], body[2] + 1)) + body[3:] + entry
     n, hl = split_map_header(body)
-    return map_header(n + count) + body[hl:] + extra
+    return map_header(n + 1) + body[hl:] + entry
 
 
 def chain_hash(prev: bytes, body: bytes) -> bytes:
-    h = hashlib.blake2b(prev, digest_size=HASH_SIZE, person=b"fsa-chain")
-    h.update(body)
-    return h.digest()
+    return hashlib.blake2b(prev + body, digest_size=HASH_SIZE, person=b"fsa-chain").digest()
 
 
 # -- keys -------------------------------------------------------------------------
@@ -284,9 +288,9 @@ class Chain:
         for body in records:
             _, hl = split_map_header(body)
             if body[hl:hl + len(_HDR_PREFIX)] == _HDR_PREFIX and head is not None:
-                body = _add_entries(body, _PREV_KEY + head, 1)
+                body = _add_entry(body, _PREV_KEY + head)
             h = chain_hash(ZERO if head is None else head, body)
-            out.append(_add_entries(body, _H_TAIL + h, 1))
+            out.append(_add_entry(body, _H_TAIL + h))
             head = h
         # a write that fails is never committed: the next link starts again from the
         # committed head (and a seal not written is made again later)
