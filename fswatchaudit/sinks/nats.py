@@ -399,7 +399,8 @@ class NatsSink:
             self._failed(f"spool: {exc}")
         self.spooled += fitted
         if fitted < len(entries):
-            self.lost += len(entries) - fitted
+            with self._lock:                # write() counts its losses too
+                self.lost += len(entries) - fitted
             self.log.error("nats spool full: records lost", sink=self.name,
                            lost=len(entries) - fitted)
 
