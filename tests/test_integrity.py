@@ -7,6 +7,7 @@ import shutil
 import time
 
 import pytest
+import structlog
 
 from fswatchaudit.cli import main
 from fswatchaudit.events import Event
@@ -14,6 +15,15 @@ from fswatchaudit.sinks import integrity
 from fswatchaudit.sinks.integrity import Chain, keygen, read_key, verify
 from fswatchaudit.sinks.reader import rotated_files
 from fswatchaudit.sinks.rotating import RotatingFileSink
+
+
+@pytest.fixture(autouse=True)
+def keep_logging_config():
+    """main() sets structlog up on the captured stderr: put the old set-up back, so
+    that later tests do not log into a closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def write_log(d, key_file: str | None, n: int = 60, start: int = 0) -> list[str]:

@@ -260,6 +260,22 @@ def finish_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
+class _SafeLog:
+    """The sink's diagnostics: a logger that fails (a closed stderr) never stops the
+    publisher thread."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, level: str) -> Any:
+        def say(event: str, **kw: Any) -> None:
+            try:
+                getattr(self._log, level)(event, **kw)
+            except Exception:
+                pass
+        return say
+
+
 # -- the sink ---------------------------------------------------------------------
 
 class NatsSink:
@@ -301,7 +317,7 @@ class NatsSink:
         self.encoder = encoder or MsgpackEncoder()
         self.queue_size, self.batch = queue_size, batch
         self.ack_timeout, self.backoff, self.close_timeout = ack_timeout, backoff, close_timeout
-        self.log = diag.get_logger("nats")
+        self.log = _SafeLog(diag.get_logger("nats"))
         self.spool = Spool(spool_dir, name, spool_limit)
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[str, str, bytes]] = collections.deque()
@@ -377,6 +393,13 @@ class NatsSink:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
+        except Exception as exc:        # never silent: counted, and the queue kept
+            self.errors += 1
+            self.last_error = f"publisher stopped: {type(exc).__name__}: {exc}"
+            try:
+                self._spill()
+            except Exception:
+                pass
         finally:
             finish_loop(self._loop)
 
