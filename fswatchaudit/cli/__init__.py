@@ -7,7 +7,7 @@ import sys
 
 from .. import diag
 from ..errors import EXIT_CODES_HELP, EXIT_FAILURE
-from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, trace
+from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, trace, verify_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fswatchaudit", description="Linux filesystem watch auditor.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (trace, rules_cmd, log_cmd, backends_cmd, daemon_cmd, ctl):
+    for module in (trace, rules_cmd, log_cmd, backends_cmd, daemon_cmd, ctl, verify_cmd):
         module.register(sub)
     return parser
 

@@ -22,6 +22,7 @@ from .. import diag
 from ..events import Marker, Record, RulesInForce
 from ..units import parse_size, threshold_bytes
 from .encode import Encoder, MsgpackEncoder
+from .integrity import Chain
 
 FORMAT_VERSION = 1
 DEFAULT_HIGH_WATER = 4 << 20          # bytes buffered before an early flush
@@ -65,7 +66,7 @@ class RotatingFileSink:
                  disk_full: str = "keep-going", space_left: int | str = 0,
                  high_water: int = DEFAULT_HIGH_WATER,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT,
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, integrity: Chain | None = None) -> None:
         self.path = os.path.abspath(path)
         self.encoder: Encoder = encoder or MsgpackEncoder()
         self.dir, self.filename = os.path.split(self.path)
@@ -95,6 +96,9 @@ class RotatingFileSink:
                                | os.O_CLOEXEC)
         self._fd = -1
         self._size = 0
+        self.integrity = integrity              # hash chain and seals (integrity.py)
+        if integrity is not None:
+            integrity.attach(self._dir_fd, self.filename)
         self._open_current()
         self._thread = threading.Thread(target=self._run, name="fswatchaudit-log",
                                         daemon=True)
@@ -152,6 +156,7 @@ class RotatingFileSink:
 
     def _rotate_files(self) -> str | None:
         """Current -> .1 -> .2 ..., keeping rotate_count; returns the newest rotated."""
+        self._seal(final=True, reason="rotate")
         if self.fsync in ("flush", "rotate"):
             os.fsync(self._fd)
         os.close(self._fd)
@@ -191,6 +196,8 @@ class RotatingFileSink:
 
     def _write_all(self, records: list[bytes], check_space: bool = True) -> None:
         """Write whole records or nothing: on failure the file is cut back."""
+        if self.integrity is not None:         # each record gets its chain hash
+            records = self.integrity.link(records)
         data = b"".join(records)
         start = self._size
         if check_space:
@@ -206,6 +213,8 @@ class RotatingFileSink:
             except OSError:
                 pass
             raise
+        if self.integrity is not None:         # the chain moves on only when written
+            self.integrity.commit()
         self._size = start + len(data)
         self.bytes_written += len(data)
 
@@ -239,6 +248,9 @@ class RotatingFileSink:
             self.sync()
             if closing:
                 return
+            if self.integrity is not None and self.integrity.seal_due():
+                with self._write_lock:
+                    self._seal(final=False, reason="interval")
 
     def flush(self) -> None:
         """End of a batch: the buffer goes out on the writer's own schedule."""
@@ -368,6 +380,7 @@ class RotatingFileSink:
         self.sync()
         if self._fd >= 0:
             self._write_last_word()
+            self._seal(final=True, reason="close")
             if self.fsync in ("flush", "rotate"):
                 try:
                     os.fsync(self._fd)
@@ -376,3 +389,16 @@ class RotatingFileSink:
             os.close(self._fd)
             self._fd = -1
         os.close(self._dir_fd)
+        if self.integrity is not None:
+            self.integrity.close()
+
+    def _seal(self, final: bool, reason: str) -> None:
+        """A seal record (integrity.py), when the log is chained; a failure is noted
+        (the verifier will find the seal missing)."""
+        if self.integrity is None or self._fd < 0:
+            return
+        try:
+            self._write_all([self.integrity.seal(final, reason)], check_space=False)
+            self.records_written += 1
+        except OSError as exc:
+            self.last_error = f"seal: {exc.strerror or exc}"

@@ -1,0 +1,235 @@
+"""The NATS JetStream sink against real nats-server processes on 127.0.0.1: a server
+restart and a cluster node killed in the middle of a flood lose and double nothing;
+the spool keeps records across a run with no server at all."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from fswatchaudit.events import Event, LostCounts
+from fswatchaudit.sinks.nats import NatsSink, Spool, subject_token, token_text
+from fswatchaudit.sinks.nats_reader import iter_stream
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+pytestmark = pytest.mark.skipif(not os.access(NATS_SERVER, os.X_OK),
+                                reason="nats-server is not installed (scripts/setup)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nats-server did not listen on {port}")
+
+
+class Server:
+    """One nats-server -js on 127.0.0.1, optionally a node of a cluster."""
+
+    def __init__(self, store: str, name: str = "n1", cluster_port: int | None = None,
+                 routes: list[int] | None = None) -> None:
+        self.port, self.store, self.name = free_port(), store, name
+        self.cluster_port, self.routes = cluster_port, routes or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                "-sd", self.store, "-n", self.name]
+        if self.cluster_port:
+            args += ["--cluster_name", "fsa", "--cluster",
+                     f"nats://127.0.0.1:{self.cluster_port}",
+                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def event(i: int) -> Event:
+    keys = [] if i % 3 == 0 else [f"k{i % 3}"]
+    return Event(op="create", path=f"/srv/f{i}", backend="inotify", seq=i, time=i,
+                 aliases=["fs-create"], keys=keys)
+
+
+def stream_count(url: str, stream: str = "FSWATCHAUDIT") -> int:
+    async def count() -> int:
+        import nats
+        nc = await nats.connect(servers=[url], allow_reconnect=False)
+        try:
+            for _ in range(100):        # a cluster may be electing a stream leader
+                try:
+                    return (await nc.jetstream().stream_info(stream)).state.messages
+                except Exception:
+                    await asyncio.sleep(0.2)
+            raise AssertionError("stream info unavailable")
+        finally:
+            await nc.close()
+    return asyncio.run(count())
+
+
+def flood(sink: NatsSink, n: int, at: int, action) -> list[dict]:
+    """Write n records (a lost-count record first), doing ``action`` once ``at``
+    records are written; the maps written."""
+    written = [LostCounts({"ring": 0}, time=1).to_dict()]
+    sink.write(LostCounts({"ring": 0}, time=1))
+    for i in range(1, n):
+        ev = event(i)
+        sink.write(ev)
+        written.append(ev.to_dict())
+        if i % 200 == 0:
+            sink.flush()
+            time.sleep(0.01)
+        if i == at:
+            action()
+    return written
+
+
+def check_stream(url: str, written: list[dict], host: str = "h1") -> None:
+    assert stream_count(url) == len(written)          # nothing doubled
+    got = list(iter_stream(url, host))
+    ids = [int(r.msg_id.rsplit(":", 1)[1]) for r in got]
+    assert sorted(ids) == list(range(1, len(written) + 1))   # nothing lost
+    by_id = {int(r.msg_id.rsplit(":", 1)[1]): r for r in got}
+    for n, data in enumerate(written, 1):
+        assert by_id[n].record == data
+        assert by_id[n].host == host
+    assert by_id[2].key == "k1" and by_id[3].key == "k2" and by_id[1].key is None
+
+
+def make_sink(servers, spool: str, **kw) -> NatsSink:
+    kw.setdefault("create_stream", True)
+    kw.setdefault("close_timeout", 60.0)
+    return NatsSink(servers, host="h1", boot_id="b", start=7, spool_dir=spool,
+                    backoff=(0.05, 0.5), ack_timeout=2.0, **kw)
+
+
+def test_subject_tokens():
+    for value in ("web-01", "a.b", "*", ">", "x y", "100%", "_", "caf\xe9",
+                  "raw\udcff", "etc_passwd"):
+        tok = subject_token(value)
+        assert all(c not in tok for c in ".*> \t") and tok != "_"
+        assert token_text(tok) == value
+    assert subject_token(None) == "_" and token_text("_") is None
+    assert subject_token("a.b") == "a%2Eb" and subject_token("etc_passwd") == "etc_passwd"
+
+
+def test_spool_is_private_and_ordered(tmp_path):
+    d = tmp_path / "spool"
+    sp = Spool(str(d), "nats", 10_000)
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    assert os.stat(d / "nats.spool").st_mode & 0o777 == 0o600
+    assert sp.append([(f"id{i}", "s", b"x" * 100) for i in range(200)]) < 200  # bounded
+    n = sp.pending
+    entries, end = sp.read(10)
+    assert [e[0] for e in entries] == [f"id{i}" for i in range(10)]
+    sp.advance(end, 10)
+    sp.close()
+    sp = Spool(str(d), "nats", 10_000)           # the position survives a restart
+    assert sp.pending == n - 10 and sp.read(1)[0][0][0] == "id10"
+    sp.close()
+    os.rename(d / "nats.spool", d / "real")
+    os.symlink(d / "real", d / "nats.spool")
+    with pytest.raises(OSError):
+        Spool(str(d), "nats", 10_000)            # never through a symlink
+
+
+def test_spool_until_the_server_comes(tmp_path):
+    """No server at all: everything goes to the spool; the next run, with a server,
+    publishes it first and in order."""
+    server = Server(str(tmp_path / "js"))
+    spool = str(tmp_path / "spool")
+    sink = make_sink(server.url, spool, close_timeout=1.0)
+    first = [event(i) for i in range(1, 301)]
+    for ev in first:
+        sink.write(ev)
+    sink.close()
+    assert sink.stats()["spooled"] == 300 and sink.stats()["lost"] == 0
+    server.start()
+    try:
+        sink2 = NatsSink(server.url, host="h1", boot_id="b", start=8, spool_dir=spool,
+                         create_stream=True, backoff=(0.05, 0.5))
+        sink2.write(event(1000))
+        sink2.close()
+        assert sink2.stats()["sent"] == 301 and sink2.stats()["spool_records"] == 0
+        got = list(iter_stream(server.url))
+        assert [r.record["seq"] for r in got] == list(range(1, 301)) + [1000]
+        assert got[0].msg_id == "h1:b:7:1" and got[-1].msg_id == "h1:b:8:1"
+    finally:
+        server.stop()
+
+
+def test_server_restart_mid_flood(tmp_path):
+    server = Server(str(tmp_path / "js"))
+    server.start()
+    sink = make_sink(server.url, str(tmp_path / "spool"))
+    try:
+        def restart():
+            server.stop()
+            threading.Timer(1.0, server.start).start()
+        written = flood(sink, 8000, 2500, restart)
+        time.sleep(1.2)                         # the server is back
+        sink.close()
+        st = sink.stats()
+        assert st["lost"] == 0 and st["spool_records"] == 0, st
+        assert st["spooled"] > 0 and st["sent"] == len(written), st
+        check_stream(server.url, written)
+    finally:
+        server.stop()
+
+
+def test_cluster_node_killed_mid_flood(tmp_path):
+    cports = [free_port() for _ in range(3)]
+    nodes = [Server(str(tmp_path / f"js{i}"), f"n{i}", cports[i],
+                    [p for p in cports if p != cports[i]]) for i in range(3)]
+    for node in nodes:
+        node.start()
+    try:
+        sink = make_sink([n.url for n in nodes], str(tmp_path / "spool"), replicas=3)
+        deadline = time.monotonic() + 30          # the cluster elects its leaders
+        while sink.connected_url is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        killed: list[Server] = []
+
+        def kill_connected():
+            victim = next(n for n in nodes if n.url == sink.connected_url)
+            victim.stop(signal.SIGKILL)
+            killed.append(victim)
+        written = flood(sink, 6000, 2000, kill_connected)
+        sink.close()
+        st = sink.stats()
+        assert st["lost"] == 0 and st["spool_records"] == 0, st
+        survivor = next(n for n in nodes if n not in killed)
+        check_stream(survivor.url, written)
+    finally:
+        for node in nodes:
+            node.stop(signal.SIGKILL)
