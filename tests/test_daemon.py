@@ -452,6 +452,37 @@ def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
     assert "SINK FAILING" in dm.stderr_text()
 
 
+def test_daemon_log_is_chained_and_sealed(base):
+    key = os.path.join(base, "seal.key")
+    made = fswatchaudit("keygen", "--key-file", key, "--verify-key",
+                        os.path.join(base, "verify.key"))
+    assert made.returncode == 0
+    dm = Daemon(base, "inotify", seal_key_file=key, seal_interval=1)
+    w = os.path.join(base, "w")
+    os.makedirs(w)
+    dm.write_rules("10.rules", f"-w {w} -p wa -k w\n")
+    try:
+        dm.start()
+        dm.wait_message("READY")
+        for n in range(10):
+            os.mkdir(os.path.join(w, f"d{n}"))
+        wait_until(lambda: dm.status().get("events", 0) >= 10, "the events")
+        assert dm.stop() == 0
+    finally:
+        dm.kill()
+    log = os.path.join(dm.log_dir, "audit.log")
+    ok = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    with open(log, "r+b") as fh:                 # a root attacker edits one path
+        data = fh.read()
+        at = data.index(b"/d5")
+        fh.seek(at)
+        fh.write(b"/x5")
+    bad = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log,
+                       check=False)
+    assert bad.returncode == 1 and "byte" in bad.stdout + bad.stderr
+
+
 def test_systemd_unit_verifies(tmp_path):
     """systemd-analyze verify on the shipped unit, ExecStart pointed at this checkout's
     command (verify insists that the program exists)."""

@@ -63,6 +63,13 @@ class Config:
     control_socket: str = "/run/fswatchaudit/control.sock"
     # Seconds between two sd_notify STATUS= updates.
     status_interval: float = 10.0
+    # Chain every record of the msgpack log to the previous one by a hash ("yes"), so
+    # that `fswatchaudit verify` finds an edited, deleted or reordered record.
+    chain: bool = True
+    # With a sealing key (made by `fswatchaudit keygen`), the chain head is sealed
+    # every seal_interval seconds with a key that evolves forward; empty: no seals.
+    seal_key_file: str = ""
+    seal_interval: float = 60.0
     # More places records go besides the msgpack log, one block of keys per sink:
     #   sink.NAME.kind = jsonl | auditd | syslog | journald
     #   sink.NAME.SETTING = VALUE     (see the README for each kind's settings)
@@ -128,6 +135,18 @@ def _abs_path(text: str) -> str:
     return os.path.normpath(text)
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise ValueError(f"{text!r}: expected yes or no")
+
+
+def _optional_abs_path(text: str) -> str:
+    return _abs_path(text) if text else ""
+
+
 def _file_name(text: str) -> str:
     if not text or "/" in text or text in (".", ".."):
         raise ValueError(f"{text!r} must be a plain file name (no '/')")
@@ -161,6 +180,9 @@ CONVERTERS: dict[str, Callable[[str], object]] = {
     "space_left": _space_left,
     "control_socket": _abs_path,
     "status_interval": _seconds(0.1, 3600),
+    "chain": _yes_no,
+    "seal_key_file": _optional_abs_path,
+    "seal_interval": _seconds(1, 86400),
 }
 assert set(CONVERTERS) == set(KEYS)
 

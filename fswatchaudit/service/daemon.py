@@ -42,7 +42,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 # Settings a reload cannot change in a running daemon.
 RESTART_KEYS = ("backend", "ring_buffer_size", "log_dir", "log_file", "control_socket",
-                "sinks")
+                "sinks", "chain", "seal_key_file", "seal_interval")
 
 
 def load_rules(rules_dir: str) -> RuleSet:
@@ -165,9 +165,13 @@ class Daemon:
             print(f"fswatchaudit: {exc}", file=sys.stderr)
             return EXIT_USAGE
         try:
+            chain = None
+            if cfg.chain:
+                from ..sinks.integrity import Chain
+                chain = Chain(cfg.seal_key_file or None, cfg.seal_interval)
             self.log_sink = RotatingFileSink(
                 cfg.log_path, log_header(self.backend.name, rules, daemon=True),
-                **writer_options(cfg))
+                integrity=chain, **writer_options(cfg))
         except OSError as exc:
             print(f"fswatchaudit: cannot write the log {cfg.log_path}: "
                   f"{exc.strerror or exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..units import parse_size
 from .base import Sink
 from .encode import JsonEncoder
 from .queued import DEFAULT_QUEUE, QueuedSink
@@ -74,6 +75,25 @@ def _journald(settings: dict[str, Any], ctx: SinkContext) -> Sink:
                       settings["queue"])
 
 
+def _nats(settings: dict[str, Any], ctx: SinkContext) -> Sink:
+    from .nats import NatsSink
+    return NatsSink([u.strip() for u in settings["servers"].split(",") if u.strip()],
+                    host=ctx.header.get("host", ""), boot_id=ctx.header.get("boot_id", ""),
+                    start=ctx.header.get("start", 0), spool_dir=settings["spool_dir"],
+                    name=settings["name"], prefix=settings["prefix"],
+                    stream=settings["stream"], create_stream=settings["create_stream"],
+                    replicas=settings["replicas"], spool_limit=settings["spool_limit"],
+                    queue_size=settings["queue"])
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise ValueError(f"{text!r}: expected yes or no")
+
+
 KINDS: dict[str, SinkKind] = {k.name: k for k in (
     SinkKind("jsonl", _jsonl, {"path": _abs_path}, target="path"),
     SinkKind("auditd", _auditd, {"path": _abs_path}, target="path",
@@ -84,6 +104,14 @@ KINDS: dict[str, SinkKind] = {k.name: k for k in (
     SinkKind("journald", _journald, {"socket": _abs_path, "queue": _count},
              {"socket": "/run/systemd/journal/socket", "queue": DEFAULT_QUEUE},
              target="socket"),
+    SinkKind("nats", _nats,
+             {"servers": str, "stream": str, "prefix": str, "create_stream": _yes_no,
+              "replicas": _count, "spool_dir": _abs_path, "spool_limit": parse_size,
+              "queue": _count},
+             {"stream": "FSWATCHAUDIT", "prefix": "fswatchaudit", "create_stream": True,
+              "replicas": 1, "spool_dir": "/var/lib/fswatchaudit/spool",
+              "spool_limit": 256 << 20, "queue": DEFAULT_QUEUE},
+             target="servers"),
 )}
 
 
