@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rules", type=int, nargs="+", default=[1, 1000])
     args = ap.parse_args()
-    print(f"| rules | chain only (events/CPU-s) | chain + msgpack log (events/CPU-s) |")
+    print("| rules | chain only (events/CPU-s) | chain + msgpack log (events/CPU-s) |")
     print("|---|---|---|")
     for rules in args.rules:
         chain = run(args.events, rules, False)
