@@ -62,6 +62,10 @@ class Event:
     # Not serialised: set by a backend on events of a per-process audit (the keys of
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None
+    # Not serialised: set by a backend that matches objects in the kernel (eBPF): the
+    # ids of the rules whose objects the kernel matched, whatever name reached them.
+    # None: the backend cannot tell, and the rules match the event's paths.
+    rule_ids: tuple[int, ...] | None = None
 
     kind: ClassVar[str] = "ev"
 

@@ -41,7 +41,7 @@ OFFSETS = {
     "OFF_DENTRY_D_NAME": "dentry.d_name", "OFF_QSTR_NAME": "qstr.name",
     "OFF_DENTRY_D_INODE": "dentry.d_inode", "OFF_DENTRY_D_ALIAS": "dentry.d_u",
     "OFF_INODE_I_INO": "inode.i_ino", "OFF_INODE_I_SB": "inode.i_sb",
-    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_DENTRY": "inode.i_dentry",
+    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_NLINK": "inode.i_nlink", "OFF_INODE_I_DENTRY": "inode.i_dentry",
     "OFF_SB_S_DEV": "super_block.s_dev", "OFF_MOUNT_MNT": "mount.mnt",
     "OFF_MOUNT_MNT_PARENT": "mount.mnt_parent",
     "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",

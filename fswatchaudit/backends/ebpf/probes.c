@@ -56,8 +56,9 @@
 /* ---- maps --------------------------------------------------------------------------- */
 
 /* watched: (device, inode) -> permission masks by depth.  self applies to the inode
- * itself, child to its direct entries (a file watch marks the file's parent this way;
- * user space then keeps only the watched name), subtree to everything further below. */
+ * itself, child to its direct entries, subtree to everything further below.  A file
+ * watch marks the file's own inode (self: links, bind mounts and removals reach it)
+ * and its parent's entries by name (rname: the file replaced or not yet created). */
 struct watch_key {
     u64 dev;                    /* super_block.s_dev, kernel encoding */
     u64 ino;
@@ -66,7 +67,15 @@ struct watch_val {
     u8 self;
     u8 child;
     u8 subtree;
-    u8 pad;
+    u8 pad[5];
+    /* the rules (one bit per rule slot, RULE_SLOTS in abi.py) behind each mask: user
+     * space attaches keys from them instead of matching path strings again */
+    u64 rself;
+    u64 rchild;
+    u64 rsub;
+    u64 rname;                  /* entries, but only the one a file rule names: user
+                                 * space confirms the name (a file not yet created, or
+                                 * replaced by a rename) */
 };
 BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
 
@@ -103,6 +112,17 @@ struct dir_verdict {
     u8 own;                     /* PERM_* granted to the directory itself */
     u8 below;                   /* PERM_* granted to entries of this directory */
     u8 pad[6];
+    u64 own_rules;              /* rule slots behind own and below */
+    u64 below_rules;
+    u64 own_names;              /* rule slots that name the directory (to confirm) */
+    u64 below_names;            /* ... that name one of its entries */
+};
+
+/* What the watches say about one object: the rule slots whose object it is, and those
+ * that name it (user space confirms the name). */
+struct match {
+    u64 rules;
+    u64 names;
 };
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
 BPF_ARRAY(gens, u64, 2);
@@ -239,6 +259,10 @@ struct walk {
     u8 perms;                   /* granted to the object the walk started at */
     u8 below;                   /* granted to an entry of it (when it is a directory) */
     u8 pad[6];
+    u64 rules;                  /* rule slots behind perms and below */
+    u64 below_rules;
+    u64 names;
+    u64 below_names;
 };
 
 /* Move from a dentry at the root of its mount to the mount point; 0 at the top. */
@@ -271,12 +295,20 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
             if (depth == 0) {
                 w->perms |= v->self;
                 w->below |= v->child | v->subtree;
+                w->rules |= v->rself;
+                w->below_rules |= v->rchild | v->rsub;
+                w->below_names |= v->rname;
             } else if (depth == 1) {
                 w->perms |= v->child | v->subtree;
                 w->below |= v->subtree;
+                w->rules |= v->rchild | v->rsub;
+                w->below_rules |= v->rsub;
+                w->names |= v->rname;
             } else {
                 w->perms |= v->subtree;
                 w->below |= v->subtree;
+                w->rules |= v->rsub;
+                w->below_rules |= v->rsub;
             }
         }
     }
@@ -354,13 +386,18 @@ static __always_inline struct dir_verdict verdict_of(void *dir, void *dir_inode)
     v.ugen = ugen;
     v.own = w.perms;
     v.below = w.below;
+    v.own_rules = w.rules;
+    v.below_rules = w.below_rules;
+    v.own_names = w.names;
+    v.below_names = w.below_names;
     dir_cache.update(&key, &v);
     return v;
 }
 
 /* Perms for an object inside its filesystem: a directory's verdict, or a file's own
- * watch (only inode rules put one there) and what its directory grants. */
-static __always_inline u8 object_perms(void *inode, void *dentry)
+ * watch (inode and file rules put one there) and what its directory grants; the rule
+ * slots behind them are added to *m. */
+static __always_inline u8 object_perms(void *inode, void *dentry, struct match *m)
 {
     u8 perms = 0;
     u32 zero = 0;
@@ -370,33 +407,43 @@ static __always_inline u8 object_perms(void *inode, void *dentry)
         struct watch_key key = {};
         inode_key(inode, &key);
         struct watch_val *own = watched.lookup(&key);
-        perms = own ? own->self : 0;
+        if (own) {
+            perms = own->self;
+            m->rules |= own->rself;
+        }
     }
     if (!dentry)
         return perms;
-    if (dir)
-        return verdict_of(dentry, inode).own;
+    if (dir) {
+        struct dir_verdict v = verdict_of(dentry, inode);
+        m->rules |= v.own_rules;
+        m->names |= v.own_names;
+        return v.own;
+    }
     void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
     if (!parent || parent == dentry)
         return perms;
     void *parent_inode = read_ptr(parent, OFF_DENTRY_D_INODE);
     if (!parent_inode)
         return perms;
-    return perms | verdict_of(parent, parent_inode).below;
+    struct dir_verdict pv = verdict_of(parent, parent_inode);
+    m->rules |= pv.below_rules;
+    m->names |= pv.below_names;
+    return perms | pv.below;
 }
 
 /* Perms for a changed inode (found through its first dentry). */
-static __always_inline u8 inode_perms(void *inode)
+static __always_inline u8 inode_perms(void *inode, struct match *m)
 {
-    return object_perms(inode, inode_dentry(inode));
+    return object_perms(inode, inode_dentry(inode), m);
 }
 
 /* Perms for the object at (mnt, dentry) (an opened or executed file): as inside its
  * filesystem, plus subtree watches above the mount it is reached through. */
-static __always_inline u8 watched_perms(void *dentry, void *mnt)
+static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m)
 {
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
-    u8 perms = inode ? object_perms(inode, dentry) : 0;
+    u8 perms = inode ? object_perms(inode, dentry, m) : 0;
     void *mount = (char *)mnt - OFF_MOUNT_MNT;
     if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
         return perms;           /* a top mount: nothing above it */
@@ -406,6 +453,7 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt)
     for (u32 i = 2; i < WATCH_DEPTH; i++)
         if (watch_step(i, &w))
             break;
+    m->rules |= w.rules;
     return perms | w.perms;
 }
 
@@ -557,6 +605,8 @@ static __always_inline struct event *new_event(u32 kind)
     e->flags = 0;
     e->dev = 0;
     e->ino = 0;
+    e->rules = 0;
+    e->name_rules = 0;
     e->pid = pid_tgid >> 32;
     e->tid = (u32)pid_tgid;
     void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
@@ -748,12 +798,15 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         uring_new.update(&tid, &ptr);
         return 0;
     }
-    if (!all_paths && !(inode_perms(inode) & (PERM_W | PERM_A)))
+    struct match m = {};
+    if (!(inode_perms(inode, &m) & (PERM_W | PERM_A)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
         return 0;
     e->tp_id = *op;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     u64 *fresh = uring_new.lookup(&tid);
     if (fresh) {
         set_inode(e, (void *)*fresh);
@@ -865,15 +918,31 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
                 created = 1;
     }
     u8 need = open_perm(flags, created);
-    if (!all_paths && !(watched_perms(dentry, mnt) & need))
+    struct match m = {};
+    if (!(watched_perms(dentry, mnt, &m) & need) && !all_paths)
         return;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret,
                                     flags | ((u64)created << CREATED_FLAG_SHIFT));
     if (!e)
         return;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
     submit(ctx, e);
+}
+
+/* A file's own watch ends with its last link: its inode number may be reused at once
+ * by a new file (user space marks the file a rule names again when one appears). */
+static __always_inline void forget_if_gone(void *inode)
+{
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->file_watches || is_dir(inode) || read_u32(inode, OFF_INODE_I_NLINK))
+        return;
+    struct watch_key key = {};
+    inode_key(inode, &key);
+    watched.delete(&key);
 }
 
 /* Another successful syscall: the inodes it changed decide.  *first is the first of
@@ -883,19 +952,34 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
                                                    int all_paths, void **first)
 {
     u8 perms = 0;
+    struct match m = {};
+    void *removed = NULL;
     for (int i = 0; i < MAX_TOUCHED; i++) {
         if (i < pc->ntouched) {
             void *inode = (void *)pc->touched[i];
+            void *dentry = inode_dentry(inode);
             if (!*first)
                 *first = inode;
-            perms |= inode_perms(inode);
+            if (!dentry && !removed && spec->path2 < 0)
+                removed = inode;
+            perms |= object_perms(inode, dentry, &m);
+            forget_if_gone(inode);
         }
     }
     if (!all_paths && !(perms & spec->perm))
         return NULL;
     if (all_paths && !*first)
         return NULL;
-    return syscall_event(EV_SYSCALL, pc, ret, flags);
+    /* an unlink or rmdir: the record names the removed object (it has no name left),
+     * not its directory */
+    if (removed)
+        *first = removed;
+    struct event *e = syscall_event(EV_SYSCALL, pc, ret, flags);
+    if (e) {
+        e->rules = m.rules;
+        e->name_rules = m.names;
+    }
+    return e;
 }
 
 /* The file behind an fd argument: its inode and path. */
@@ -990,11 +1074,14 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         return 0;
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
-    if (!all_paths && !(watched_perms(dentry, mnt) & PERM_X))
+    struct match m = {};
+    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths)
         return 0;
     struct event *e = new_event(EV_EXEC);
     if (!e)
         return 0;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
     submit(ctx, e);
