@@ -29,6 +29,7 @@
 
 /* ---- named constants ------------------------------------------------------------ */
 #define MAX_TOUCHED     4       /* inodes remembered per syscall (rename: 3) */
+#define MAX_ALIASES     8       /* names of a hard-linked file judged (its dentries) */
 #define WATCH_DEPTH     16      /* directory levels walked up looking for a watch */
 #define PATH_DEPTH      16      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
@@ -394,6 +395,21 @@ static __always_inline struct dir_verdict verdict_of(void *dir, void *dir_inode)
     return v;
 }
 
+/* What its directory grants to the entry dentry. */
+static __always_inline u8 entry_perms(void *dentry, struct match *m)
+{
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    if (!parent || parent == dentry)
+        return 0;
+    void *parent_inode = read_ptr(parent, OFF_DENTRY_D_INODE);
+    if (!parent_inode)
+        return 0;
+    struct dir_verdict pv = verdict_of(parent, parent_inode);
+    m->rules |= pv.below_rules;
+    m->names |= pv.below_names;
+    return pv.below;
+}
+
 /* Perms for an object inside its filesystem: a directory's verdict, or a file's own
  * watch (inode and file rules put one there) and what its directory grants; the rule
  * slots behind them are added to *m. */
@@ -420,16 +436,18 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
         m->names |= v.own_names;
         return v.own;
     }
-    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-    if (!parent || parent == dentry)
-        return perms;
-    void *parent_inode = read_ptr(parent, OFF_DENTRY_D_INODE);
-    if (!parent_inode)
-        return perms;
-    struct dir_verdict pv = verdict_of(parent, parent_inode);
-    m->rules |= pv.below_rules;
-    m->names |= pv.below_names;
-    return perms | pv.below;
+    if (read_u32(inode, OFF_INODE_I_NLINK) <= 1)
+        return perms | entry_perms(dentry, m);
+    /* a file with several links: every name it has counts (a hard link made in an
+     * unwatched directory cannot take a file out of a watched tree) */
+    void *node = read_ptr(inode, OFF_INODE_I_DENTRY);
+    for (int i = 0; i < MAX_ALIASES; i++) {
+        if (!node)
+            break;
+        perms |= entry_perms((char *)node - OFF_DENTRY_D_ALIAS, m);
+        node = read_ptr(node, 0);       /* hlist_node.next */
+    }
+    return perms;
 }
 
 /* Perms for a changed inode (found through its first dentry). */
