@@ -77,6 +77,7 @@ class CNT(IntEnum):
     PENDING_FULL = 2        # the pending map was full at a syscall's entry
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
+    TOO_DEEP = 5            # objects judged without their ancestors beyond WATCH_DEPTH
 
 
 class PERM(IntEnum):

@@ -276,6 +276,9 @@ class EbpfBackend(Backend):
         compat = self._counter(CNT.COMPAT)
         if compat:      # 32-bit syscalls: not judged, so possibly unreported operations
             out["compat_syscalls"] = compat
+        deep = self._counter(CNT.TOO_DEEP)
+        if deep:        # directories deeper than the kernel's walk below any cached one
+            out["too_deep"] = deep
         return out
 
     def close(self) -> None:
