@@ -13,7 +13,6 @@ from ..errors import LocatedError
 from ..events import Event
 from .fields import FIELDS, Field, Where, rule_parts
 
-
 # The rule parts that name the watched object (the rest: operation, permission class,
 # syscalls, comparisons).
 OBJECT_PARTS = frozenset({"target", "inode", "dev"})

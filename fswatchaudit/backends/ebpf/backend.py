@@ -145,7 +145,7 @@ class EbpfBackend(Backend):
         for rid, rule in self.rules.items():
             for key, val in self._rule_entries(rule, 1 << slots[rid]):
                 old = wanted.get(key, (0,) * len(val))
-                wanted[key] = tuple(a | b for a, b in zip(old, val))  # type: ignore[assignment]
+                wanted[key] = tuple(a | b for a, b in zip(old, val, strict=True))
         table = self.bpf[b"watched"]
         for key, val in wanted.items():
             # file objects always: the kernel forgets a file's watch with its last link
