@@ -579,3 +579,23 @@ def test_keys_come_from_the_rules_the_kernel_matched(tree):
             ("chmod", f"{w}/deep", ["deep", "tree"])]
     finally:
         be.close()
+
+
+def test_a_filesystem_mounted_inside_a_watched_directory_is_covered(tree):
+    w, _ = tree
+    be = backend_for(watch_rule(w, key="w"))
+    mnt = f"{w}/mnt"
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)   # after the start
+    try:
+        drain(be)
+        py("import os\nos.mkdir('d')\nos.chmod('d', 0o700)\nos.rename('d', 'e')\n"
+           "open('e/f', 'w').close()\nos.unlink('e/f')\nos.rmdir('e')", mnt)
+        got = drain(be)
+        assert [(e.op, e.path, e.keys) for e in got] == [
+            ("mkdir", f"{mnt}/d", ["w"]), ("chmod", f"{mnt}/d", ["w"]),
+            ("rename", f"{mnt}/d", ["w"]), ("create", f"{mnt}/e/f", ["w"]),
+            ("unlink", f"{mnt}/e/f", ["w"]), ("rmdir", f"{mnt}/e", ["w"])]
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        be.close()
