@@ -76,6 +76,10 @@ class Event:
     scope_keys: tuple[str, ...] | None = None
     # Not serialised: the flags of an open, for rules on them (-F a2&0100).
     open_flags: int | None = None
+    # Not serialised: set by a backend that matches objects in the kernel (eBPF): the
+    # ids of the rules whose objects the kernel matched, whatever name reached them.
+    # None: the backend cannot tell, and the rules match the event's paths.
+    rule_ids: tuple[int, ...] | None = None
 
     kind: ClassVar[str] = "ev"
 

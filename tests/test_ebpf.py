@@ -469,3 +469,133 @@ def test_trace_mounts_tracefs_when_it_is_not_mounted(tree):
     assert (first["op"], first["path"], first["comm"]) == ("create", f"{w}/made", "sh")
     # the host's own tracefs mount was not touched
     assert os.path.isdir("/sys/kernel/tracing/events")
+
+
+# -- no evasion (issue 11): the kernel's inode verdict decides, names are for display ----
+
+def test_file_watch_reports_removal_with_the_files_own_inode(tree):
+    w, _ = tree
+    target = f"{w}/passwd"
+    open(target, "w").close()
+    ino = os.stat(target).st_ino
+    open(f"{w}/sibling", "w").close()
+    be = backend_for(watch_rule(target, perms="wa", key="pw"))
+    try:
+        subprocess.run(["rm", f"{w}/sibling"], check=True)     # another entry: not reported
+        proc = subprocess.run(["rm", target], check=True)
+        got = drain(be)
+        assert [(e.op, e.path, e.ino, e.keys, e.comm) for e in got] == [
+            ("unlink", target, ino, ["pw"], "rm")]
+        assert proc.returncode == 0
+    finally:
+        be.close()
+
+
+def test_removal_records_name_the_removed_object(tree):
+    w, _ = tree
+    os.mkdir(f"{w}/d")
+    open(f"{w}/f", "w").close()
+    inos = {n: os.stat(f"{w}/{n}").st_ino for n in ("d", "f")}
+    be = backend_for(watch_rule(w))
+    try:
+        os.unlink(f"{w}/f")
+        os.rmdir(f"{w}/d")
+        got = drain(be)
+        assert [(e.op, e.path, e.ino) for e in got] == [
+            ("unlink", f"{w}/f", inos["f"]), ("rmdir", f"{w}/d", inos["d"])]
+    finally:
+        be.close()
+
+
+def test_write_and_chmod_through_a_hard_link_in_an_unwatched_directory(tree):
+    w, o = tree
+    target = f"{w}/secret"
+    open(target, "w").close()
+    os.link(target, f"{o}/alias")                 # before the watch: not reported
+    ino = os.stat(target).st_ino
+    be = backend_for(watch_rule(target, perms="wa", key="s"))
+    try:
+        py("open('alias', 'a').write('x')\nimport os\nos.chmod('alias', 0o600)", o)
+        got = drain(be)
+        assert [(e.op, e.path, e.access, e.ino, e.keys) for e in got] == [
+            ("open", f"{o}/alias", "w", ino, ["s"]), ("chmod", f"{o}/alias", None, ino, ["s"])]
+    finally:
+        be.close()
+
+
+def test_create_and_chmod_through_a_bind_mount_of_a_watched_directory(tree):
+    w, o = tree
+    open(f"{w}/f", "w").close()
+    view = f"{o}/view"
+    os.mkdir(view)
+    subprocess.run(["mount", "--bind", w, view], check=True)
+    try:
+        be = backend_for(watch_rule(w, key="w"))
+        try:
+            py("import os\nopen('view/new', 'w').close()\nos.chmod('view/f', 0o600)\n"
+               "os.mkdir('view/d')", o)
+            got = drain(be)
+            assert [(e.op, e.path, e.keys) for e in got] == [
+                ("create", f"{view}/new", ["w"]), ("chmod", f"{view}/f", ["w"]),
+                ("mkdir", f"{view}/d", ["w"])]
+        finally:
+            be.close()
+    finally:
+        subprocess.run(["umount", view], check=True)
+
+
+def test_a_watched_tree_renamed_away_and_back_still_reports_changes_inside(tree):
+    w, o = tree
+    open(f"{w}/deep/er/f", "w").close()
+    be = backend_for(watch_rule(w, key="w"))
+    try:
+        away = f"{o}/away"
+        os.rename(w, away)
+        os.chmod(f"{away}/deep/er/f", 0o600)
+        open(f"{away}/new", "w").close()
+        os.rename(away, w)
+        got = drain(be)
+        assert [(e.op, e.path, e.path2, e.keys) for e in got] == [
+            ("rename", w, away, ["w"]), ("chmod", f"{away}/deep/er/f", None, ["w"]),
+            ("create", f"{away}/new", None, ["w"]), ("rename", away, w, ["w"])]
+    finally:
+        be.close()
+
+
+def test_keys_come_from_the_rules_the_kernel_matched(tree):
+    w, o = tree
+    open(f"{w}/deep/er/f", "w").close()
+    os.link(f"{w}/deep/er/f", f"{o}/alias")
+    be = backend_for(watch_rule(w, key="tree"), watch_rule(f"{w}/deep/er/f", key="file"),
+                     parse_line(f"-a always,exit -F dir={w}/deep -S chmod -k deep").rule)
+    try:
+        os.chmod(f"{w}/deep/er/f", 0o600)          # all three
+        os.truncate(f"{o}/alias", 0)               # through a link elsewhere: its names count
+        os.chmod(f"{w}/deep", 0o700)               # the tree and the deep chmod rule
+        got = drain(be)
+        assert [(e.op, e.path, e.keys) for e in got] == [
+            ("chmod", f"{w}/deep/er/f", ["deep", "file", "tree"]),
+            ("truncate", f"{o}/alias", ["file", "tree"]),
+            ("chmod", f"{w}/deep", ["deep", "tree"])]
+    finally:
+        be.close()
+
+
+def test_a_filesystem_mounted_inside_a_watched_directory_is_covered(tree):
+    w, _ = tree
+    be = backend_for(watch_rule(w, key="w"))
+    mnt = f"{w}/mnt"
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)   # after the start
+    try:
+        drain(be)
+        py("import os\nos.mkdir('d')\nos.chmod('d', 0o700)\nos.rename('d', 'e')\n"
+           "open('e/f', 'w').close()\nos.unlink('e/f')\nos.rmdir('e')", mnt)
+        got = drain(be)
+        assert [(e.op, e.path, e.keys) for e in got] == [
+            ("mkdir", f"{mnt}/d", ["w"]), ("chmod", f"{mnt}/d", ["w"]),
+            ("rename", f"{mnt}/d", ["w"]), ("create", f"{mnt}/e/f", ["w"]),
+            ("unlink", f"{mnt}/e/f", ["w"]), ("rmdir", f"{mnt}/e", ["w"])]
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        be.close()

@@ -249,3 +249,37 @@ def test_ruleset_digest_is_order_independent():
     a.apply([parse_line("-w /x"), parse_line("-w /y")])
     b.apply([parse_line("-w /y"), parse_line("-w /x")])
     assert a.digest() == b.digest()
+
+
+def test_kernel_matched_rules_decide_whatever_the_names():
+    rs = RuleSet()
+    rs.apply([parse_line("-a always,exit -F dir=/srv -F perm=w -k srv"),
+              parse_line("-a always,exit -F path=/etc/passwd -S chmod -k pw"),
+              parse_line("-a always,exit -F dir=/var -k var")])
+    ids = {r.key: rid for rid, r in rs.items()}
+    # reached through a hard link or a bind mount: the path is under no rule, the kernel
+    # matched the objects of srv and pw; the other parts of each rule still apply
+    e = ev("chmod", "/mnt/bind/alias", syscall="chmod")
+    e.rule_ids = (ids["srv"], ids["pw"])
+    assert rs.select(e).keys == ["pw", "srv"]
+    e = ev("open", "/elsewhere/alias", access="r", syscall="openat")
+    e.rule_ids = (ids["srv"], ids["pw"])        # read: not perm w; open: not chmod
+    assert rs.select(e) is None
+    # the kernel matched no rule: the names do not bring one in
+    e = ev("chmod", "/var/x", syscall="chmod")
+    e.rule_ids = ()
+    assert rs.select(e) is None
+    # a rule removed since the kernel matched it is ignored
+    e = ev("chmod", "/srv/x", syscall="chmod")
+    e.rule_ids = (999, ids["var"])
+    assert rs.select(e).keys == ["var"]
+    # no kernel verdict (fanotify, inotify): the names decide, as before
+    assert rs.select(ev("chmod", "/var/x", syscall="chmod")).keys == ["var"]
+
+
+def test_matches_object_is_the_object_part_only():
+    r = rule("-a always,exit -F dir=/d -S unlink")
+    assert r.matches_object(ev("chmod", "/d/f"))
+    assert not r.matches_object(ev("chmod", "/e/f"))
+    assert r.matches(ev("unlink", "/e/f"), objects=False)
+    assert not r.matches(ev("chmod", "/d/f"), objects=False)

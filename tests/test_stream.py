@@ -75,6 +75,21 @@ def test_one_match_decides_and_attaches_keys():
     assert RuleSet().select(ev("unlink", "/etc/x")).keys == []
 
 
+def test_kernel_matched_events_keep_their_keys_through_the_auditor():
+    rs = rules_of("-w /srv -k srv", "-w /etc/passwd -p wa -k pw")
+    ids = {r.key: rid for rid, r in rs.items()}
+    linked = ev("chmod", "/tmp/alias", rule_ids=(ids["pw"],))   # a hard link elsewhere
+    moved = ev("create", "/away/f", rule_ids=(ids["srv"],))     # the watched root moved
+    unmatched = ev("create", "/srv/f", rule_ids=())             # the kernel said no rule
+    sink = ListSink()
+    auditor = Auditor(Replay(rs, [[linked, moved, unmatched]]), rs, [sink])
+    auditor.poll_once(0)
+    auditor.close()
+    assert [(e.op, e.path, e.keys) for e in sink.events] == [
+        ("chmod", "/tmp/alias", ["pw"]), ("create", "/away/f", ["srv"])]
+    assert "rule_ids" not in sink.events[0].to_dict()
+
+
 def test_stream_carries_every_record_kind_in_order():
     rs = rules_of("-w /srv -k srv")
     state = ProcessState(pid=5, reason="fork")

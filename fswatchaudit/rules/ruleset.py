@@ -13,6 +13,10 @@ from ..errors import LocatedError
 from ..events import Event
 from .fields import FIELDS, Field, Where, rule_parts
 
+# The rule parts that name the watched object (the rest: operation, permission class,
+# syscalls, comparisons).
+OBJECT_PARTS = frozenset({"target", "inode", "dev"})
+
 
 class RuleError(LocatedError):
     """A rule that cannot be applied; the message names the problem and where it is."""
@@ -40,14 +44,15 @@ class Rule:
     syscall_names: tuple[str, ...] = ()      # as written, for the normalised text
     from_watch: bool = False                 # written as -w
     conds: tuple[Cond, ...] = ()             # comparison fields, in table order
-    # What Rule.matches evaluates, from the field table (not part of the rule's value).
-    _tests: tuple[Callable[[Rule, Event], bool], ...] = field(
+    # What Rule.matches evaluates, from the field table (not part of the rule's value):
+    # (is it a test of the rule's object, the test).
+    _tests: tuple[tuple[bool, Callable[[Rule, Event], bool]], ...] = field(
         init=False, repr=False, compare=False, default=())
     _conds: tuple[tuple[Field, Cond], ...] = field(init=False, repr=False, compare=False,
                                                    default=())
 
     def __post_init__(self) -> None:
-        tests: list[Callable[[Rule, Event], bool]] = []
+        tests: list[tuple[bool, Callable[[Rule, Event], bool]]] = []
         conds: list[tuple[Field, Cond]] = []
         for row in FIELDS.values():
             if not row.where & Where.CONSUMER:
@@ -55,7 +60,7 @@ class Rule:
             if row.part is not None:
                 if row.test is not None and row.value_of is not None \
                         and row.value_of(self) is not None:
-                    tests.append(row.test)
+                    tests.append((row.part in OBJECT_PARTS, row.test))
             else:
                 conds += [(row, c) for c in self.conds if c.name == row.name]
         object.__setattr__(self, "_tests", tuple(tests))
@@ -104,17 +109,22 @@ class Rule:
             return path == self.target
         return path == self.target or path.startswith(self.target.rstrip("/") + "/")
 
-    def matches(self, ev: Event) -> bool:
-        """Does this rule select the event?  Used by backends that cannot filter exactly
-        in the kernel, and to attach keys."""
+    def matches(self, ev: Event, objects: bool = True) -> bool:
+        """Does this rule select the event?  objects=False: the kernel already matched
+        the rule's object (whatever name reached it); only the operation, permission
+        class, syscalls and comparison fields are tested here."""
         if ev.op not in self.ops:
             return False
         if self.syscalls and ev.syscall is not None and ev.syscall not in self.syscalls:
             return False
-        for test in self._tests:
-            if not test(self, ev):
+        for is_object, test in self._tests:
+            if (objects or not is_object) and not test(self, ev):
                 return False
         return all(row.holds(ev, c.op, c.value) for row, c in self._conds)
+
+    def matches_object(self, ev: Event) -> bool:
+        """Do the event's names (or inode) match this rule's object?"""
+        return all(test(self, ev) for is_object, test in self._tests if is_object)
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,13 @@ class RuleSet:
         return [r.text() for r in self.rules.values()]
 
     def match(self, ev: Event) -> list[Rule]:
+        """The rules that select the event.  When the backend matched objects in the
+        kernel (ev.rule_ids), its verdict on the object decides and the names are only
+        for display: only the other parts of those rules are tested here."""
+        if ev.rule_ids is not None:
+            rules = self.rules
+            return [r for rid in ev.rule_ids
+                    if (r := rules.get(rid)) is not None and r.matches(ev, objects=False)]
         return [r for r in self.rules.values() if r.matches(ev)]
 
     def select(self, ev: Event) -> Event | None:

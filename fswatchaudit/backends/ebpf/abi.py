@@ -53,6 +53,8 @@ AT_REMOVEDIR_FLAG = 0x200   # unlinkat(2) flag (ABI)
 MAX_SYSCALL_NR = 1024       # syscall numbers below this are followed
 COMPAT_BASE = MAX_SYSCALL_NR    # syscall_spec slot of 32-bit syscall 0 (ia32 emulation)
 SPEC_SLOTS = 2 * COMPAT_BASE
+RULE_SLOTS = 64             # bits of event.rules: one per rule; rules beyond the last
+SHARED_SLOT = RULE_SLOTS - 1    # slot share it, and user space matches them by path
 DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
            "SPEC_SLOTS")
@@ -75,6 +77,7 @@ class CNT(IntEnum):
     PENDING_FULL = 2        # the pending map was full at a syscall's entry
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
+    TOO_DEEP = 5            # objects judged without their ancestors beyond WATCH_DEPTH
 
 
 class PERM(IntEnum):
@@ -134,6 +137,8 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("dev", "u64", "Q", comment="super_block.s_dev, kernel encoding"),
     Field("ino", "u64", "Q"),
     Field("mntns", "u64", "Q"),
+    Field("rules", "u64", "Q", comment="rule slots whose object this is (bit n: slot n)"),
+    Field("name_rules", "u64", "Q", comment="rule slots naming it: confirm the name"),
     Field("pid", "u32", "I"),
     Field("tid", "u32", "I"),
     Field("ppid", "u32", "I"),

@@ -17,17 +17,20 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import stat
 import time
 
 from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
 from ..base import Backend, BackendUnavailable
 from . import loader
-from .abi import AUDIT, CNT, GEN, PERM_BITS, kernel_dev
+from .abi import AUDIT, CNT, GEN, PERM_BITS, SHARED_SLOT, kernel_dev
 from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
 DEFAULT_QUEUE_SIZE = 32 << 20   # bytes of ring buffer
+# a watched map value: masks (self, child, subtree), rule bits (self, child, subtree, name)
+WatchValue = tuple[int, int, int, int, int, int, int]
 
 
 def ring_pages(queue_size: int | None) -> int:
@@ -52,7 +55,8 @@ class EbpfBackend(Backend):
         self.ring: RingReader | None = None
         self.decoder = Decoder(self.name)
         self.container = None
-        self.watch_values: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self.watch_values: dict[tuple[int, int], WatchValue] = {}
+        self.slots: dict[int, int] = {}         # rule id -> its bit in event.rules
 
     # -- loading -----------------------------------------------------------------
     def start(self) -> None:
@@ -79,40 +83,76 @@ class EbpfBackend(Backend):
     def _host_path(self, path: str) -> str:
         return self.container.host_path(path) if self.container else path
 
-    def _rule_entries(self, rule: Rule) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+    def _rule_entries(self, rule: Rule, bit: int = 0) -> list[tuple[tuple[int, int],
+                                                                     WatchValue]]:
+        """The watched map entries a rule makes: (dev, ino) -> the permission masks
+        (self, child, subtree) and the rule slot bits behind them (self, child,
+        subtree, entry by name); ``bit`` is the rule's slot bit."""
         mask = sum(PERM_BITS[p] for p in rule.perms)
         if rule.kind == "inode":
-            return [((kernel_dev(rule.dev or 0), rule.inode or 0), (mask, 0, 0))]
+            return [((kernel_dev(rule.dev or 0), rule.inode or 0),
+                     (mask, 0, 0, bit, 0, 0, 0))]
         assert rule.target is not None
+        target = self._host_path(rule.target)
         if rule.kind == "dir":
-            target = self._host_path(rule.target)
             try:
                 st = os.stat(target)
             except OSError as exc:
                 raise RuleError(f"cannot watch {rule.target}: {exc.strerror}") from None
-            return [((kernel_dev(st.st_dev), st.st_ino), (mask, mask, mask))]
+            return [((kernel_dev(st.st_dev), st.st_ino),
+                     (mask, mask, mask, bit, bit, bit, 0))]
         parent = os.path.dirname(rule.target) or "/"
         try:
             st = os.stat(self._host_path(parent))
         except OSError as exc:
             raise RuleError(f"cannot watch {rule.target}: its directory {parent}: "
                             f"{exc.strerror}") from None
-        # The parent's entries: user space keeps the watched name (it survives the file
-        # being replaced by a rename, and a file that does not exist yet).
-        return [((kernel_dev(st.st_dev), st.st_ino), (0, mask, 0))]
+        # The parent's entries by name (the file replaced by a rename, or created
+        # later: user space confirms the name), and the object itself by inode, whatever
+        # name, link or mount reaches it.  A directory named by path= covers its entries
+        # too (Linux audit: it is the parent item of operations on them).
+        out = [((kernel_dev(st.st_dev), st.st_ino), (0, mask, 0, 0, 0, 0, bit))]
+        try:
+            own = os.stat(target)
+        except OSError:
+            return out
+        entries = stat.S_ISDIR(own.st_mode)
+        out.append(((kernel_dev(own.st_dev), own.st_ino),
+                    (mask, mask if entries else 0, 0, bit, bit if entries else 0, 0, 0)))
+        return out
+
+    def _assign_slots(self) -> dict[int, int]:
+        """Rule id -> slot, kept for a rule's lifetime; rules beyond the unique slots
+        share the last one (user space then matches their objects by path)."""
+        ids = {rid for rid, _ in self.rules.items()}
+        self.slots = {rid: s for rid, s in self.slots.items() if rid in ids}
+        used = set(self.slots.values())
+        free = (s for s in range(SHARED_SLOT) if s not in used)
+        for rid in sorted(ids - set(self.slots)):
+            self.slots[rid] = next(free, SHARED_SLOT)
+        slot_rules: dict[int, list[tuple[int, Rule]]] = {}
+        for rid, rule in self.rules.items():
+            slot_rules.setdefault(self.slots[rid], []).append((rid, rule))
+        self.decoder.slot_rules = slot_rules
+        self.decoder.path_targets = {r.target for r in self.rules
+                                     if r.kind == "path" and r.target}
+        return self.slots
 
     def _sync_watches(self) -> None:
         assert self.bpf is not None
-        wanted: dict[tuple[int, int], tuple[int, int, int]] = {}
-        for rule in self.rules:
-            for key, (s, c, t) in self._rule_entries(rule):
-                old = wanted.get(key, (0, 0, 0))
-                wanted[key] = (old[0] | s, old[1] | c, old[2] | t)
+        wanted: dict[tuple[int, int], WatchValue] = {}
+        slots = self._assign_slots()
+        for rid, rule in self.rules.items():
+            for key, val in self._rule_entries(rule, 1 << slots[rid]):
+                old = wanted.get(key, (0,) * len(val))
+                wanted[key] = tuple(a | b for a, b in zip(old, val, strict=True))
         table = self.bpf[b"watched"]
         for key, val in wanted.items():
-            if self.watch_values.get(key) != val:
+            # file objects always: the kernel forgets a file's watch with its last link
+            if self.watch_values.get(key) != val or val[3] and not val[4]:
                 leaf = table.Leaf()
-                leaf.self, leaf.child, leaf.subtree = val
+                (leaf.self, leaf.child, leaf.subtree,
+                 leaf.rself, leaf.rchild, leaf.rsub, leaf.rname) = val
                 k = table.Key()
                 k.dev, k.ino = key
                 table[k] = leaf
@@ -135,7 +175,7 @@ class EbpfBackend(Backend):
         cfg_map = self.bpf[b"config"]
         cfg = cfg_map[0]
         cfg.have_watches = 1 if self.watch_values else 0
-        cfg.file_watches = 1 if any(r.kind == "inode" for r in self.rules) else 0
+        cfg.file_watches = 1 if any(r.kind in ("inode", "path") for r in self.rules) else 0
         cfg.self_tgid = os.getpid() if self.exclude_self else 0
         for name, value in changes.items():
             setattr(cfg, name, value)
@@ -206,7 +246,12 @@ class EbpfBackend(Backend):
         assert self.ring is not None
         if self.ring.wait(timeout):
             self.ring.consume(self.decoder.on_record)
-        return self.decoder.take()
+        out = self.decoder.take()
+        if self.decoder.renamed_targets:
+            # a watched file was created or replaced: mark its new inode
+            self.decoder.renamed_targets = False
+            self._sync_watches()
+        return out
 
     def _counter(self, idx: int) -> int:
         assert self.bpf is not None
@@ -231,6 +276,9 @@ class EbpfBackend(Backend):
         compat = self._counter(CNT.COMPAT)
         if compat:      # 32-bit syscalls: not judged, so possibly unreported operations
             out["compat_syscalls"] = compat
+        deep = self._counter(CNT.TOO_DEEP)
+        if deep:        # directories deeper than the kernel's walk below any cached one
+            out["too_deep"] = deep
         return out
 
     def close(self) -> None:

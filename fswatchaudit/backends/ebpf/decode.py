@@ -20,6 +20,7 @@ from .abi import (
     EXE_AS_BEFORE,
     HEADER,
     OFLAG,
+    SHARED_SLOT,
     URING_NEW_ENTRY,
     Header,
     user_dev,
@@ -28,6 +29,9 @@ from .abi import (
 MAX_EXES = 65536
 MAX_CACHED = 16384        # decoded paths and command names kept for reuse
 OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat"})
+# operations that give a path a new inode (a file rule then marks the new one)
+NEW_NAME_OPS = frozenset({ops.CREATE, ops.RENAME, ops.LINK, ops.SYMLINK, ops.MKNOD,
+                          ops.MKDIR})
 
 # io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
 IORING_OPS = {18: ops.CREATE, 28: ops.CREATE, 35: ops.RENAME, 36: ops.UNLINK,
@@ -71,6 +75,10 @@ class Decoder:
         self.paths: dict[tuple[bytes, ...], str] = {}   # decoded directory paths
         self.comms: dict[bytes, str] = {}
         self.batch: list[Event | ProcessState] = []
+        # rule slot (a bit of event.rules) -> the rules in it (set by the backend)
+        self.slot_rules: dict[int, list[tuple[int, Any]]] = {}
+        self.path_targets: set[str] = set()     # targets of file rules
+        self.renamed_targets = False            # one of them was created or replaced
 
     def take(self) -> list[Event | ProcessState]:
         """What was decoded since the last call, io_uring records merged."""
@@ -121,7 +129,8 @@ class Decoder:
         if comm_text is None:
             if len(self.comms) >= MAX_CACHED:
                 self.comms.clear()
-            comm_text = self.comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+            comm_text = self.comms[comm] = comm.split(b"\0", 1)[0].decode(
+                errors="surrogateescape")
         kind = h.kind
         if kind == EV.STATE or (kind == EV.EXEC and pid in self.audited):
             # a process entering the audit (fork: it is still a copy of its parent) or
@@ -172,12 +181,33 @@ class Decoder:
                    loginuid=h.loginuid, comm=comm_text, exe=exe, access=access)
         if kind == EV.URING:
             ev.result = None
+        if kind != EV.FAILED:       # a failed attempt changed no inode: names decide
+            ev.rule_ids = self.rule_ids(ev, h.rules, h.name_rules)
+        if self.path_targets and op in NEW_NAME_OPS and (
+                path in self.path_targets or path2 in self.path_targets):
+            self.renamed_targets = True
         if self.container is not None:
             ev.container = dict(self.container.identity(), pid=h.nspid)
         if pid in self.audited:
             key = self.audit_keys.get(pid)
             ev.scope_keys = (key,) if key else ()
         self.batch.append(ev)
+
+    def rule_ids(self, ev: Event, rules: int, names: int) -> tuple[int, ...]:
+        """The rules whose objects the kernel matched for this record: those of the
+        slots in ``rules``; for the slots in ``names`` (a file rule's parent matched,
+        the name decides) and the shared slot, those whose object the names match."""
+        out: list[int] = []
+        bits = rules | names
+        while bits:
+            low = bits & -bits
+            slot = low.bit_length() - 1
+            bits ^= low
+            confirmed = bool(rules & low) and slot != SHARED_SLOT
+            for rid, rule in self.slot_rules.get(slot, ()):
+                if confirmed or rule.matches_object(ev):
+                    out.append(rid)
+        return tuple(sorted(out))
 
     def _state(self, h, comm: str, exe: str | None, reason: str) -> ProcessState:
         st = ProcessState(pid=h.pid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,

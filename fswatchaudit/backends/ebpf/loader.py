@@ -41,7 +41,8 @@ OFFSETS = {
     "OFF_DENTRY_D_NAME": "dentry.d_name", "OFF_QSTR_NAME": "qstr.name",
     "OFF_DENTRY_D_INODE": "dentry.d_inode", "OFF_DENTRY_D_ALIAS": "dentry.d_u",
     "OFF_INODE_I_INO": "inode.i_ino", "OFF_INODE_I_SB": "inode.i_sb",
-    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_DENTRY": "inode.i_dentry",
+    "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_NLINK": "inode.i_nlink",
+    "OFF_INODE_I_DENTRY": "inode.i_dentry",
     "OFF_SB_S_DEV": "super_block.s_dev", "OFF_MOUNT_MNT": "mount.mnt",
     "OFF_MOUNT_MNT_PARENT": "mount.mnt_parent",
     "OFF_MOUNT_MNT_MOUNTPOINT": "mount.mnt_mountpoint",
@@ -265,6 +266,22 @@ def syscall_arg_offsets(btf: BTF) -> list[int]:
     return [btf.offset(f"pt_regs.{r}") for r in regs]
 
 
+def sb_mount_flags(btf: BTF) -> list[str]:
+    """How a filesystem's mounts are found from its super_block: a chain of struct
+    mount (6.15 on) or a list_head (before); none: a walk stops at a filesystem's root
+    when it does not know the mount it came through."""
+    try:
+        return [f"-DOFF_SB_S_MOUNTS={btf.offset('super_block.s_mounts')}",
+                f"-DOFF_MOUNT_NEXT_FOR_SB={btf.offset('mount.mnt_next_for_sb')}"]
+    except BTFError:
+        pass
+    try:
+        return [f"-DOFF_SB_S_MOUNTS={btf.offset('super_block.s_mounts')}",
+                f"-DOFF_MOUNT_MNT_INSTANCE={btf.offset('mount.mnt_instance')}"]
+    except BTFError:
+        return []
+
+
 def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
     """-D flags: the running kernel's struct offsets and this run's sizes."""
     machine = os.uname().machine
@@ -285,6 +302,7 @@ def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
             flags += [f"-DCREGS_SPAN_START={min(offs)}",
                       f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
         flags.append(f"-DSIZEOF_UPID={btf.size('upid')}")
+        flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
     flags += [f"-DRINGBUF_PAGES={ringbuf_pages}",

@@ -29,8 +29,10 @@
 
 /* ---- named constants ------------------------------------------------------------ */
 #define MAX_TOUCHED     4       /* inodes remembered per syscall (rename: 3) */
-#define WATCH_DEPTH     16      /* directory levels walked up looking for a watch */
-#define PATH_DEPTH      16      /* path components reported */
+#define MAX_ALIASES     4       /* names of a hard-linked file judged (its dentries) */
+#define WATCH_DEPTH     16      /* directory levels walked up looking for a watch or a
+                                 * directory judged before (CNT_TOO_DEEP beyond) */
+#define PATH_DEPTH      32      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
 #define DATA_MASK       (DATA_SIZE - 1)   /* DATA_SIZE, PATH_SLOT, COMM_LEN: abi.py */
 #define MAX_WATCHES     65536
@@ -56,8 +58,9 @@
 /* ---- maps --------------------------------------------------------------------------- */
 
 /* watched: (device, inode) -> permission masks by depth.  self applies to the inode
- * itself, child to its direct entries (a file watch marks the file's parent this way;
- * user space then keeps only the watched name), subtree to everything further below. */
+ * itself, child to its direct entries, subtree to everything further below.  A file
+ * watch marks the file's own inode (self: links, bind mounts and removals reach it)
+ * and its parent's entries by name (rname: the file replaced or not yet created). */
 struct watch_key {
     u64 dev;                    /* super_block.s_dev, kernel encoding */
     u64 ino;
@@ -66,7 +69,15 @@ struct watch_val {
     u8 self;
     u8 child;
     u8 subtree;
-    u8 pad;
+    u8 pad[5];
+    /* the rules (one bit per rule slot, RULE_SLOTS in abi.py) behind each mask: user
+     * space attaches keys from them instead of matching path strings again */
+    u64 rself;
+    u64 rchild;
+    u64 rsub;
+    u64 rname;                  /* entries, but only the one a file rule names: user
+                                 * space confirms the name (a file not yet created, or
+                                 * replaced by a rename) */
 };
 BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
 
@@ -87,7 +98,11 @@ struct pending {
     u64 touched[MAX_TOUCHED];   /* struct inode *, each at most once */
     u8 active;                  /* a followed syscall is in progress */
     u8 overflow;                /* it changed more than MAX_TOUCHED inodes */
-    u8 pad[6];
+    u8 judged;                  /* bit i: touched[i] was judged when it changed */
+    u8 perms;                   /* what the watches grant to the inodes judged so far */
+    u8 pad[4];
+    u64 rules;                  /* and the rule slots behind it (struct match) */
+    u64 names;
 };
 BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
 
@@ -103,6 +118,20 @@ struct dir_verdict {
     u8 own;                     /* PERM_* granted to the directory itself */
     u8 below;                   /* PERM_* granted to entries of this directory */
     u8 pad[6];
+    u64 own_rules;              /* rule slots behind own and below */
+    u64 below_rules;
+    u64 own_names;              /* rule slots that name the directory (to confirm) */
+    u64 below_names;            /* ... that name one of its entries */
+    u64 deep_rules;             /* ... granted to everything two or more levels below */
+    u8 deep;                    /* PERM_* granted two or more levels below */
+    u8 pad2[7];
+};
+
+/* What the watches say about one object: the rule slots whose object it is, and those
+ * that name it (user space confirms the name). */
+struct match {
+    u64 rules;
+    u64 names;
 };
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
 BPF_ARRAY(gens, u64, 2);
@@ -239,6 +268,17 @@ struct walk {
     u8 perms;                   /* granted to the object the walk started at */
     u8 below;                   /* granted to an entry of it (when it is a directory) */
     u8 pad[6];
+    u64 rules;                  /* rule slots behind perms and below */
+    u64 below_rules;
+    u64 names;
+    u64 below_names;
+    u64 deep_rules;
+    u8 deep;                    /* granted two or more levels below the start */
+    u8 cached;                  /* use directories judged before (dir_cache) */
+    u8 done;                    /* reached the top or a judged directory */
+    u8 pad2[5];
+    u64 kgen;
+    u64 ugen;
 };
 
 /* Move from a dentry at the root of its mount to the mount point; 0 at the top. */
@@ -255,28 +295,95 @@ static __always_inline int cross_mount(void **dentry, void **mnt)
     return 1;
 }
 
+/* The mount point of a filesystem's root reached without knowing the mount it came
+ * through (a changed inode): through the filesystem's first mount.  0 at the top. */
+static __always_inline int cross_sb_mount(void **dentry, void *sb)
+{
+#ifdef OFF_SB_S_MOUNTS
+#ifdef OFF_MOUNT_NEXT_FOR_SB
+    void *mount = read_ptr(sb, OFF_SB_S_MOUNTS);
+#else
+    void *first = read_ptr(sb, OFF_SB_S_MOUNTS);
+    if (!first || first == (char *)sb + OFF_SB_S_MOUNTS)
+        return 0;
+    void *mount = (char *)first - OFF_MOUNT_MNT_INSTANCE;
+#endif
+    if (!mount)
+        return 0;
+    void *mnt_parent = read_ptr(mount, OFF_MOUNT_MNT_PARENT);
+    if (!mnt_parent || mnt_parent == mount)
+        return 0;
+    *dentry = read_ptr(mount, OFF_MOUNT_MNT_MOUNTPOINT);
+    return *dentry != NULL;
+#else
+    return 0;
+#endif
+}
+
+/* Combine what a directory judged before grants, at depth levels above the start. */
+static __always_inline void use_verdict(u32 depth, struct walk *w, struct dir_verdict *c)
+{
+    if (depth == 1) {
+        w->perms |= c->below;
+        w->rules |= c->below_rules;
+        w->names |= c->below_names;
+    } else {
+        w->perms |= c->deep;
+        w->rules |= c->deep_rules;
+        w->below |= c->deep;
+        w->below_rules |= c->deep_rules;
+    }
+    if (depth == 1) {
+        w->below |= c->deep;
+        w->below_rules |= c->deep_rules;
+    }
+    w->deep |= c->deep;
+    w->deep_rules |= c->deep_rules;
+}
+
 static __always_inline long watch_step(u32 depth, struct walk *w)
 {
     void *dentry = w->dentry;
-    if (!dentry)
+    if (!dentry) {
+        w->done = 1;
         return 1;
+    }
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+    void *sb = NULL;
     if (inode) {
         struct watch_key key = {};
-        void *sb = read_ptr(inode, OFF_INODE_I_SB);
+        sb = read_ptr(inode, OFF_INODE_I_SB);
         key.dev = read_u32(sb, OFF_SB_S_DEV);
         key.ino = read_u64(inode, OFF_INODE_I_INO);
+        if (w->cached && depth > 0) {
+            struct dir_verdict *c = dir_cache.lookup(&key);
+            if (c && c->kgen == w->kgen && c->ugen == w->ugen) {
+                use_verdict(depth, w, c);
+                w->done = 1;
+                return 1;
+            }
+        }
         struct watch_val *v = watched.lookup(&key);
         if (v) {
+            w->deep |= v->subtree;
+            w->deep_rules |= v->rsub;
             if (depth == 0) {
                 w->perms |= v->self;
                 w->below |= v->child | v->subtree;
+                w->rules |= v->rself;
+                w->below_rules |= v->rchild | v->rsub;
+                w->below_names |= v->rname;
             } else if (depth == 1) {
                 w->perms |= v->child | v->subtree;
                 w->below |= v->subtree;
+                w->rules |= v->rchild | v->rsub;
+                w->below_rules |= v->rsub;
+                w->names |= v->rname;
             } else {
                 w->perms |= v->subtree;
                 w->below |= v->subtree;
+                w->rules |= v->rsub;
+                w->below_rules |= v->rsub;
             }
         }
     }
@@ -284,14 +391,24 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
     int at_top = parent == dentry ||
                  (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
     if (at_top) {
-        void *mnt = w->mnt;
-        if (!cross_mount(&dentry, &mnt))
+        if (w->mnt) {
+            void *mnt = w->mnt;
+            if (!cross_mount(&dentry, &mnt)) {
+                w->done = 1;
+                return 1;
+            }
+            w->mnt = mnt;
+        } else if (!sb || !cross_sb_mount(&dentry, sb)) {
+            /* a filesystem mounted below a watch is covered by it */
+            w->done = 1;
             return 1;
+        }
         /* the mount point is the same directory: step past it too */
-        w->mnt = mnt;
         parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-        if (parent == dentry)
+        if (parent == dentry) {
+            w->done = 1;
             return 1;
+        }
     }
     w->dentry = parent;
     return 0;
@@ -334,18 +451,24 @@ static __always_inline int is_dir(void *inode)
     return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
 }
 
-/* What watches grant to directory dentry dir (inode dir_inode) and to its entries,
- * inside its filesystem: from dir_cache, or by walking up and remembering the answer. */
-static __always_inline struct dir_verdict verdict_of(void *dir, void *dir_inode)
+/* What watches grant to directory dentry dir (inode dir_inode) and to its entries:
+ * from dir_cache, or by walking up (across the mounts it is below) and remembering the
+ * answer. */
+static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_verdict *out)
 {
     struct watch_key key = {};
     inode_key(dir_inode, &key);
     u64 kgen = gen(GEN_KERNEL), ugen = gen(GEN_USER);
     struct dir_verdict *c = dir_cache.lookup(&key);
-    if (c && c->kgen == kgen && c->ugen == ugen)
-        return *c;
+    if (c && c->kgen == kgen && c->ugen == ugen) {
+        *out = *c;
+        return 0;
+    }
     struct walk w = {};
     w.dentry = dir;
+    w.cached = 1;
+    w.kgen = kgen;
+    w.ugen = ugen;
     for (u32 i = 0; i < WATCH_DEPTH; i++)
         if (watch_step(i, &w))
             break;
@@ -354,13 +477,28 @@ static __always_inline struct dir_verdict verdict_of(void *dir, void *dir_inode)
     v.ugen = ugen;
     v.own = w.perms;
     v.below = w.below;
-    dir_cache.update(&key, &v);
-    return v;
+    v.deep = w.deep;
+    v.own_rules = w.rules;
+    v.below_rules = w.below_rules;
+    v.deep_rules = w.deep_rules;
+    v.own_names = w.names;
+    v.below_names = w.below_names;
+    if (w.done)
+        dir_cache.update(&key, &v);
+    else
+        count(CNT_TOO_DEEP);    /* judged on the levels walked: not kept */
+    *out = v;
+    return 0;
 }
 
 /* Perms for an object inside its filesystem: a directory's verdict, or a file's own
- * watch (only inode rules put one there) and what its directory grants. */
-static __always_inline u8 object_perms(void *inode, void *dentry)
+ * watch (inode and file rules put one there) and what its directory grants, for each
+ * of its names (a hard link made in an unwatched directory cannot take a file out of a
+ * watched tree; every_name: a changed inode, not one reached through a known name);
+ * the rule slots behind them are added to *m.  One loop with one verdict_of in it: the
+ * walk is inlined once. */
+static __always_inline u8 object_perms(void *inode, void *dentry, struct match *m,
+                                       const int every_name)
 {
     u8 perms = 0;
     u32 zero = 0;
@@ -370,33 +508,62 @@ static __always_inline u8 object_perms(void *inode, void *dentry)
         struct watch_key key = {};
         inode_key(inode, &key);
         struct watch_val *own = watched.lookup(&key);
-        perms = own ? own->self : 0;
+        if (own) {
+            perms = own->self;
+            m->rules |= own->rself;
+        }
     }
     if (!dentry)
         return perms;
-    if (dir)
-        return verdict_of(dentry, inode).own;
-    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-    if (!parent || parent == dentry)
-        return perms;
-    void *parent_inode = read_ptr(parent, OFF_DENTRY_D_INODE);
-    if (!parent_inode)
-        return perms;
-    return perms | verdict_of(parent, parent_inode).below;
+    /* the names to judge: the directory itself, or the file's name (every one of them
+     * when it has several links) */
+    int aliases = every_name && !dir && read_u32(inode, OFF_INODE_I_NLINK) > 1;
+    void *node = aliases ? read_ptr(inode, OFF_INODE_I_DENTRY) : NULL;
+    for (int i = 0; i < MAX_ALIASES; i++) {
+        void *name = dentry;
+        if (aliases) {
+            if (!node)
+                break;
+            name = (char *)node - OFF_DENTRY_D_ALIAS;
+            node = read_ptr(node, 0);       /* hlist_node.next */
+        }
+        void *judged = name, *judged_inode = inode;
+        if (!dir) {
+            judged = read_ptr(name, OFF_DENTRY_D_PARENT);
+            if (!judged || judged == name)
+                break;
+            judged_inode = read_ptr(judged, OFF_DENTRY_D_INODE);
+            if (!judged_inode)
+                break;
+        }
+        struct dir_verdict v = {};
+        verdict_of(judged, judged_inode, &v);
+        if (dir) {
+            m->rules |= v.own_rules;
+            m->names |= v.own_names;
+            return v.own;
+        }
+        m->rules |= v.below_rules;
+        m->names |= v.below_names;
+        perms |= v.below;
+        if (!aliases)
+            break;
+    }
+    return perms;
 }
 
 /* Perms for a changed inode (found through its first dentry). */
-static __always_inline u8 inode_perms(void *inode)
+static __always_inline u8 inode_perms(void *inode, struct match *m)
 {
-    return object_perms(inode, inode_dentry(inode));
+    return object_perms(inode, inode_dentry(inode), m, 1);
 }
 
 /* Perms for the object at (mnt, dentry) (an opened or executed file): as inside its
  * filesystem, plus subtree watches above the mount it is reached through. */
-static __always_inline u8 watched_perms(void *dentry, void *mnt)
+static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m)
 {
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
-    u8 perms = inode ? object_perms(inode, dentry) : 0;
+    u8 perms = inode ? object_perms(inode, dentry, m, 0) : 0;
     void *mount = (char *)mnt - OFF_MOUNT_MNT;
     if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
         return perms;           /* a top mount: nothing above it */
@@ -406,6 +573,7 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt)
     for (u32 i = 2; i < WATCH_DEPTH; i++)
         if (watch_step(i, &w))
             break;
+    m->rules |= w.rules;
     return perms | w.perms;
 }
 
@@ -557,6 +725,8 @@ static __always_inline struct event *new_event(u32 kind)
     e->flags = 0;
     e->dev = 0;
     e->ino = 0;
+    e->rules = 0;
+    e->name_rules = 0;
     e->pid = pid_tgid >> 32;
     e->tid = (u32)pid_tgid;
     void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
@@ -683,6 +853,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     p->tp_id = slot;
     p->ntouched = 0;
     p->overflow = 0;
+    p->judged = 0;
+    p->perms = 0;
+    p->rules = 0;
+    p->names = 0;
 #ifdef OFF_TASK_TI_STATUS
     if (compat) {
         /* 32-bit arguments, in other registers */
@@ -711,6 +885,27 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 }
 
 /* ---- timestamp:* : an inode's ctime moved (every metadata change) ----------------- */
+/* Judge an inode a followed syscall changes, by every name it has now (a removed
+ * object still has its name here; at the syscall's end it has none).  A new inode has
+ * no name yet: it is judged at the syscall's end. */
+static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
+{
+    u32 tgid;
+    int all_paths;
+    struct config *cfg = current_scope(&tgid, &all_paths);
+    if (!cfg || !cfg->have_watches)
+        return;
+    void *dentry = inode_dentry(inode);
+    if (!dentry)
+        return;
+    struct match m = {};
+    p->perms |= object_perms(inode, dentry, &m, 1);
+    p->rules |= m.rules;
+    p->names |= m.names;
+    if (n < MAX_TOUCHED)
+        p->judged |= 1 << n;
+}
+
 static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
 {
     void *inode = (void *)ctx->args[0];
@@ -727,6 +922,7 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         } else {
             p->overflow = 1;
         }
+        judge_changed(p, inode, n);
         return 0;
     }
     /* a directory changed outside a followed syscall (io_uring rename or unlink...) */
@@ -748,12 +944,15 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         uring_new.update(&tid, &ptr);
         return 0;
     }
-    if (!all_paths && !(inode_perms(inode) & (PERM_W | PERM_A)))
+    struct match m = {};
+    if (!(inode_perms(inode, &m) & (PERM_W | PERM_A)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
         return 0;
     e->tp_id = *op;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     u64 *fresh = uring_new.lookup(&tid);
     if (fresh) {
         set_inode(e, (void *)*fresh);
@@ -865,15 +1064,31 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
                 created = 1;
     }
     u8 need = open_perm(flags, created);
-    if (!all_paths && !(watched_perms(dentry, mnt) & need))
+    struct match m = {};
+    if (!(watched_perms(dentry, mnt, &m) & need) && !all_paths)
         return;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret,
                                     flags | ((u64)created << CREATED_FLAG_SHIFT));
     if (!e)
         return;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
     submit(ctx, e);
+}
+
+/* A file's own watch ends with its last link: its inode number may be reused at once
+ * by a new file (user space marks the file a rule names again when one appears). */
+static __always_inline void forget_if_gone(void *inode)
+{
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->file_watches || is_dir(inode) || read_u32(inode, OFF_INODE_I_NLINK))
+        return;
+    struct watch_key key = {};
+    inode_key(inode, &key);
+    watched.delete(&key);
 }
 
 /* Another successful syscall: the inodes it changed decide.  *first is the first of
@@ -882,20 +1097,39 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
                                                    struct pending *pc, s64 ret, u64 flags,
                                                    int all_paths, void **first)
 {
-    u8 perms = 0;
+    /* judged when they changed; new inodes (named since) now */
+    u8 perms = pc->perms;
+    struct match m = {};
+    m.rules = pc->rules;
+    m.names = pc->names;
+    void *removed = NULL;
     for (int i = 0; i < MAX_TOUCHED; i++) {
         if (i < pc->ntouched) {
             void *inode = (void *)pc->touched[i];
+            void *dentry = inode_dentry(inode);
             if (!*first)
                 *first = inode;
-            perms |= inode_perms(inode);
+            if (!dentry && !removed && spec->path2 < 0)
+                removed = inode;
+            if (!(pc->judged & (1 << i)))
+                perms |= object_perms(inode, dentry, &m, 0);
+            forget_if_gone(inode);
         }
     }
     if (!all_paths && !(perms & spec->perm))
         return NULL;
     if (all_paths && !*first)
         return NULL;
-    return syscall_event(EV_SYSCALL, pc, ret, flags);
+    /* an unlink or rmdir: the record names the removed object (it has no name left),
+     * not its directory */
+    if (removed)
+        *first = removed;
+    struct event *e = syscall_event(EV_SYSCALL, pc, ret, flags);
+    if (e) {
+        e->rules = m.rules;
+        e->name_rules = m.names;
+    }
+    return e;
 }
 
 /* The file behind an fd argument: its inode and path. */
@@ -990,11 +1224,14 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         return 0;
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
-    if (!all_paths && !(watched_perms(dentry, mnt) & PERM_X))
+    struct match m = {};
+    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths)
         return 0;
     struct event *e = new_event(EV_EXEC);
     if (!e)
         return 0;
+    e->rules = m.rules;
+    e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
     submit(ctx, e);
