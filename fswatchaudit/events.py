@@ -74,8 +74,10 @@ class Event:
     # Not serialised: set by a backend on events of a per-process audit (the keys of
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None
-    # Not serialised: the flags of an open, for rules on them (-F a2&0100).
+    # Not serialised: the flags of an open, for rules on them (-F a2&0100), and the
+    # syscall table of a 32-bit syscall ("b32"; None: the machine's own), for -F arch.
     open_flags: int | None = None
+    arch: str | None = None
     # Not serialised: set by a backend that matches objects in the kernel (eBPF): the
     # ids of the rules whose objects the kernel matched, whatever name reached them.
     # None: the backend cannot tell, and the rules match the event's paths.

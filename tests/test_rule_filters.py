@@ -3,6 +3,7 @@ refuses instead of widening."""
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -164,3 +165,16 @@ def test_exe_filter(tree):
     assert {(e["op"], e["path"]) for e in got if e["op"] == "create"} == \
         {("create", f"{w}/by-touch")}
     assert all(e["exe"] == os.path.realpath(touch) for e in got)
+
+
+@needs_ebpf
+def test_open_flag_filter_reports_only_creating_opens(tree):
+    base, w = tree
+    open(os.path.join(w, "old"), "w").close()
+
+    def work():
+        subprocess.run([sys.executable, "-c", f"open({w + '/old'!r}, 'r+').close(); "
+                        f"open({w + '/new'!r}, 'w').close()"], check=True)
+    got = traced(base, w, "-a always,exit -F dir={w} -S openat -F a2&0100 -k created\n"
+                          "-w {w}/zz-marker", work)
+    assert [(e["op"], e["path"]) for e in got] == [("create", f"{w}/new")]

@@ -15,6 +15,7 @@ from ... import ops, syscalls
 from ...events import Event, ProcessState
 from .abi import (
     AT_REMOVEDIR_FLAG,
+    COMPAT_BASE,
     CREATED_FLAG_SHIFT,
     EV,
     EXE_AS_BEFORE,
@@ -147,6 +148,7 @@ class Decoder:
         syscall = self.tp_names.get(h.tp_id)
         flags = h.flags
         access = None
+        open_flags = None
         if kind == EV.EXEC:
             op, syscall = ops.EXEC, None
         elif kind == EV.URING:
@@ -159,6 +161,7 @@ class Decoder:
         elif syscall is None:
             return
         elif syscall in OPEN_SYSCALLS:
+            open_flags = flags & 0xFFFFFFFF
             if kind == EV.SYSCALL and (flags >> CREATED_FLAG_SHIFT) & 1:
                 op = ops.CREATE
             elif kind == EV.FAILED and flags & OFLAG.CREAT:
@@ -178,9 +181,12 @@ class Decoder:
                    result=0 if kind == EV.EXEC or ret >= 0 else ret,
                    dev=user_dev(h.dev) if h.dev else None, ino=h.ino or None,
                    pid=pid, tid=h.tid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,
-                   loginuid=h.loginuid, comm=comm_text, exe=exe, access=access)
+                   loginuid=h.loginuid, comm=comm_text, exe=exe, access=access,
+                   open_flags=open_flags)
         if kind == EV.URING:
             ev.result = None
+        elif h.tp_id >= COMPAT_BASE and kind != EV.EXEC:
+            ev.arch = "b32"         # a 32-bit syscall, judged through its own table
         if kind != EV.FAILED:       # a failed attempt changed no inode: names decide
             ev.rule_ids = self.rule_ids(ev, h.rules, h.name_rules)
         if self.path_targets and op in NEW_NAME_OPS and (
