@@ -67,8 +67,13 @@ class _Progress:
         if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
         self.bar = Progress(TextColumn("searching"), BarColumn(), DownloadColumn(),
                             TimeRemainingColumn(), transient=True,
                             console=Console(file=sys.stderr))
