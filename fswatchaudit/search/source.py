@@ -212,14 +212,17 @@ class Scanner:
         with open(path, "rb") as fh:
             up = _unpacker(fh)
             first = True
+            whole = 0
+            tell = up.tell
             while True:
                 try:
                     obj = next(up)
                 except StopIteration:
                     break
                 except Exception as exc:
-                    raise LogFormatError(f"{path}: damaged at byte {up.tell()}: not a log "
+                    raise LogFormatError(f"{path}: damaged at byte {whole}: not a log "
                                          f"record ({exc})") from None
+                whole = tell()
                 records += 1
                 if type(obj) is not dict:
                     raise LogFormatError(f"{path}: damaged before byte {up.tell()}: not "
@@ -246,8 +249,8 @@ class Scanner:
                 if progress is not None and records % every == 0:
                     progress(base + up.tell())
             size = fh.tell()
-            torn = size - up.tell()
-            self.last_end = (os.fstat(fh.fileno()).st_ino, up.tell())
+            torn = size - whole
+            self.last_end = (os.fstat(fh.fileno()).st_ino, whole)
         st.files += 1
         st.records += records
         st.events += events

@@ -12,6 +12,7 @@ from dateutil.parser import isoparse
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 NS = 1_000_000_000
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def _local_midnight(now_s: float, days_back: int) -> int:
@@ -43,4 +44,4 @@ def parse_when(text: str, now_ns: int | None = None) -> int:
                          "-3d, -1w)") from None
     if when.tzinfo is None:          # a time without an offset is local time
         when = when.astimezone()
-    return int(when.timestamp() * 1_000_000) * 1000
+    return (when - _EPOCH) // dt.timedelta(microseconds=1) * 1000
