@@ -92,7 +92,8 @@ class _Progress:
 def _scan(args: argparse.Namespace, query: Query,
           ) -> tuple[Scanner, Iterator[dict[str, Any]], _Progress, list[str]]:
     files = select_files(args)
-    scanner = Scanner(compile_query(query), query.since, query.until)
+    scanner = Scanner(compile_query(query), query.since, query.until,
+                      needles=q.needles(query))
     spans = scanner.plan(files)
     progress = _Progress(sum(s.size for s in spans))
     if progress.bar is not None:
@@ -194,7 +195,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     st = scanner.stats
-    data = report.data(scanned={"records": st.records, "events": st.events,
+    data = report.data(scanned={"records": st.records,
                                 "files": st.files, "files_skipped": st.files_skipped,
                                 "lost": st.lost, "dropped": st.dropped,
                                 "seconds": round(st.seconds, 3)})

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from .. import ops, syscalls
 from ..names import errno_of, uid_of
 
@@ -195,6 +197,27 @@ def compile_query(q: Query) -> Predicate:
                 return False
         return True
     return all_of
+
+
+def _packed(value: str) -> bytes:
+    """A name as the log stores it: a msgpack str, or a bin when it is not UTF-8."""
+    try:
+        return msgpack.packb(value.encode("utf-8"), use_bin_type=False)
+    except UnicodeEncodeError:
+        return msgpack.packb(value.encode("utf-8", "surrogateescape"), use_bin_type=True)
+
+
+def needles(q: Query) -> tuple[bytes, ...]:
+    """Byte strings one of which every event the query selects holds in its record
+    (the values of one filter whose alternatives are all literal), for a pre-check on
+    raw bytes; () when there is none."""
+    if (q.paths or q.under) and not q.globs:
+        return (tuple(_packed(p) for p in q.paths)
+                + tuple(p.encode("utf-8", "surrogateescape") for p in q.under))
+    for values in (q.exes, q.keys, q.comms):
+        if values:
+            return tuple(_packed(v) for v in values)
+    return ()
 
 
 def uids(values: list[str]) -> list[int]:
