@@ -145,6 +145,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json and args.csv:
         print("fswatchaudit: --json and --csv exclude each other", file=sys.stderr)
         return EXIT_USAGE
+    if args.follow and args.until:
+        print("fswatchaudit: --follow reads what comes next: it takes no --until",
+              file=sys.stderr)
+        return EXIT_USAGE
     query = build_query(args)
     out = sys.stdout.buffer
     writer: HumanOut | JsonOut | CsvOut
