@@ -126,8 +126,8 @@ table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eceef2;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums;width:5em}
 td.p{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
-td.b{width:35%} .bar{display:inline-block;height:10px;background:#4f7cc2;border-radius:2px}
-.fail .bar{background:#c8473f}
+td.b{width:35%} .hbar{display:inline-block;height:10px;background:#4f7cc2;border-radius:2px}
+.fail .hbar{background:#c8473f}
 svg .bar{fill:#4f7cc2} svg .bar:hover{fill:#f0a030} svg text{font-size:11px;fill:#555}
 ul.tree{list-style:none;padding-left:16px;margin:0;font-family:ui-monospace,Menlo,monospace}
 ul.tree li{margin:1px 0} .cnt{color:#666;margin-left:8px}
@@ -136,8 +136,17 @@ summary{cursor:pointer} .muted{color:#777}
 
 JS = """
 (function(){
+  // bars the browser really drew: standing on the axis, as tall as their count says
   var bars=document.querySelectorAll('#timeline rect.bar'), drawn=0;
-  bars.forEach(function(b){var r=b.getBoundingClientRect(); if(r.height>0&&r.width>0) drawn++;});
+  var axis=document.getElementById('axis').getBoundingClientRect();
+  var most=Math.max.apply(null,Array.prototype.map.call(bars,function(b){
+    return +b.getAttribute('data-count');}).concat([1]));
+  var full=null;
+  bars.forEach(function(b){var r=b.getBoundingClientRect(), n=+b.getAttribute('data-count');
+    if(n===most) full=r.height;});
+  bars.forEach(function(b){var r=b.getBoundingClientRect(), n=+b.getAttribute('data-count');
+    if(r.width>0&&Math.abs(r.bottom-axis.bottom)<2&&full>0&&Math.abs(r.height-full*n/most)<2)
+      drawn++;});
   document.documentElement.setAttribute('data-bars-drawn', String(drawn));
   var tip=document.getElementById('tip');
   bars.forEach(function(b){b.addEventListener('mousemove',function(e){
@@ -160,8 +169,8 @@ def timeline_svg(hist: dict[str, Any], width: int = 1100, height: int = 240) -> 
     parts = [f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="100%" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="events per '
              f'{_h(hist["unit"])}">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" '
-             'stroke="#999"/>']
+             f'<line id="axis" x1="{left}" y1="{top + plot_h}" x2="{width - 10}" '
+             f'y2="{top + plot_h}" stroke="#999"/>']
     for frac in (0.5, 1.0):
         y = top + plot_h - plot_h * frac
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
@@ -192,7 +201,7 @@ def _html_table(columns: list[str], rows: list[list[Any]], counts: list[int],
     for row, n in zip(rows, counts, strict=True):
         cells = "".join(f'<td class="{"n" if c == "count" else "p"}">{_h(v)}</td>'
                         for c, v in zip(columns, row, strict=True))
-        out.append(f'<tr>{cells}<td class="b"><span class="bar" '
+        out.append(f'<tr>{cells}<td class="b"><span class="hbar" '
                    f'style="width:{100 * n / most:.1f}%"></span></td></tr>')
     if not rows:
         out.append(f'<tr><td class="muted" colspan="{len(columns) + 1}">none</td></tr>')
