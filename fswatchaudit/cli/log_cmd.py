@@ -5,17 +5,19 @@ import argparse
 import sys
 from typing import BinaryIO, TextIO
 
-from ..errors import EXIT_FAILURE, EXIT_OK
+from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..sinks import reader
+from ..sinks.encode import color_wanted
 
 
 def show_logs(files: list[str], as_json: bool = False, all_rotated: bool = False,
-              out: BinaryIO | None = None, err: TextIO = sys.stderr) -> int:
+              out: BinaryIO | None = None, err: TextIO = sys.stderr,
+              color: bool = False) -> int:
     """Print logs; every problem is a message on ``err`` and an exit code, never a
     traceback: 0 whole, 1 damaged (the records before the damage are printed)."""
     try:
         return reader.show(files, as_json=as_json, out=out, err=err,
-                           all_rotated=all_rotated)
+                           all_rotated=all_rotated, color=color)
     except reader.LogFormatError as exc:
         if out is not None:
             out.flush()
@@ -29,7 +31,11 @@ def show_logs(files: list[str], as_json: bool = False, all_rotated: bool = False
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
-    code = show_logs(args.files, as_json=args.json, all_rotated=args.all)
+    if args.json and args.color == "always":
+        print("fswatchaudit: --color applies to human lines, not --json", file=sys.stderr)
+        return EXIT_USAGE
+    code = show_logs(args.files, as_json=args.json, all_rotated=args.all,
+                     color=not args.json and color_wanted(args.color, sys.stdout))
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -48,4 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true", help="JSON lines")
     show.add_argument("--all", action="store_true",
                       help="include rotated files (FILE.N ... FILE.1 FILE), oldest first")
+    show.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                      help="colour human lines (auto: on a terminal, unless NO_COLOR is set)")
     show.set_defaults(func=cmd_log_show)

@@ -15,6 +15,8 @@ from ..backends.base import Backend, BackendUnavailable
 from ..errors import EXIT_CODES_HELP, EXIT_FAILURE, EXIT_NO_BACKEND, EXIT_OK, EXIT_USAGE
 from ..rules import RuleError, RuleSet
 from ..sinks import HumanEncoder, JsonEncoder, RotatingFileSink, Sink, StreamSink
+from ..sinks.encode import color_wanted
+from ..sinks.summary import SummarySink
 from ..wiring import log_header, open_backend
 
 DEFAULT_RULES = "default.rules"
@@ -84,8 +86,29 @@ def _abandon(child: int | None, release: int | None) -> None:
         os.close(release)
 
 
+def ignored_options(args: argparse.Namespace, command: list[str] | None) -> str | None:
+    """An option that would be accepted and then ignored: say which (it is an error)."""
+    where = "--path" if command is not None else "PATH"
+    if not args.paths:
+        if args.key is not None:
+            return f"-k applies to {where} watches: give a {where} (or put the key in a rules file)"
+        if args.perms is not None:
+            return f"-p applies to {where} watches: give a {where}"
+    if not args.pid and not args.children:
+        return "--no-children applies to --pid"
+    if args.all_namespaces and not args.container:
+        return "--all-namespaces applies to --container"
+    if args.json and args.color == "always":
+        return "--color applies to human lines, not --json"
+    return None
+
+
 def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int:
     """trace and run: set up rules, scopes, backend, sinks; consume until told to stop."""
+    problem = ignored_options(args, command)
+    if problem is not None:
+        print(f"fswatchaudit: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     container = None
     try:
         if args.container:
@@ -117,8 +140,11 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
         _abandon(child, release)
         return EXIT_NO_BACKEND if isinstance(exc, BackendUnavailable) else EXIT_USAGE
 
-    sinks: list[Sink] = [StreamSink(sys.stdout.buffer,
-                                    JsonEncoder() if args.json else HumanEncoder())]
+    sinks: list[Sink] = [StreamSink(sys.stdout.buffer, JsonEncoder() if args.json else
+                                    HumanEncoder(color_wanted(args.color, sys.stdout)))]
+    summary = SummarySink() if args.summary else None
+    if summary is not None:
+        sinks.append(summary)
     if args.output:
         try:
             sinks.append(RotatingFileSink(args.output, log_header(backend.name, rules)))
@@ -164,6 +190,8 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
         auditor.close()
     for line in auditor.summary():
         print(line, file=sys.stderr)
+    if summary is not None:
+        print("\n".join(["", *summary.lines()]), file=sys.stderr)
     if child is not None and status == EXIT_OK:
         return exit_codes.get(child, EXIT_FAILURE)
     return status
@@ -217,6 +245,10 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
                    help="resolve paths inside this container and report only its processes")
     p.add_argument("--all-namespaces", action="store_true",
                    help="with --container: report processes outside it too")
+    p.add_argument("--summary", action="store_true",
+                   help="at the end, counts per path and per program on stderr")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour human lines (auto: on a terminal, unless NO_COLOR is set)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

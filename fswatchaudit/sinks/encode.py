@@ -16,11 +16,14 @@ keeps those bytes:
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any, Protocol
 
 import msgpack
 
 from ..events import Event, LostCounts, Marker, ProcessState, Record, RulesInForce
+from ..names import errno_name, uid_text
 
 
 class Encoder(Protocol):
@@ -81,36 +84,118 @@ class JsonEncoder:
         return (json.dumps(data, separators=(",", ":")) + "\n").encode()
 
 
-def format_event(ev: Event) -> str:
-    """One readable line: alias column, operation, path(s), who."""
+# Column widths of human lines: the widest alias set ("fs-create,fs-remove") and the
+# longest operation name ("removexattr") fit, so columns stay put line after line.
+ALIAS_WIDTH = 19
+OP_WIDTH = 11
+TIME_WIDTH = 29             # 2026-12-03T09:03:45.123+00:00
+
+# SGR colours for terminals (only when asked: see ``color_wanted``)
+_SGR = {"time": "2", "alias": "36", "create": "32", "remove": "31", "attr": "33",
+        "open": "34", "exec": "35", "fail": "1;31", "key": "35", "note": "2"}
+_OP_STYLE = {"fs-create": "create", "fs-remove": "remove", "fs-attr": "attr",
+             "open": "open", "exec": "exec"}
+
+
+def color_wanted(choice: str = "auto", stream: Any = None) -> bool:
+    """``--color``: always, never, or auto (a terminal, NO_COLOR unset, TERM not dumb)."""
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _paint(text: str, style: str | None, color: bool) -> str:
+    if not color or style is None:
+        return text
+    return f"\x1b[{_SGR[style]}m{text}\x1b[0m"
+
+
+_second_cache: dict[int, str] = {}
+
+
+def iso_time(ns: int) -> str:
+    """ISO 8601 local time with milliseconds and the UTC offset; ``-`` when unknown."""
+    if not ns:
+        return "-"
+    sec, rest = divmod(ns, 1_000_000_000)
+    prefix = _second_cache.get(sec)
+    if prefix is None:
+        lt = time.localtime(sec)
+        off = lt.tm_gmtoff or 0
+        sign = "+" if off >= 0 else "-"
+        off = abs(off)
+        prefix = (time.strftime("%Y-%m-%dT%H:%M:%S", lt).replace("%", "%%") + ".%03d"
+                  + f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}")
+        if len(_second_cache) > 4096:
+            _second_cache.clear()
+        _second_cache[sec] = prefix
+    return prefix % (rest // 1_000_000)
+
+
+def result_text(result: int) -> str:
+    """``EACCES`` for -13 (the errno name), ``0`` for success."""
+    return errno_name(result)
+
+
+def format_event(ev: Event, color: bool = False) -> str:
+    """One readable line, every name escaped (``escape``): time, aliases, operation,
+    path(s), result, who, keys."""
     alias = ",".join(ev.aliases) or "-"
-    what = ev.path or "?"
+    style = next((_OP_STYLE[a] for a in ev.aliases if a in _OP_STYLE), None)
+    what = escape(ev.path) if ev.path is not None else "?"
     if ev.path2 is not None:
-        what = f"{what} -> {ev.path2}"
-    parts = [f"{alias:<18}", f"{ev.op:<11}", what]
+        what = f"{what} -> {escape(ev.path2)}"
+    parts = [_paint(f"{iso_time(ev.time):<{TIME_WIDTH}}", "time", color),
+             _paint(f"{escape(alias):<{ALIAS_WIDTH}}", "alias", color),
+             _paint(f"{escape(ev.op):<{OP_WIDTH}}", style, color), what]
     if ev.op == "open" and ev.access:
-        parts.append(f"access={ev.access}")
+        parts.append(f"access={escape(ev.access)}")
     if ev.result not in (None, 0):
-        parts.append(f"result={ev.result}")
-    for name in ("pid", "ppid", "uid", "comm", "exe"):
+        parts.append(_paint(f"result={result_text(ev.result)}", "fail", color))
+    for name in ("pid", "ppid"):
         value = getattr(ev, name)
         if value is not None:
             parts.append(f"{name}={value}")
+    for name in ("uid", "loginuid"):
+        value = getattr(ev, name)
+        if value is not None:
+            parts.append(f"{name}={escape(uid_text(value))}")
+    if ev.euid is not None and ev.euid != ev.uid:
+        parts.append(f"euid={escape(uid_text(ev.euid))}")
+    for name in ("comm", "exe"):
+        value = getattr(ev, name)
+        if value is not None:
+            parts.append(f"{name}={escape(value)}")
     if ev.syscall:
-        parts.append(f"syscall={ev.syscall}")
+        parts.append(f"syscall={escape(ev.syscall)}")
     if ev.container:
-        parts.append(f"container={ev.container.get('id', '?')}")
+        parts.append(f"container={escape(str(ev.container.get('id', '?')))}")
     if ev.keys:
-        parts.append("key=" + ",".join(ev.keys))
+        parts.append(_paint("key=" + escape(",".join(ev.keys)), "key", color))
     return " ".join(parts)
 
 
-def format_state(st: ProcessState) -> str:
-    parts = [f"{'process':<18}", f"{st.reason:<11}", f"pid={st.pid}"]
-    for name in ("ppid", "uid", "comm", "exe", "cwd"):
+def format_state(st: ProcessState, color: bool = False) -> str:
+    parts = [_paint(f"{'-':<{TIME_WIDTH}}", "time", color),
+             _paint(f"{'process':<{ALIAS_WIDTH}}", "alias", color),
+             f"{escape(st.reason):<{OP_WIDTH}}", f"pid={st.pid}"]
+    if st.ppid is not None:
+        parts.append(f"ppid={st.ppid}")
+    for name in ("uid", "loginuid"):
         value = getattr(st, name)
         if value is not None:
-            parts.append(f"{name}={value}")
+            parts.append(f"{name}={escape(uid_text(value))}")
+    for name in ("comm", "exe", "cwd"):
+        value = getattr(st, name)
+        if value is not None:
+            parts.append(f"{name}={escape(value)}")
     return " ".join(parts)
 
 
@@ -143,36 +228,45 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
-def format_record(record: Record) -> str:
+def format_record(record: Record, color: bool = False) -> str:
+    """A human line for any record, already escaped."""
     if isinstance(record, Event):
-        return format_event(record)
+        return format_event(record, color)
     if isinstance(record, ProcessState):
-        return format_state(record)
+        return format_state(record, color)
     if isinstance(record, LostCounts):
-        return f"# lost: {record.counts}"
-    if isinstance(record, RulesInForce):
-        return f"# rules ({record.reason}): {len(record.rules)} rules, digest {record.digest}"
-    if isinstance(record, Marker):
-        return f"# {record.what}: {record.detail}"
-    raise TypeError(f"not a record: {record!r}")
+        text = f"# lost: {record.counts}"
+    elif isinstance(record, RulesInForce):
+        text = f"# rules ({record.reason}): {len(record.rules)} rules, digest {record.digest}"
+    elif isinstance(record, Marker):
+        text = f"# {record.what}: {record.detail}"
+    else:
+        raise TypeError(f"not a record: {record!r}")
+    return _paint(escape(text), "note", color)
 
 
 def format_map(data: dict[str, Any]) -> str:
     """A line for a file's own maps (header, drop note) or an unknown kind."""
     if data.get("t") == "hdr":
+        start = data.get("start")
+        when = iso_time(start) if isinstance(start, int) and start > 0 else start
         return (f"# log: host={data.get('host')} backend={data.get('backend')} "
-                f"start={data.get('start')} rules={data.get('rules_digest')}")
+                f"start={when} rules={data.get('rules_digest')}")
     return f"# {data.get('t')}: {data}"
 
 
 class HumanEncoder:
-    """One line per record for a terminal: everything in it escaped (``escape``)."""
+    """One line per record for a terminal: every name in it escaped (``escape``);
+    SGR colours only with ``color`` (see ``color_wanted``)."""
+
+    def __init__(self, color: bool = False) -> None:
+        self.color = color
 
     def encode(self, record: Record) -> bytes:
-        return (escape(format_record(record)) + "\n").encode()
+        return (format_record(record, self.color) + "\n").encode()
 
     def encode_map(self, data: dict[str, Any]) -> bytes:
-        return (escape(format_map(data)) + "\n").encode()
+        return (_paint(escape(format_map(data)), "note", self.color) + "\n").encode()
 
 
 ENCODERS: dict[str, type[Encoder]] = {"msgpack": MsgpackEncoder, "json": JsonEncoder,

@@ -102,12 +102,12 @@ def iter_records(paths: list[str], err: TextIO | None = None,
 
 
 def show(paths: list[str], as_json: bool = False, out: BinaryIO | None = None,
-         err: TextIO = sys.stderr, all_rotated: bool = False) -> int:
+         err: TextIO = sys.stderr, all_rotated: bool = False, color: bool = False) -> int:
     """`log show`: every record as a human line or a JSON line (the one serialised
     form: each map with its "t" tag).  0 for whole files, 1 when a last record is
     torn; other damage raises LogFormatError once the records before it are out."""
     stream = out if out is not None else sys.stdout.buffer
-    encoder: Encoder = JsonEncoder() if as_json else HumanEncoder()
+    encoder: Encoder = JsonEncoder() if as_json else HumanEncoder(color=color)
     files: list[str] = []
     for p in paths:
         files += rotated_files(p) if all_rotated else [p]
