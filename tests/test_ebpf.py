@@ -572,7 +572,8 @@ def test_keys_come_from_the_rules_the_kernel_matched(tree):
         os.chmod(f"{w}/deep/er/f", 0o600)          # all three
         os.truncate(f"{o}/alias", 0)               # through a link elsewhere: its names count
         os.chmod(f"{w}/deep", 0o700)               # the tree and the deep chmod rule
-        got = drain(be)
+        # (read opens of the tree by other processes of the host may come too)
+        got = [e for e in drain(be) if e.op != "open"]
         assert [(e.op, e.path, e.keys) for e in got] == [
             ("chmod", f"{w}/deep/er/f", ["deep", "file", "tree"]),
             ("truncate", f"{o}/alias", ["file", "tree"]),

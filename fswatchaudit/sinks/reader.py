@@ -16,6 +16,18 @@ READ_CHUNK = 1 << 16
 MAX_RECORD = 16 << 20       # far above any record the writer makes
 
 
+def _readable(obj: dict[str, Any]) -> dict[str, Any]:
+    """A record as readers show it: names back to text, and the hash chain's fields
+    (``h`` in every record, ``prev`` in headers, the MACs of seals) left to
+    `fswatchaudit verify`, seals' binary values as hex."""
+    obj.pop("h", None)
+    if obj.get("t") == "hdr":
+        obj.pop("prev", None)
+    elif obj.get("t") == "seal":
+        return {k: v.hex() if isinstance(v, bytes) else v for k, v in obj.items()}
+    return as_text(obj)
+
+
 class LogFormatError(ValueError):
     """Data in a log that is not a whole record where one must be."""
 
@@ -62,7 +74,7 @@ class LogReader:
                     if first and obj["t"] != "hdr":
                         raise self._damage(start, "the file does not begin with a log "
                                                   "header")
-                    obj = as_text(obj)
+                    obj = _readable(obj)
                     try:
                         check_types(obj)
                     except ValueError as exc:
