@@ -1,4 +1,5 @@
 """Scopes: per-process audits (children followed) and containers audited from the host."""
+import errno
 import json
 import os
 import shutil
@@ -187,7 +188,16 @@ def test_container_named_by_cgroup_id(container):
                 fh.write(str(pid))
         except OSError:
             pass
-        os.rmdir(cg)
+        # the container's last processes may still be leaving the cgroup
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(cg)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     assert code == 0, stderr
     events, _ = split(lines)
     assert events and all(e["container"]["id"] == cid[:12] for e in events)
