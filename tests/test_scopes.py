@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,10 @@ def container(tmpdir_):
         time.sleep(0.05)
     assert pid is not None, "container did not start"
     yield pid, merged, upper, unshare
+    try:
+        os.kill(pid, signal.SIGKILL)       # the namespace's first process: all go with it
+    except ProcessLookupError:
+        pass
     unshare.kill()
     unshare.wait()
 
