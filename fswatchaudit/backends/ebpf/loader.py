@@ -80,12 +80,6 @@ COMPAT_UNISTD = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_32.h"}
 COMPAT_NAMES = {"chown32": "chown", "lchown32": "lchown", "fchown32": "fchown",
                 "truncate64": "truncate", "ftruncate64": "ftruncate",
                 "utimensat_time64": "utimensat"}
-UNISTD_HEADERS = ("/usr/include/{multiarch}/asm/unistd_64.h", "/usr/include/asm/unistd_64.h",
-                  "/usr/include/asm-generic/unistd.h")
-MULTIARCH = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
-# Syscalls newer than the libc headers we may find.  Since Linux 5.1 new syscalls get
-# the same number on every architecture.
-NEWER_SYSCALLS = {"fchmodat2": 452, "setxattrat": 463, "removexattrat": 466}
 
 
 # ---- tracefs ------------------------------------------------------------------------
@@ -209,34 +203,17 @@ def compat_syscalls() -> list[tuple[str, int]]:
            for name, nr in re.findall(r"#define\s+__NR_(\w+)\s+(\d+)", text)]
     have = {name for name, _ in out}
     # syscalls newer than the header have one number on every architecture
-    out += [(name, nr) for name, nr in NEWER_SYSCALLS.items() if name not in have]
+    out += [(name, nr) for name, nr in syscalls.NEWER_SYSCALLS.items() if name not in have]
     return [(name, nr) for name, nr in out if nr < abi.MAX_SYSCALL_NR]
 
 
 def syscall_numbers() -> dict[str, int]:
-    """Syscall name -> number, from the kernel ABI headers (Debian's linux-libc-dev)."""
-    multiarch = MULTIARCH.get(os.uname().machine, "")
-    define = re.compile(r"#define\s+__NR(?:3264)?_(\w+)\s+(\w+)")
-    for pattern in UNISTD_HEADERS:
-        path = pattern.format(multiarch=multiarch)
-        try:
-            with open(path) as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        raw = dict(define.findall(text))
-        numbers: dict[str, int] = {}
-        for name, value in raw.items():
-            while not value.isdigit() and value.startswith("__NR"):
-                value = raw.get(value.split("_", 3)[-1] if value.startswith("__NR3264_")
-                                else value[len("__NR_"):], "x")
-            if value.isdigit():
-                numbers[name] = int(value)
-        for name, nr in NEWER_SYSCALLS.items():
-            numbers.setdefault(name, nr)
-        return numbers
-    raise BackendUnavailable("no syscall number table: install linux-libc-dev "
-                             f"(looked for {', '.join(UNISTD_HEADERS)})")
+    """Syscall name -> number (syscalls.syscall_numbers), or why the backend cannot run."""
+    numbers = syscalls.syscall_numbers()
+    if not numbers:
+        raise BackendUnavailable("no syscall number table: install linux-libc-dev "
+                                 f"(looked for {', '.join(syscalls.UNISTD_HEADERS)})")
+    return numbers
 
 
 def syscall_slots(specs: dict[str, SyscallSpec]) -> tuple[dict[int, str], bool]:
