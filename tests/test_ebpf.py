@@ -1,4 +1,5 @@
 """The eBPF backend: real programs loaded into the running kernel, real file operations."""
+import errno
 import json
 import os
 import shutil
@@ -599,4 +600,61 @@ def test_a_filesystem_mounted_inside_a_watched_directory_is_covered(tree):
             ("unlink", f"{mnt}/e/f", ["w"]), ("rmdir", f"{mnt}/e", ["w"])]
     finally:
         subprocess.run(["umount", mnt], check=True)
+        be.close()
+
+
+FAILING = """
+import os
+def fails(f, *a):
+    try:
+        f(*a)
+    except OSError:
+        return
+    raise SystemExit(f'{f.__name__}{a}: no error')
+fails(os.mkdir, 'd')                        # EEXIST
+fails(os.unlink, 'nothere')                 # ENOENT
+fails(os.rmdir, 'd')                        # ENOTEMPTY
+fails(os.rename, 'd/x', '/dev/shm/fswa-x')  # EXDEV
+fails(os.link, 'd/x', '/dev/shm/fswa-x')    # EXDEV
+fails(open, 'nothere')                      # ENOENT, a read open
+fails(os.mkdir, os.getcwd() + '/d')         # EEXIST, absolute
+fails(os.chmod, os.getcwd() + 'x/f', 0o600) # ENOENT: a sibling sharing the prefix
+fails(os.unlink, '%(w)s/./nothere')         # ENOENT: names resolved as user space does
+fails(os.unlink, '%(w)s/d/.././nothere/')
+"""
+
+
+def test_failed_operations_are_reported_for_every_errno(tree):
+    """Linux audit reports failed operations on watched objects whatever the errno; the
+    kernel sends only those that may concern a watched object (the ENOENT opens of every
+    program elsewhere never reach user space)."""
+    w, o = tree
+    for d in (w, o):
+        os.mkdir(f"{d}/d")
+        open(f"{d}/d/x", "w").close()
+    be = backend_for(watch_rule(w, key="k"), exclude_self=True)
+    try:
+        before = be.submitted()
+        py(FAILING % {"w": w}, w)
+        got = [(e.op, e.path, e.path2, e.result, e.keys) for e in drain(be)]
+        assert got == [
+            ("mkdir", f"{w}/d", None, -errno.EEXIST, ["k"]),
+            ("unlink", f"{w}/nothere", None, -errno.ENOENT, ["k"]),
+            ("rmdir", f"{w}/d", None, -errno.ENOTEMPTY, ["k"]),
+            ("rename", f"{w}/d/x", "/dev/shm/fswa-x", -errno.EXDEV, ["k"]),
+            ("link", f"{w}/d/x", "/dev/shm/fswa-x", -errno.EXDEV, ["k"]),
+            ("open", f"{w}/nothere", None, -errno.ENOENT, ["k"]),
+            ("mkdir", f"{w}/d", None, -errno.EEXIST, ["k"]),
+            ("unlink", f"{w}/nothere", None, -errno.ENOENT, ["k"]),
+            ("unlink", f"{w}/nothere", None, -errno.ENOENT, ["k"])]
+        # the kernel sent those and nothing else (not the sibling's failure)
+        assert be.submitted() - before == len(got)
+        # the same failures elsewhere: nothing reaches user space, but a relative name
+        # climbing out of its directory may lead into the watched tree (it does here)
+        before = be.submitted()
+        py(FAILING % {"w": o} + "fails(os.unlink, '../w/nothere')\n", o)
+        assert [(e.op, e.path, e.result) for e in drain(be)] == [
+            ("unlink", f"{w}/nothere", -errno.ENOENT)]
+        assert be.submitted() - before == 1
+    finally:
         be.close()

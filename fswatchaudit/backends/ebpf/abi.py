@@ -55,9 +55,23 @@ COMPAT_BASE = MAX_SYSCALL_NR    # syscall_spec slot of 32-bit syscall 0 (ia32 em
 SPEC_SLOTS = 2 * COMPAT_BASE
 RULE_SLOTS = 64             # bits of event.rules: one per rule; rules beyond the last
 SHARED_SLOT = RULE_SLOTS - 1    # slot share it, and user space matches them by path
+# Failed syscalls are judged by their names in the kernel first: FNV-1a (64 bit) hashes
+# of watched objects' absolute paths, computed by user space (path_hash) and over the
+# first FAIL_SCAN bytes of a path argument by the BPF program.
+FAIL_SCAN = 256
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
 DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
-           "SPEC_SLOTS")
+           "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME")
+
+
+def path_hash(path: bytes) -> int:
+    """FNV-1a of a path's bytes, as the BPF program hashes a path argument's prefixes."""
+    h = FNV_OFFSET
+    for c in path:
+        h = ((h ^ c) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 # ---- constant groups ------------------------------------------------------------------
@@ -66,7 +80,8 @@ class EV(IntEnum):
     SYSCALL = 1             # a followed syscall changed or opened a watched object
     EXEC = 2                # sched_process_exec of a watched program
     URING = 3               # an io_uring worker changed a watched inode (tp_id: opcode)
-    FAILED = 4              # denied attempt (EACCES/EPERM), matched by path in user space
+    FAILED = 4              # failed syscall (any errno) that may concern a watched object:
+    #                         matched by its names in user space
     STATE = 5               # a process entered a per-process audit (a fork)
 
 
@@ -229,7 +244,8 @@ def _c_struct(name: str, fields: tuple[Field, ...], tail: str = "") -> list[str]
 def c_header() -> str:
     """The C side of this module, prepended to probes.c."""
     lines = ["/* ---- generated from fswatchaudit/backends/ebpf/abi.py: edit it there ---- */"]
-    lines += [f"#define {name} {globals()[name]}" for name in DEFINES]
+    lines += [f"#define {name} {globals()[name]}{'ULL' if globals()[name] >> 31 else ''}"
+              for name in DEFINES]
     for group in GROUPS:
         lines.append(f"/* {group.__doc__} */")
         lines += [f"#define {group.__name__}_{m.name} {int(m)}" for m in group]

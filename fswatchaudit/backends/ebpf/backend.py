@@ -24,7 +24,7 @@ from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
 from ..base import Backend, BackendUnavailable
 from . import loader
-from .abi import AUDIT, CNT, GEN, PERM_BITS, SHARED_SLOT, kernel_dev
+from .abi import AUDIT, CNT, GEN, PERM_BITS, SHARED_SLOT, kernel_dev, path_hash
 from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
@@ -37,6 +37,22 @@ def ring_pages(queue_size: int | None) -> int:
     """Ring buffer bytes -> pages: a power of two, at least one page."""
     pages = max(1, (queue_size or DEFAULT_QUEUE_SIZE) // mmap.PAGESIZE)
     return 1 << (pages.bit_length() - 1)
+
+
+def root_symlinks() -> dict[str, str]:
+    """Symlinks in / -> where they lead (Debian: /bin -> /usr/bin): other names of the
+    paths below them."""
+    out = {}
+    try:
+        with os.scandir("/") as it:
+            for entry in it:
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if real != entry.path and os.path.isdir(real):
+                        out[entry.path] = real
+    except OSError:
+        pass
+    return out
 
 
 class EbpfBackend(Backend):
@@ -57,6 +73,8 @@ class EbpfBackend(Backend):
         self.container = None
         self.watch_values: dict[tuple[int, int], WatchValue] = {}
         self.slots: dict[int, int] = {}         # rule id -> its bit in event.rules
+        self.name_hashes: set[int] = set()      # watched_prefix
+        self.ancestors: set[tuple[int, int]] = set()    # watch_ancestor
 
     # -- loading -----------------------------------------------------------------
     def start(self) -> None:
@@ -168,7 +186,67 @@ class EbpfBackend(Backend):
             gkey = gens.Key(GEN.USER)
             gens[gkey] = gens.Leaf(gens[gkey].value + 1)     # the kernel's verdicts expire
         self.watch_values = wanted
+        self._sync_names()
         self._set_config()
+
+    # -- names, for failed syscalls (no inode changed: probes.c failed_event) -----------
+    def _name_entries(self) -> tuple[set[int], set[tuple[int, int]]]:
+        """Hashes of the watched paths (also as root-level symlinks name them: /bin ->
+        usr/bin) and the (dev, ino) of the directories above them."""
+        targets: list[tuple[str, bool]] = []
+        for _rid, rule in self.rules.items():
+            if rule.target is not None and rule.kind in ("dir", "path"):
+                targets.append((os.path.normpath(rule.target), rule.kind == "path"))
+        hashes: set[int] = set()
+        ancestors: set[tuple[int, int]] = set()
+        links = root_symlinks() if targets and self.container is None else {}
+        for target, is_file in targets:
+            names = {target}
+            if self.container is None:
+                names.add(os.path.realpath(target))
+            for name in list(names):
+                for link, real in links.items():
+                    if name == real or name.startswith(real.rstrip("/") + "/"):
+                        names.add(link + name[len(real):])
+            hashes.update(path_hash(os.fsencode(n if n != "/" else "")) for n in names)
+            # a file rule's directory is judged by what it grants to its entries
+            d = os.path.dirname(target)
+            if is_file:
+                d = os.path.dirname(d)
+            while True:
+                try:
+                    st = os.stat(self._host_path(d))
+                    ancestors.add((kernel_dev(st.st_dev), st.st_ino))
+                except OSError:
+                    pass
+                if d == "/" or not d:
+                    break
+                d = os.path.dirname(d)
+        return hashes, ancestors
+
+    def _sync_names(self) -> None:
+        assert self.bpf is not None
+        hashes, ancestors = self._name_entries()
+        table = self.bpf[b"watched_prefix"]
+        for h in hashes - self.name_hashes:
+            table[table.Key(h)] = table.Leaf(1)
+        for h in self.name_hashes - hashes:
+            try:
+                del table[table.Key(h)]
+            except KeyError:
+                pass
+        table = self.bpf[b"watch_ancestor"]
+        for key in ancestors ^ self.ancestors:
+            k = table.Key()
+            k.dev, k.ino = key
+            if key in ancestors:
+                table[k] = table.Leaf(1)
+            else:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+        self.name_hashes, self.ancestors = hashes, ancestors
 
     def _set_config(self, **changes: int) -> None:
         assert self.bpf is not None

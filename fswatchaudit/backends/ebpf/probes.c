@@ -50,10 +50,8 @@
 #define S_IFMT_MASK     0170000
 #define S_IFDIR_BITS    0040000
 
-/* errno values and AT_FDCWD are ABI, the same on every architecture we run on */
+/* AT_FDCWD is ABI, the same on every architecture we run on */
 #define AT_FDCWD_VALUE  (-100)
-#define ERR_EACCES      13
-#define ERR_EPERM       1
 
 /* ---- maps --------------------------------------------------------------------------- */
 
@@ -166,6 +164,19 @@ BPF_HASH(uring_op, u32, u32, 16384);
 /* uring_new: worker thread id -> a new inode whose ctime was set before it had a name
  * (mkdirat, symlinkat... through io_uring); reported with its directory's change */
 BPF_HASH(uring_new, u32, u64, 16384);
+
+/* Failed syscalls (no inode changed) are judged by their names first (failed_event):
+ * watched_prefix holds FNV-1a hashes of watched objects' absolute paths, watch_ancestor
+ * the directories above watched objects (a relative name may lead down into one). */
+/* (FAIL_SCAN, FNV_OFFSET, FNV_PRIME: abi.py) */
+BPF_HASH(watched_prefix, u64, u8, MAX_WATCHES);
+BPF_HASH(watch_ancestor, struct watch_key, u8, MAX_WATCHES);
+#define HASH_DEPTH      32      /* components of a path argument resolved (deeper: sent) */
+struct fail_buf {
+    char s[FAIL_SCAN];
+    u64 hs[HASH_DEPTH];         /* hash of the path's first d components */
+};
+BPF_PERCPU_ARRAY(fail_scratch, struct fail_buf, 1);
 
 /* counters, per CPU: what was submitted and what the ring buffer refused (CNT_*) */
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
@@ -688,24 +699,32 @@ static __always_inline void *fd_file(u64 fd)
     return read_ptr(fds, fd * sizeof(void *));
 }
 
-/* Append the base directory a path argument is relative to: dirfd or the cwd. */
-static __always_inline u16 put_base(struct event *e, s64 dfd)
+/* The base directory a path argument is relative to: dirfd or the cwd; 0 if none. */
+static __always_inline int base_dir(s64 dfd, void **dentry, void **mnt)
 {
-    void *dentry, *mnt;
     if (dfd == AT_FDCWD_VALUE || dfd < 0) {
         void *task = (void *)bpf_get_current_task();
         void *fs = read_ptr(task, OFF_TASK_FS);
         if (!fs)
             return 0;
-        dentry = read_ptr(fs, OFF_FS_PWD + OFF_PATH_DENTRY);
-        mnt = read_ptr(fs, OFF_FS_PWD + OFF_PATH_MNT);
+        *dentry = read_ptr(fs, OFF_FS_PWD + OFF_PATH_DENTRY);
+        *mnt = read_ptr(fs, OFF_FS_PWD + OFF_PATH_MNT);
     } else {
         void *file = fd_file(dfd);
         if (!file)
             return 0;
-        dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
-        mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+        *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+        *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     }
+    return *dentry != NULL;
+}
+
+/* Append the base directory a path argument is relative to: dirfd or the cwd. */
+static __always_inline u16 put_base(struct event *e, s64 dfd)
+{
+    void *dentry = NULL, *mnt = NULL;
+    if (!base_dir(dfd, &dentry, &mnt))
+        return 0;
     return put_path(e, dentry, mnt);
 }
 
@@ -1033,14 +1052,156 @@ static __always_inline struct event *syscall_event(u32 kind, struct pending *pc,
     return e;
 }
 
-/* A failed syscall: a denied attempt (EACCES/EPERM) is reported, matched by path in
- * user space; other failures are not. */
+/* ---- failed syscalls: which may concern a watched object --------------------------
+ * A failed syscall changed no inode, so there is no inode verdict: user space matches
+ * its names against the rules.  Sending every failure would flood the ring with the
+ * unwatched ENOENT opens of every program (ld.so, include searches), so each path
+ * argument is judged here first, cheaply and on the safe side (send when unsure):
+ *   absolute path   a prefix of it (at a '/' or its end) is a watched object's path
+ *                   (watched_prefix, FNV-1a hashes from user space, with the names
+ *                   root-level symlinks give them: /bin -> usr/bin);
+ *   relative path   its base directory (dirfd or cwd) grants the operation to its
+ *                   entries (and so further below), or lies above a watched object
+ *                   (watch_ancestor);
+ *   either          "." and ".." are resolved by name (as user space joins names); a
+ *                   relative path climbing above its base, or longer than FAIL_SCAN:
+ *                   sent;
+ *   fd argument     the fd's file exists (fchmod and friends: EBADF is no object).
+ * Not caught: a name reaching a watched object through a symlink other than the
+ * root-level ones, or through a bind mount or mount point placed outside the watched
+ * tree (the name is then not under the watched path for user space either). */
+static __always_inline int hash_watched(u64 h)
+{
+    return watched_prefix.lookup(&h) != NULL;
+}
+
+/* x == 0 and x == y for small values, without a branch: the verifier then sees one
+ * state per byte of the scan below instead of one per combination of flags. */
+#define IS_ZERO(x)  (((u64)(x) - 1) >> 63)
+#define IS_EQ(x, y) IS_ZERO((u64)(x) ^ (u64)(y))
+/* hides a value's range from the compiler, which would turn the above into branches */
+#define OPAQUE(x)   asm volatile("" : "+r"(x))
+
+/* Scan a path argument (NUL-terminated in b): 1 to send it.  The path is resolved
+ * lexically, as user space joins names ("." and empty components dropped, ".." takes
+ * the last component off; b->hs[d] is the hash of the first d components), and the
+ * hash of every prefix is looked up as its component ends.  A relative path's hashes
+ * start from another seed (they never match a watched, absolute, path); one that
+ * climbs above its base directory, or is deeper than HASH_DEPTH - 2 or longer than
+ * FAIL_SCAN, is sent (unsure).  Flags are computed without branches: the verifier
+ * then sees about one state per byte. */
+static __always_inline int scan_failed_path(struct fail_buf *b)
+{
+    u64 rel = b->s[0] != '/';
+    u64 cur = FNV_OFFSET ^ rel;
+    if (!rel && hash_watched(cur))
+        return 1;               /* "/" itself is watched */
+    b->hs[0] = cur;
+    cur = (cur ^ '/') * FNV_PRIME;
+    u64 d = 0, comp = 0, dots = 0, unsure = 0;
+    for (u32 i = 0; i < FAIL_SCAN; i++) {
+        u64 c = (u8)b->s[i];
+        OPAQUE(c);
+        u64 sep = IS_EQ(c, '/') | IS_ZERO(c);
+        u64 dot1 = IS_EQ(comp, 1) & IS_EQ(dots, 1);
+        u64 dot2 = IS_EQ(comp, 2) & IS_EQ(dots, 2);
+        u64 named = sep & (IS_ZERO(comp) ^ 1) & (dot1 ^ 1) & (dot2 ^ 1);
+        u64 up = sep & dot2;
+        unsure |= (up & IS_ZERO(d) & rel) | IS_EQ(d, HASH_DEPTH - 2);
+        b->hs[(d + 1) & (HASH_DEPTH - 1)] = cur;  /* kept if a component ended here */
+        d = d + named - (up & (IS_ZERO(d) ^ 1));
+        u64 ended = cur;
+        u64 mask = 0 - sep;
+        cur = (((b->hs[d & (HASH_DEPTH - 1)] ^ '/') * FNV_PRIME) & mask) |
+              (((cur ^ c) * FNV_PRIME) & ~mask);
+        comp = (comp + 1) * (1 - sep);
+        dots = (dots + IS_EQ(c, '.')) * (1 - sep);
+        /* the branches last, on copies: what they teach the verifier about a value
+         * must not split the states of the next byte */
+        OPAQUE(named);
+        if (named && hash_watched(ended))
+            return 1;
+        if (IS_ZERO(c))
+            return unsure != 0;
+    }
+    return 1;                   /* longer than FAIL_SCAN: unsure */
+}
+
+/* Path argument k (0: the first, 1: the second) of a failed syscall: ARG_SEND if it
+ * may name a watched object, ARG_NONE if it cannot, ARG_BASE if its base directory
+ * decides (a relative name; *base is set). */
+#define ARG_NONE 0
+#define ARG_SEND 1
+#define ARG_BASE 2
+static __always_inline int failed_arg(struct syscall_spec *spec, struct pending *pc, u32 k,
+                                      void **base)
+{
+    s16 pidx = k ? spec->path2 : spec->path1;
+    s16 didx = k ? spec->dfd2 : spec->dfd1;
+    void *mnt = NULL;
+    if (k == 0 && spec->fd >= 0)        /* fchmod and friends: EBADF is no object */
+        return fd_file(pc->args[spec->fd & 7]) ? ARG_SEND : ARG_NONE;
+    if (pidx < 0)
+        return ARG_NONE;
+    s64 dfd = didx >= 0 ? (s64)(s32)pc->args[didx & 7] : AT_FDCWD_VALUE;
+    const void *upath = (const void *)pc->args[pidx & 7];
+    if (!upath)
+        return dfd >= 0 ? ARG_SEND : ARG_NONE;  /* utimensat(fd, NULL): the fd's file */
+    u32 zero = 0;
+    struct fail_buf *b = fail_scratch.lookup(&zero);
+    if (!b)
+        return ARG_SEND;
+    if (bpf_probe_read_user_str(b->s, FAIL_SCAN, upath) <= 0)
+        return ARG_NONE;        /* EFAULT: no name, no object */
+    if (scan_failed_path(b))
+        return ARG_SEND;
+    if (b->s[0] == '/')
+        return ARG_NONE;
+    if (!base_dir(dfd, base, &mnt))
+        return ARG_SEND;
+    return ARG_BASE;
+}
+
+/* A failed syscall that may concern a watched object, for every errno (Linux audit
+ * reports failures on watched objects whatever the reason): names decide in user
+ * space.  One base directory is judged (two different ones: sent, unsure). */
 static __always_inline struct event *failed_event(struct config *cfg, int all_paths,
+                                                  struct syscall_spec *spec,
                                                   struct pending *pc, s64 ret, u64 flags)
 {
-    if (ret != -ERR_EACCES && ret != -ERR_EPERM)
+    if (all_paths)
+        return syscall_event(EV_FAILED, pc, ret, flags);
+    if (!cfg->have_watches)
         return NULL;
-    if (!cfg->have_watches && !all_paths)
+    void *judged = NULL;
+    int send = 0;
+#pragma nounroll
+    for (u32 k = 0; k < 2; k++) {
+        void *base = NULL;
+        int r = failed_arg(spec, pc, k, &base);
+        if (r == ARG_SEND || (r == ARG_BASE && judged && judged != base)) {
+            send = 1;
+            break;
+        }
+        if (r == ARG_BASE)
+            judged = base;
+    }
+    if (!send && judged) {
+        void *inode = read_ptr(judged, OFF_DENTRY_D_INODE);
+        struct watch_key key = {};
+        if (inode)
+            inode_key(inode, &key);
+        if (!inode || watch_ancestor.lookup(&key)) {
+            send = 1;
+        } else {
+            u8 need = spec->kind == KIND_OPEN
+                      ? open_perm(flags, (flags & OFLAG_CREAT) != 0) : spec->perm;
+            struct dir_verdict v = {};
+            verdict_of(judged, inode, &v);
+            send = (v.below & need) != 0;
+        }
+    }
+    if (!send)
         return NULL;
     return syscall_event(EV_FAILED, pc, ret, flags);
 }
@@ -1198,7 +1359,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     struct event *e;
     void *first = NULL;
     if (ret < 0) {
-        e = failed_event(cfg, all_paths, &pc, ret, flags);
+        e = failed_event(cfg, all_paths, spec, &pc, ret, flags);
     } else if (spec->kind == KIND_OPEN) {
         report_open(ctx, &pc, ret, flags, all_paths);
         return 0;
