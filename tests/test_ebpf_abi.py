@@ -206,3 +206,32 @@ def test_counters_map_has_a_slot_per_counter(compiled):
     counters = compiled[b"counters"]
     assert counters.max_entries == abi.NCOUNTERS == len(abi.CNT)
 
+
+
+def test_failed_syscalls_are_prejudged_by_watched_path_hashes(tmp_path):
+    """What user space puts in the kernel's maps for failed syscalls: the hashes of the
+    watched paths (as the program hashes a path's prefixes: FNV-1a of the bytes; "/" is
+    the empty prefix), also as a symlink in / names them, and the directories above."""
+    from fswatchaudit.backends.ebpf.backend import EbpfBackend, root_symlinks
+    from fswatchaudit.rules import RuleSet, watch_rule
+    assert abi.path_hash(b"") == abi.FNV_OFFSET
+    assert abi.path_hash(b"a") == ((abi.FNV_OFFSET ^ ord("a")) * abi.FNV_PRIME) % (1 << 64)
+    w = tmp_path / "w"
+    w.mkdir()
+    rs = RuleSet()
+    rs.add(watch_rule(str(w)))
+    rs.add(watch_rule("/"))
+    links = root_symlinks()
+    usr_bin = next((link for link, real in links.items() if real == "/usr/bin"), None)
+    if usr_bin:
+        rs.add(watch_rule("/usr/bin/true"))
+    hashes, ancestors = EbpfBackend(rs)._name_entries()
+    want = {abi.path_hash(os.fsencode(str(w))), abi.path_hash(b"")}
+    if usr_bin:
+        want |= {abi.path_hash(b"/usr/bin/true"), abi.path_hash(os.fsencode(usr_bin) + b"/true")}
+    assert hashes == want
+    for d in (tmp_path, tmp_path.parent, "/"):
+        st = os.stat(d)
+        assert (abi.kernel_dev(st.st_dev), st.st_ino) in ancestors
+    st = os.stat(w)
+    assert (abi.kernel_dev(st.st_dev), st.st_ino) not in ancestors
