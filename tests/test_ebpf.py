@@ -658,3 +658,26 @@ def test_failed_operations_are_reported_for_every_errno(tree):
         assert be.submitted() - before == 1
     finally:
         be.close()
+
+
+def test_rename_and_removal_records_carry_the_objects_own_inode(tree):
+    w, _ = tree
+    os.makedirs(f"{w}/a/x")
+    open(f"{w}/f", "w").close()
+    os.link(f"{w}/f", f"{w}/f2")
+    ino = {n: os.stat(f"{w}/{n}").st_ino for n in ("a/x", "f")}
+    be = backend_for(watch_rule(w))
+    try:
+        os.rename(f"{w}/f", f"{w}/g")          # within a directory
+        os.rename(f"{w}/g", f"{w}/a/g")        # to another directory
+        os.rename(f"{w}/a/x", f"{w}/x")        # a directory, out of its parent
+        open(f"{w}/t", "w").close()
+        os.rename(f"{w}/a/g", f"{w}/t")        # over an existing file
+        os.unlink(f"{w}/f2")                   # one of two links
+        os.rmdir(f"{w}/x")
+        got = [(e.op, e.path, e.ino) for e in drain(be) if e.op != "create"]
+        assert got == [("rename", f"{w}/f", ino["f"]), ("rename", f"{w}/g", ino["f"]),
+                       ("rename", f"{w}/a/x", ino["a/x"]), ("rename", f"{w}/a/g", ino["f"]),
+                       ("unlink", f"{w}/f2", ino["f"]), ("rmdir", f"{w}/x", ino["a/x"])]
+    finally:
+        be.close()

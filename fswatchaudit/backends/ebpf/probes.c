@@ -94,6 +94,7 @@ struct pending {
     u32 ntouched;
     u64 args[6];
     u64 touched[MAX_TOUCHED];   /* struct inode *, each at most once */
+    u64 touched_name[MAX_TOUCHED];  /* name_id() of each when it changed */
     u8 active;                  /* a followed syscall is in progress */
     u8 overflow;                /* it changed more than MAX_TOUCHED inodes */
     u8 judged;                  /* bit i: touched[i] was judged when it changed */
@@ -188,6 +189,21 @@ BPF_PERCPU_ARRAY(scratch, struct event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 /* ---- helpers --------------------------------------------------------------------- */
+
+/* x == 0 and x == y (x, y below 2^63), 1 or 0, without a branch: code that chooses
+ * with these leaves the verifier one state to follow instead of one per combination
+ * of flags.  is_zero64 takes any value (pointers, hashes). */
+#define IS_ZERO(x)  (((u64)(x) - 1) >> 63)
+#define IS_EQ(x, y) IS_ZERO((u64)(x) ^ (u64)(y))
+/* hides a value's range from the compiler, which would turn the above into branches */
+#define OPAQUE(x)   asm volatile("" : "+r"(x))
+
+static __always_inline u64 is_zero64(u64 x)
+{
+    u64 neg = 0 - x;
+    OPAQUE(neg);
+    return ((x | neg) >> 63) ^ 1;
+}
 
 static __always_inline void count(u32 idx)
 {
@@ -925,6 +941,18 @@ static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
         p->judged |= 1 << n;
 }
 
+/* Which name an inode's first dentry has: its name's hash and length (the first 8
+ * bytes of struct qstr) and its parent.  A rename's filesystem changes come before the
+ * dentry is moved (d_move), so the moved object is the changed inode whose name_id
+ * differs at the syscall's end. */
+static __always_inline u64 name_id(void *inode)
+{
+    void *dentry = inode_dentry(inode);
+    if (!dentry)
+        return 0;
+    return read_u64(dentry, OFF_DENTRY_D_NAME) ^ (u64)read_ptr(dentry, OFF_DENTRY_D_PARENT);
+}
+
 static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
 {
     void *inode = (void *)ctx->args[0];
@@ -937,6 +965,7 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
                 return 0;       /* rename within a directory touches it twice */
         if (n < MAX_TOUCHED) {
             p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
+            p->touched_name[n & (MAX_TOUCHED - 1)] = name_id(inode);
             p->ntouched = n + 1;
         } else {
             p->overflow = 1;
@@ -1075,12 +1104,6 @@ static __always_inline int hash_watched(u64 h)
     return watched_prefix.lookup(&h) != NULL;
 }
 
-/* x == 0 and x == y for small values, without a branch: the verifier then sees one
- * state per byte of the scan below instead of one per combination of flags. */
-#define IS_ZERO(x)  (((u64)(x) - 1) >> 63)
-#define IS_EQ(x, y) IS_ZERO((u64)(x) ^ (u64)(y))
-/* hides a value's range from the compiler, which would turn the above into branches */
-#define OPAQUE(x)   asm volatile("" : "+r"(x))
 
 /* Scan a path argument (NUL-terminated in b): 1 to send it.  The path is resolved
  * lexically, as user space joins names ("." and empty components dropped, ".." takes
@@ -1252,6 +1275,50 @@ static __always_inline void forget_if_gone(void *inode)
     watched.delete(&key);
 }
 
+/* The object a syscall changed, among the inodes it changed: the one a rename moved
+ * (its name differs from the one it had when it changed: the filesystem's changes
+ * come before d_move), else one an unlink or rmdir removed (no name left), else the
+ * first non-directory (an unlink of one of several links, a link), else the first.
+ * Chosen without branches: the rest of the program is verified once, not once per
+ * combination of candidates. */
+static __always_inline void *object_of(struct syscall_spec *spec, struct pending *pc)
+{
+    u64 two = spec->path2, moves = spec->moves, n = pc->ntouched;
+    OPAQUE(two);
+    OPAQUE(moves);
+    OPAQUE(n);
+    two = ((two & 0xFFFF) >> 15) ^ 1;           /* s16 path2 >= 0: rename, link */
+    moves = IS_ZERO(moves) ^ 1;
+    u64 best = 0, sel = 0;
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        u64 inode = pc->touched[i];
+        u64 alias = (u64)read_ptr((void *)inode, OFF_INODE_I_DENTRY);
+        void *dentry = (char *)alias - OFF_DENTRY_D_ALIAS;
+        u64 mode = 0, nlink = read_u32((void *)inode, OFF_INODE_I_NLINK);
+        bpf_probe_read_kernel(&mode, 2, (char *)inode + OFF_INODE_I_MODE);
+        u64 nid = read_u64(dentry, OFF_DENTRY_D_NAME) ^
+                  (u64)read_ptr(dentry, OFF_DENTRY_D_PARENT);
+        OPAQUE(alias);
+        OPAQUE(mode);
+        OPAQUE(nid);
+        OPAQUE(nlink);
+        u64 named = is_zero64(alias) ^ 1;
+        u64 live = IS_ZERO(nlink) ^ 1;      /* not a target a rename replaced */
+        u64 dir = IS_EQ(mode & S_IFMT_MASK, S_IFDIR_BITS);
+        u64 moved = named & live & moves & two & (is_zero64(nid ^ pc->touched_name[i]) ^ 1);
+        u64 removed = (named ^ 1) & (two ^ 1);
+        u64 file = named & (dir ^ 1);
+        u64 valid = ((u64)i - n) >> 63;         /* i < ntouched */
+        u64 score = valid * (1 + 2 * file + 4 * removed + 8 * moved);
+        OPAQUE(score);
+        u64 take = (best - score) >> 63;        /* score > best */
+        u64 mask = 0 - take;
+        sel = (sel & ~mask) | (inode & mask);
+        best = (best & ~mask) | (score & mask);
+    }
+    return (void *)sel;
+}
+
 /* Another successful syscall: the inodes it changed decide.  *first is the first of
  * them (the record's inode when its arguments name none). */
 static __always_inline struct event *changed_event(struct syscall_spec *spec,
@@ -1281,10 +1348,9 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
         return NULL;
     if (all_paths && !*first)
         return NULL;
-    /* an unlink or rmdir: the record names the removed object (it has no name left),
-     * not its directory */
-    if (removed)
-        *first = removed;
+    void *own = object_of(spec, pc);
+    if (own)
+        *first = own;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret, flags);
     if (e) {
         e->rules = m.rules;
