@@ -52,7 +52,7 @@ CAPABILITIES: dict[str, Capability] = {
         # tested in tests/test_ebpf.py; a change more than 16 directory levels below a
         # watch that no judged directory shortens is counted as lost ("too_deep")
         hard_links=True, bind_mounts=True, mounts_below=True, later_mounts=True,
-        proc_fd=False, open_by_handle=False, deep_trees=False),
+        proc_fd=True, open_by_handle=True, deep_trees=False),
     "fanotify": Capability(
         needs="root (CAP_SYS_ADMIN), kernel >= 5.9 (FAN_REPORT_DFID_NAME)",
         fields=frozenset(("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
@@ -96,7 +96,7 @@ def markdown_table() -> str:
         ("truncate", "truncate"),
         ("exec", "exec"),
         ("opens for read", "read_opens"),
-        ("failed operations (EACCES...)", "failures"),
+        ("failed operations (any errno)", "failures"),
         ("both paths of a rename across the tree's edge", "rename_both_sides"),
         ("existing name of a hard link", "link_source"),
         ("io_uring operations", "io_uring"),

@@ -681,3 +681,24 @@ def test_rename_and_removal_records_carry_the_objects_own_inode(tree):
                        ("unlink", f"{w}/f2", ino["f"]), ("rmdir", f"{w}/x", ino["a/x"])]
     finally:
         be.close()
+
+
+def test_chmod_through_proc_fd_and_write_through_a_file_handle(tree):
+    """tar sets final modes through /proc/self/fd/N; open_by_handle_at reaches a file
+    with no name at all: the inode decides, and the path is the one the process used
+    (the handle's: the file's own)."""
+    from test_watch_evasion import chmod_through_proc_fd, write_by_handle
+    w, _ = tree
+    target = f"{w}/f"
+    open(target, "w").close()
+    ino = os.stat(target).st_ino
+    be = backend_for(watch_rule(w, perms="wa", key="k"))
+    try:
+        chmod_through_proc_fd(target)
+        write_by_handle(target)
+        got = [(e.op, e.path, e.syscall, e.access, e.ino, e.keys) for e in drain(be)]
+        assert len(got) == 2 and got[0][1].startswith("/proc/self/fd/"), got
+        assert got == [("chmod", got[0][1], "chmod", None, ino, ["k"]),
+                       ("open", target, "open_by_handle_at", "w", ino, ["k"])]
+    finally:
+        be.close()

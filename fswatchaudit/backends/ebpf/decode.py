@@ -29,7 +29,7 @@ from .abi import (
 
 MAX_EXES = 65536
 MAX_CACHED = 16384        # decoded paths and command names kept for reuse
-OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat"})
+OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat", "open_by_handle_at"})
 # operations that give a path a new inode (a file rule then marks the new one)
 NEW_NAME_OPS = frozenset({ops.CREATE, ops.RENAME, ops.LINK, ops.SYMLINK, ops.MKNOD,
                           ops.MKDIR})

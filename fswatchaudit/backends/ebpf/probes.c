@@ -99,7 +99,8 @@ struct pending {
     u8 overflow;                /* it changed more than MAX_TOUCHED inodes */
     u8 judged;                  /* bit i: touched[i] was judged when it changed */
     u8 perms;                   /* what the watches grant to the inodes judged so far */
-    u8 pad[4];
+    u8 granted;                 /* bit i: the watches grant something to touched[i] */
+    u8 pad[3];
     u64 rules;                  /* and the rule slots behind it (struct match) */
     u64 names;
 };
@@ -889,6 +890,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     p->ntouched = 0;
     p->overflow = 0;
     p->judged = 0;
+    p->granted = 0;
     p->perms = 0;
     p->rules = 0;
     p->names = 0;
@@ -934,11 +936,15 @@ static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
     if (!dentry)
         return;
     struct match m = {};
-    p->perms |= object_perms(inode, dentry, &m, 1);
+    u64 g = object_perms(inode, dentry, &m, 1);
+    p->perms |= g;
     p->rules |= m.rules;
     p->names |= m.names;
-    if (n < MAX_TOUCHED)
+    OPAQUE(g);
+    if (n < MAX_TOUCHED) {
         p->judged |= 1 << n;
+        p->granted |= (IS_ZERO(g) ^ 1) << n;
+    }
 }
 
 /* Which name an inode's first dentry has: its name's hash and length (the first 8
@@ -1275,7 +1281,9 @@ static __always_inline void forget_if_gone(void *inode)
     watched.delete(&key);
 }
 
-/* The object a syscall changed, among the inodes it changed: the one a rename moved
+/* The object a syscall changed, among the inodes it changed and those the watches
+ * grant something to (a chmod through /proc/self/fd/N also changes a proc inode): the
+ * one a rename moved
  * (its name differs from the one it had when it changed: the filesystem's changes
  * come before d_move), else one an unlink or rmdir removed (no name left), else the
  * first non-directory (an unlink of one of several links, a link), else the first.
@@ -1309,7 +1317,8 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
         u64 removed = (named ^ 1) & (two ^ 1);
         u64 file = named & (dir ^ 1);
         u64 valid = ((u64)i - n) >> 63;         /* i < ntouched */
-        u64 score = valid * (1 + 2 * file + 4 * removed + 8 * moved);
+        u64 granted = (pc->granted >> i) & 1;
+        u64 score = valid * (1 + 2 * file + 4 * removed + 8 * moved + 16 * granted);
         OPAQUE(score);
         u64 take = (best - score) >> 63;        /* score > best */
         u64 mask = 0 - take;
@@ -1339,8 +1348,12 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
                 *first = inode;
             if (!dentry && !removed && spec->path2 < 0)
                 removed = inode;
-            if (!(pc->judged & (1 << i)))
-                perms |= object_perms(inode, dentry, &m, 0);
+            if (!(pc->judged & (1 << i))) {
+                u64 g = object_perms(inode, dentry, &m, 0);
+                perms |= g;
+                OPAQUE(g);
+                pc->granted |= (IS_ZERO(g) ^ 1) << i;
+            }
             forget_if_gone(inode);
         }
     }
