@@ -702,3 +702,72 @@ def test_chmod_through_proc_fd_and_write_through_a_file_handle(tree):
                        ("open", target, "open_by_handle_at", "w", ino, ["k"])]
     finally:
         be.close()
+
+
+IO_URING_NAMES_C = r"""
+#include <liburing.h>
+#include <fcntl.h>
+#include <unistd.h>
+/* in the cwd, through io_uring: open the existing file "f" for write, create "c",
+ * rename "f" to "g", link "g" as "h", symlink "s" -> "g", mkdir "d", rmdir "d" */
+static struct io_uring ring;
+static int run(void) {
+    struct io_uring_cqe *cqe;
+    io_uring_submit(&ring);
+    if (io_uring_wait_cqe(&ring, &cqe)) return -1;
+    int res = cqe->res;
+    io_uring_cqe_seen(&ring, cqe);
+    return res;
+}
+int main(void) {
+    if (io_uring_queue_init(4, &ring, 0)) return 2;
+    io_uring_prep_openat(io_uring_get_sqe(&ring), AT_FDCWD, "f", O_WRONLY, 0);
+    int fd = run();
+    if (fd < 0 || write(fd, "x", 1) != 1) return 3;
+    close(fd);
+    io_uring_prep_openat(io_uring_get_sqe(&ring), AT_FDCWD, "c", O_WRONLY | O_CREAT, 0644);
+    if ((fd = run()) < 0) return 4;
+    close(fd);
+    io_uring_prep_renameat(io_uring_get_sqe(&ring), AT_FDCWD, "f", AT_FDCWD, "g", 0);
+    if (run()) return 5;
+    io_uring_prep_linkat(io_uring_get_sqe(&ring), AT_FDCWD, "g", AT_FDCWD, "h", 0);
+    if (run()) return 6;
+    io_uring_prep_symlinkat(io_uring_get_sqe(&ring), "g", AT_FDCWD, "s");
+    if (run()) return 7;
+    io_uring_prep_mkdirat(io_uring_get_sqe(&ring), AT_FDCWD, "d", 0755);
+    if (run()) return 8;
+    io_uring_prep_unlinkat(io_uring_get_sqe(&ring), AT_FDCWD, "d", AT_REMOVEDIR);
+    if (run()) return 9;
+    return 0;
+}
+"""
+
+
+def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
+    """An open of an existing file for write changes nothing: it is seen at its
+    completion.  Rename, link, symlink, mkdir and rmdir carry the names the request was
+    given (both of them for rename and link), not the names the objects have later."""
+    if not os.path.exists("/usr/include/liburing.h"):
+        pytest.skip("liburing-dev is not installed (scripts/setup installs it)")
+    (tmp_path / "u.c").write_text(IO_URING_NAMES_C)
+    prog = str(tmp_path / "u")
+    subprocess.run(["gcc", "-O2", "-o", prog, str(tmp_path / "u.c"), "-luring"], check=True)
+    w, _ = tree
+    open(f"{w}/f", "w").close()
+    ino = os.stat(f"{w}/f").st_ino
+    be = backend_for(watch_rule(w, perms="wa", key="u"), exclude_self=True)
+    try:
+        proc = subprocess.Popen([prog], cwd=w)
+        assert proc.wait() == 0
+        got = [(e.op, e.path, e.path2, e.access, e.pid, e.keys) for e in drain(be)]
+        assert got == [
+            ("open", f"{w}/f", None, "w", proc.pid, ["u"]),
+            ("create", f"{w}/c", None, None, proc.pid, ["u"]),
+            ("rename", f"{w}/f", f"{w}/g", None, proc.pid, ["u"]),
+            ("link", f"{w}/g", f"{w}/h", None, proc.pid, ["u"]),
+            ("symlink", f"{w}/s", None, None, proc.pid, ["u"]),
+            ("mkdir", f"{w}/d", None, None, proc.pid, ["u"]),
+            ("rmdir", f"{w}/d", None, None, proc.pid, ["u"])]
+        assert os.stat(f"{w}/g").st_ino == ino
+    finally:
+        be.close()

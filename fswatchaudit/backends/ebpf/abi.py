@@ -49,6 +49,17 @@ PATH_SLOT = 4096            # PATH_MAX: room kept after DATA_SIZE for one more s
 EXE_AS_BEFORE = 0xFFFF      # event.n_exe: the program this process's last record named
 CREATED_FLAG_SHIFT = 32     # event.flags of an open: this bit says the file was created
 URING_NEW_ENTRY = 1         # event.flags of EV_URING: dev/ino are of a new entry of the dir
+URING_NAMED = 2             # ... names and dirfds from the request, as a syscall's arguments
+URING_OPENED = 4            # ... an open's completion (an existing file): not a creation
+URING_FLAGS_SHIFT = 32      # ... the request's own flags (open, unlinkat) from this bit
+# io_uring opcodes (include/uapi/linux/io_uring.h, an ABI)
+IORING_OP_OPENAT = 18
+IORING_OP_OPENAT2 = 28
+IORING_OP_RENAMEAT = 35
+IORING_OP_UNLINKAT = 36
+IORING_OP_MKDIRAT = 37
+IORING_OP_SYMLINKAT = 38
+IORING_OP_LINKAT = 39
 AT_REMOVEDIR_FLAG = 0x200   # unlinkat(2) flag (ABI)
 MAX_SYSCALL_NR = 1024       # syscall numbers below this are followed
 COMPAT_BASE = MAX_SYSCALL_NR    # syscall_spec slot of 32-bit syscall 0 (ia32 emulation)
@@ -63,7 +74,10 @@ FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
-           "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME")
+           "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME", "URING_NAMED",
+           "URING_OPENED", "URING_FLAGS_SHIFT", "IORING_OP_OPENAT", "IORING_OP_OPENAT2",
+           "IORING_OP_RENAMEAT", "IORING_OP_UNLINKAT", "IORING_OP_MKDIRAT",
+           "IORING_OP_SYMLINKAT", "IORING_OP_LINKAT")
 
 
 def path_hash(path: bytes) -> int:

@@ -3,7 +3,7 @@
 The programs (probes.c) attach only to tracepoints: syscall enter/exit for the
 filesystem syscalls, the timestamp:* inode ctime tracepoints (which inodes a syscall
 changed, also for io_uring workers), sched_process_exec/fork/exit and
-io_uring_submit_req.  A hash map of watched (device, inode) pairs with permission masks
+io_uring_complete.  A hash map of watched (device, inode) pairs with permission masks
 decides in the kernel which operations reach user space; the walk up the directory tree
 happens at the time of the operation, so new and moved directories are covered at once.
 

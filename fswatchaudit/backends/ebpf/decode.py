@@ -20,9 +20,13 @@ from .abi import (
     EV,
     EXE_AS_BEFORE,
     HEADER,
+    IORING_OP_UNLINKAT,
     OFLAG,
     SHARED_SLOT,
+    URING_FLAGS_SHIFT,
+    URING_NAMED,
     URING_NEW_ENTRY,
+    URING_OPENED,
     Header,
     user_dev,
 )
@@ -153,11 +157,24 @@ class Decoder:
             op, syscall = ops.EXEC, None
         elif kind == EV.URING:
             op, syscall = IORING_OPS.get(h.tp_id, ops.ATTR), None
-            mount = self.mounts.get(user_dev(h.dev))
-            if mount and mount != "/":
-                path = mount + path
-            if flags & URING_NEW_ENTRY:
-                path = _entry_named_by_inode(self.host_path(path), h.ino, path)
+            req_flags = flags >> URING_FLAGS_SHIFT
+            if flags & URING_OPENED:
+                # an open of an existing file, at its completion: the path is the
+                # opened file's, like an open syscall's
+                op, open_flags = ops.OPEN, req_flags
+                acc = req_flags & OFLAG.ACCMODE
+                access = ("w" if acc == OFLAG.WRONLY else
+                          ("rw" if acc == OFLAG.RDWR else "r"))
+            elif flags & URING_NAMED:
+                # names and dirfds the request was given: as a syscall's arguments
+                if h.tp_id == IORING_OP_UNLINKAT and req_flags & AT_REMOVEDIR_FLAG:
+                    op = ops.RMDIR
+            else:
+                mount = self.mounts.get(user_dev(h.dev))
+                if mount and mount != "/":
+                    path = mount + path
+                if flags & URING_NEW_ENTRY:
+                    path = _entry_named_by_inode(self.host_path(path), h.ino, path)
         elif syscall is None:
             return
         elif syscall in OPEN_SYSCALLS:
@@ -259,15 +276,16 @@ def _entry_named_by_inode(host_dir: str, ino: int, shown_dir: str) -> str:
 def merge_uring(items: list) -> list:
     """An io_uring request changes several inodes (an unlink: the file and its
     directory); keep one event per request: the deepest path of consecutive events from
-    the same worker with the same operation."""
+    the same worker with the same operation (with the request's names: the same
+    path and path2)."""
     out: list = []
     for item in items:
         prev = out[-1] if out else None
         if (isinstance(item, Event) and isinstance(prev, Event) and item.syscall is None
                 and prev.syscall is None and item.op == prev.op and item.tid == prev.tid
                 and item.op != ops.EXEC and prev.op != ops.EXEC
-                and item.path and prev.path
-                and (item.path.startswith(prev.path + "/") or
+                and item.path and prev.path and item.path2 == prev.path2
+                and (item.path == prev.path or item.path.startswith(prev.path + "/") or
                      prev.path.startswith(item.path + "/"))):
             if len(item.path) > len(prev.path):
                 out[-1] = item

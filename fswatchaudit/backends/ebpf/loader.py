@@ -52,6 +52,21 @@ OFFSETS = {
     "OFF_BINPRM_FILE": "linux_binprm.file",
     "OFF_TASK_THREAD_PID": "task_struct.thread_pid", "OFF_PID_LEVEL": "pid.level",
     "OFF_PID_NUMBERS": "pid.numbers", "OFF_UPID_NR": "upid.nr",
+    "OFF_TASK_FLAGS": "task_struct.flags",
+    # io_uring requests run by io-wq workers (their opcode, names and open flags)
+    "OFF_TASK_WORKER_PRIVATE": "task_struct.worker_private",
+    "OFF_IO_WORKER_CUR_WORK": "io_worker.cur_work", "OFF_IO_KIOCB_WORK": "io_kiocb.work",
+    "OFF_IO_KIOCB_OPCODE": "io_kiocb.opcode", "OFF_IO_KIOCB_CMD": "io_kiocb.cmd",
+    "OFF_IO_RENAME_OLD_DFD": "io_rename.old_dfd", "OFF_IO_RENAME_NEW_DFD": "io_rename.new_dfd",
+    "OFF_IO_RENAME_OLDPATH": "io_rename.oldpath", "OFF_IO_RENAME_NEWPATH": "io_rename.newpath",
+    "OFF_IO_UNLINK_DFD": "io_unlink.dfd", "OFF_IO_UNLINK_FILENAME": "io_unlink.filename",
+    "OFF_IO_UNLINK_FLAGS": "io_unlink.flags", "OFF_FILENAME_NAME": "filename.name",
+    "OFF_IO_LINK_OLD_DFD": "io_link.old_dfd", "OFF_IO_LINK_NEW_DFD": "io_link.new_dfd",
+    "OFF_IO_LINK_OLDPATH": "io_link.oldpath", "OFF_IO_LINK_NEWPATH": "io_link.newpath",
+    "OFF_IO_MKDIR_DFD": "io_mkdir.dfd", "OFF_IO_MKDIR_FILENAME": "io_mkdir.filename",
+    "OFF_IO_OPEN_HOW": "io_open.how", "OFF_IO_OPEN_FILE_SLOT": "io_open.file_slot",
+    "OFF_OPEN_HOW_FLAGS": "open_how.flags", "OFF_IO_OPEN_DFD": "io_open.dfd",
+    "OFF_IO_OPEN_FILENAME": "io_open.filename",
 }
 
 # Syscalls that can move or remove a directory, and those that make a filesystem

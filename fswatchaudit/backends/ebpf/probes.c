@@ -159,9 +159,9 @@ struct config {
 };
 BPF_ARRAY(config, struct config, 1);
 
-/* uring_op: tgid -> opcode of the last io_uring request it submitted; io-wq workers
- * run requests in the submitter's thread group, so this names what a worker does */
-BPF_HASH(uring_op, u32, u32, 16384);
+/* uring_created: io_uring request -> 1 when its open created the file (the creation is
+ * reported from the worker; the open's completion then is not) */
+BPF_HASH(uring_created, u64, u8, 16384);
 
 /* uring_new: worker thread id -> a new inode whose ctime was set before it had a name
  * (mkdirat, symlinkat... through io_uring); reported with its directory's change */
@@ -947,6 +947,83 @@ static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
     }
 }
 
+/* ---- io_uring: the request an io-wq worker runs ------------------------------------
+ * Operations submitted through io_uring run in io-wq workers (threads of the
+ * submitter, sharing its files and cwd) and pass no syscall tracepoint.  The worker's
+ * current request (task->worker_private: struct io_worker, cur_work: the io_wq_work
+ * inside struct io_kiocb) tells the exact opcode and, while it runs, the names it was
+ * given (struct filename copies of the user's strings) and their dirfds. */
+#define PF_IO_WORKER_FLAG 0x00000010        /* task_struct.flags: an io-wq worker */
+
+static __always_inline void *uring_worker_req(void)
+{
+    void *task = (void *)bpf_get_current_task();
+    if (!(read_u32(task, OFF_TASK_FLAGS) & PF_IO_WORKER_FLAG))
+        return NULL;
+    void *worker = read_ptr(task, OFF_TASK_WORKER_PRIVATE);
+    void *work = worker ? read_ptr(worker, OFF_IO_WORKER_CUR_WORK) : NULL;
+    return work ? (char *)work - OFF_IO_KIOCB_WORK : NULL;
+}
+
+/* Append a kernel string (a struct filename's name) at the record's write position. */
+static __always_inline void put_kernel_name(struct event *e, void *filename)
+{
+    u32 off = e->data_len;
+    if (off >= DATA_SIZE)
+        return;
+    const void *name = filename ? read_ptr(filename, OFF_FILENAME_NAME) : NULL;
+    int n = name ? bpf_probe_read_kernel_str(&e->data[off & DATA_MASK], PATH_SLOT, name) : 0;
+    if (n <= 0) {
+        e->data[off & DATA_MASK] = 0;
+        n = 1;
+    }
+    e->data_len = off + n;
+}
+
+/* The names request req was given, as a syscall's arguments are recorded: base
+ * directory and name, twice for rename and link.  0: not a request with names. */
+static __always_inline int put_uring_names(struct event *e, void *req, u8 opcode)
+{
+    void *cmd = (char *)req + OFF_IO_KIOCB_CMD;
+    s32 dfd1, dfd2 = 0;
+    void *name1, *name2 = NULL;
+    int two = 0;
+    if (opcode == IORING_OP_RENAMEAT || opcode == IORING_OP_LINKAT ||
+        opcode == IORING_OP_SYMLINKAT) {
+        int ren = opcode == IORING_OP_RENAMEAT;   /* struct io_rename, else io_link */
+        dfd1 = read_u32(cmd, ren ? OFF_IO_RENAME_OLD_DFD : OFF_IO_LINK_OLD_DFD);
+        dfd2 = read_u32(cmd, ren ? OFF_IO_RENAME_NEW_DFD : OFF_IO_LINK_NEW_DFD);
+        name1 = read_ptr(cmd, ren ? OFF_IO_RENAME_OLDPATH : OFF_IO_LINK_OLDPATH);
+        name2 = read_ptr(cmd, ren ? OFF_IO_RENAME_NEWPATH : OFF_IO_LINK_NEWPATH);
+        two = opcode != IORING_OP_SYMLINKAT;
+        if (!two) {             /* symlinkat: oldpath is the link's text */
+            dfd1 = dfd2;
+            name1 = name2;
+        }
+    } else if (opcode == IORING_OP_OPENAT || opcode == IORING_OP_OPENAT2) {
+        dfd1 = read_u32(cmd, OFF_IO_OPEN_DFD);
+        name1 = read_ptr(cmd, OFF_IO_OPEN_FILENAME);
+    } else if (opcode == IORING_OP_UNLINKAT || opcode == IORING_OP_MKDIRAT) {
+        int un = opcode == IORING_OP_UNLINKAT;    /* struct io_unlink, else io_mkdir */
+        dfd1 = read_u32(cmd, un ? OFF_IO_UNLINK_DFD : OFF_IO_MKDIR_DFD);
+        name1 = read_ptr(cmd, un ? OFF_IO_UNLINK_FILENAME : OFF_IO_MKDIR_FILENAME);
+        if (opcode == IORING_OP_UNLINKAT)
+            e->flags |= (u64)read_u32(cmd, OFF_IO_UNLINK_FLAGS) << URING_FLAGS_SHIFT;
+    } else {
+        return 0;
+    }
+    e->flags |= URING_NAMED;
+    e->n_base1 = put_base(e, dfd1);
+    put_kernel_name(e, name1);
+    e->has_name1 = 1;
+    if (two) {
+        e->n_base2 = put_base(e, dfd2);
+        put_kernel_name(e, name2);
+        e->has_name2 = 1;
+    }
+    return 1;
+}
+
 /* Which name an inode's first dentry has: its name's hash and length (the first 8
  * bytes of struct qstr) and its parent.  A rename's filesystem changes come before the
  * dentry is moved (d_move), so the moved object is the changed inode whose name_id
@@ -982,16 +1059,24 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
     /* a directory changed outside a followed syscall (io_uring rename or unlink...) */
     if (is_dir(inode))
         bump_kernel_gen();
-    /* No syscall in progress: an io_uring worker (or another kernel path) acting for a
-     * process.  Check it here, there will be no syscall exit. */
+    /* No syscall in progress: an io_uring worker acting for a process (a change by an
+     * unfollowed syscall, such as write, or by another kernel path is not reported).
+     * Check it here, there will be no syscall exit. */
+    void *req = uring_worker_req();
+    if (!req)
+        return 0;
     u32 tgid;
     int all_paths;
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    u32 *op = uring_op.lookup(&tgid);
-    if (!op)
-        return 0;
+    u8 opcode = 0;
+    bpf_probe_read_kernel(&opcode, 1, (char *)req + OFF_IO_KIOCB_OPCODE);
+    if (opcode == IORING_OP_OPENAT || opcode == IORING_OP_OPENAT2) {
+        u8 one = 1;             /* it created its file: its completion is not an open */
+        u64 key = (u64)req;
+        uring_created.update(&key, &one);
+    }
     void *dentry = inode_dentry(inode);
     if (!dentry) {
         u64 ptr = (u64)inode;
@@ -1004,7 +1089,7 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
     struct event *e = new_event(EV_URING);
     if (!e)
         return 0;
-    e->tp_id = *op;
+    e->tp_id = opcode;
     e->rules = m.rules;
     e->name_rules = m.names;
     u64 *fresh = uring_new.lookup(&tid);
@@ -1015,7 +1100,8 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
     } else {
         set_inode(e, inode);
     }
-    e->n_base1 = put_path(e, dentry, NULL);
+    if (!put_uring_names(e, req, opcode))
+        e->n_base1 = put_path(e, dentry, NULL);
     submit(ctx, e);
     return 0;
 }
@@ -1517,11 +1603,50 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     return 0;
 }
 
-/* ---- io_uring: remember what each process submits ---------------------------------- */
-TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+/* ---- io_uring: an open's completion (an existing file changes nothing at the open) ---
+ * The fd is installed in the submitter's table, which its workers share; a request
+ * that created its file was reported from the worker (uring_created).  Opens into
+ * fixed file slots (no fd) are not seen. */
+TRACEPOINT_PROBE(io_uring, io_uring_complete)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u32 op = args->opcode;
-    uring_op.update(&tgid, &op);
+    void *req = args->req;
+    u8 opcode = 0;
+    bpf_probe_read_kernel(&opcode, 1, (char *)req + OFF_IO_KIOCB_OPCODE);
+    if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2)
+        return 0;
+    u64 key = (u64)req;
+    if (uring_created.lookup(&key)) {
+        uring_created.delete(&key);
+        return 0;
+    }
+    s32 res = args->res;
+    void *cmd = (char *)req + OFF_IO_KIOCB_CMD;
+    if (res < 0 || read_u32(cmd, OFF_IO_OPEN_FILE_SLOT))
+        return 0;
+    u32 tgid;
+    int all_paths;
+    struct config *cfg = current_scope(&tgid, &all_paths);
+    if (!cfg)
+        return 0;
+    void *file = fd_file(res);
+    if (!file)
+        return 0;
+    u64 flags = read_u64(cmd, OFF_IO_OPEN_HOW + OFF_OPEN_HOW_FLAGS);
+    void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+    void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
+    struct match m = {};
+    if (!(watched_perms(dentry, mnt, &m) & open_perm(flags, 0)) && !all_paths)
+        return 0;
+    struct event *e = new_event(EV_URING);
+    if (!e)
+        return 0;
+    e->tp_id = opcode;
+    e->ret = res;
+    e->flags = URING_OPENED | ((flags & 0xFFFFFFFF) << URING_FLAGS_SHIFT);
+    e->rules = m.rules;
+    e->name_rules = m.names;
+    set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+    e->n_base1 = put_path(e, dentry, mnt);
+    submit(args, e);
     return 0;
 }
