@@ -55,6 +55,8 @@ def test_conformance(backend, tree):
     try:
         for step in STEPS:
             run_step(step, watched, outside)
+            if step.needs and not getattr(cap, step.needs):
+                continue        # a way around the watch this backend does not see
             for e in step.events:
                 want = expected_for(backend, e, watched, outside)
                 if want is not None:

@@ -14,6 +14,16 @@ from fswatchaudit.capabilities import CAPABILITIES
 from fswatchaudit.ops import ATTR_OPS
 
 EACCES = 13
+EEXIST = 17
+ENOENT = 2
+ENOTEMPTY = 39
+# open_by_handle_at(2) of an existing file for write (the mount fd: any on its filesystem)
+BY_HANDLE = ("import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+             "h = ctypes.create_string_buffer(136); ctypes.c_uint.from_buffer(h).value = 128; "
+             "m = ctypes.c_int(); "
+             "assert libc.name_to_handle_at(-100, b'byhandle', h, ctypes.byref(m), 0) == 0; "
+             "fd = libc.open_by_handle_at(os.open('/', os.O_RDONLY), h, os.O_WRONLY); "
+             "assert fd >= 0; os.write(fd, b'x')")
 UNPRIVILEGED = 65534
 
 
@@ -24,6 +34,7 @@ class Step:
     events: list[dict]             # expected, "{W}"/"{O}" stand for the two directories
     user: int | None = None        # run as this uid
     shell: bool = False            # code is a shell line (several processes)
+    needs: str = ""                # a Capability flag: backends without it report nothing
 
 
 def E(op, path=None, path2=None, **kw) -> dict:
@@ -52,6 +63,29 @@ STEPS = [
     Step("mkdir", "import os; os.mkdir('sub')", [E(ops.MKDIR, "{W}/sub", syscall="mkdir")]),
     Step("rename into subdirectory", "import os; os.rename('f2', 'sub/f3')",
          [E(ops.RENAME, "{W}/f2", "{W}/sub/f3", syscall="rename")]),
+    # failures for every errno, as Linux audit reports them (the failures capability)
+    Step("failed: EEXIST, ENOENT, ENOTEMPTY",
+         "import os\nfor f, *a in ((os.mkdir, 'sub'), (os.unlink, 'nothere'), "
+         "(os.rmdir, 'sub')):\n    try:\n        f(*a)\n    except OSError:\n"
+         "        pass\n    else:\n        raise SystemExit(f'{{f}}: no error')",
+         [E(ops.MKDIR, "{W}/sub", result=-EEXIST, syscall="mkdir"),
+          E(ops.UNLINK, "{W}/nothere", result=-ENOENT, syscall="unlink"),
+          E(ops.RMDIR, "{W}/sub", result=-ENOTEMPTY, syscall="rmdir")]),
+    # ways around a watch (issue 11): what reaches a watched object by another name
+    Step("write and chmod through a hard link made outside",
+         "import os; open('{O}/alias', 'a').write('x'); os.chmod('{O}/alias', 0o600)",
+         [E(ops.OPEN, "{O}/alias", access="w", syscall="openat"),
+          E(ops.CHMOD, "{O}/alias", syscall="chmod")], needs="hard_links"),
+    Step("chmod through /proc/self/fd/N",
+         "import os; fd = os.open('procfd', os.O_PATH); "
+         "os.chmod('/proc/self/fd/%d' % fd, 0o600)",
+         # the O_PATH open: fanotify and inotify see no open without file access
+         [E(ops.OPEN, "{W}/procfd", access="r", syscall="openat", only=("ebpf",)),
+          E(ops.CHMOD, "{W}/procfd", given="/proc/self/fd/3", syscall="chmod")],
+         needs="proc_fd"),
+    Step("open_by_handle_at for write", BY_HANDLE,
+         [E(ops.OPEN, "{W}/byhandle", access="w", syscall="open_by_handle_at")],
+         needs="open_by_handle"),
     Step("hard link", "import os; os.link('sub/f3', 'hard')",
          [E(ops.LINK, "{W}/sub/f3", "{W}/hard", syscall="link")]),
     Step("symlink", "import os; os.symlink('sub/f3', 'sym')",
@@ -99,13 +133,19 @@ def prepare(watched: str, outside: str) -> None:
     os.mkdir(os.path.join(watched, "locked"), 0o755)
     with open(os.path.join(outside, "incoming"), "w") as fh:
         fh.write("x")
+    for name in ("linked", "procfd", "byhandle"):
+        with open(os.path.join(watched, name), "w") as fh:
+            fh.write("x")
+    os.link(os.path.join(watched, "linked"), os.path.join(outside, "alias"))
 
 
 def expected_for(backend: str, event: dict, watched: str, outside: str) -> dict | None:
     """What `backend` must report for one expected event, or None where it cannot."""
     cap = CAPABILITIES[backend]
+    if backend not in event.get("only", (backend,)):
+        return None
     ev = {k: (v.format(W=watched, O=outside) if isinstance(v, str) else v)
-          for k, v in event.items()}
+          for k, v in event.items() if k != "only"}
     op = ev["op"]
     if op == ops.TRUNCATE and not cap.truncate:
         return None
@@ -121,6 +161,9 @@ def expected_for(backend: str, event: dict, watched: str, outside: str) -> dict 
         ev["path" if crossing == "in" else "path2"] = None
     if op == ops.LINK and not cap.link_source:
         ev["path"] = None
+    given = ev.pop("given", None)
+    if given and "syscall" in cap.fields:
+        ev["path"] = given      # a backend that sees the syscall: the name as given
     if "syscall" not in cap.fields:
         ev.pop("syscall", None)
     if "result" in cap.fields:

@@ -586,12 +586,13 @@ static __always_inline u8 inode_perms(void *inode, struct match *m)
     return object_perms(inode, inode_dentry(inode), m, 1);
 }
 
-/* Perms for the object at (mnt, dentry) (an opened or executed file): as inside its
+/* Perms for the object at (mnt, dentry) (an opened or executed file, by each of its
+ * names: one opened through a hard link made elsewhere is still judged): as inside its
  * filesystem, plus subtree watches above the mount it is reached through. */
 static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m)
 {
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
-    u8 perms = inode ? object_perms(inode, dentry, m, 0) : 0;
+    u8 perms = inode ? object_perms(inode, dentry, m, 1) : 0;
     void *mount = (char *)mnt - OFF_MOUNT_MNT;
     if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
         return perms;           /* a top mount: nothing above it */
