@@ -88,6 +88,7 @@ class EbpfBackend(Backend):
         specs = loader.syscall_specs(tfs)
         dec.tp_names, have_compat = loader.syscall_slots(specs)
         self.bpf = bpf = loader.compile_program(loader.cflags(self.ringbuf_pages, have_compat))
+        loader.fill_tail_calls(bpf)
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
             leaf = spec_map.Leaf()

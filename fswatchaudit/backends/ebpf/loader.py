@@ -317,3 +317,19 @@ def compile_program(flags: list[str]):
         return BPF(text=program_text(), cflags=flags)
     except Exception as exc:
         raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None
+
+
+# Programs reached by tail calls, not attached: (program array, slot, function).
+TAIL_CALLS = ((b"ctime_tail", 0, b"uring_ctime"),)
+
+
+def fill_tail_calls(bpf) -> None:
+    """Load the programs the attached ones tail-call and put them in their slots."""
+    from bcc import BPF
+    try:
+        for table, slot, name in TAIL_CALLS:
+            fn = bpf.load_func(name, BPF.RAW_TRACEPOINT)
+            prog_array = bpf[table]
+            prog_array[ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
+    except Exception as exc:
+        raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None

@@ -159,6 +159,9 @@ struct config {
 };
 BPF_ARRAY(config, struct config, 1);
 
+/* ctime_tail: slot 0 holds uring_ctime, the io_uring part of the ctime tracepoints */
+BPF_PROG_ARRAY(ctime_tail, 1);
+
 /* uring_created: io_uring request -> 1 when its open created the file (the creation is
  * reported from the worker; the open's completion then is not) */
 BPF_HASH(uring_created, u64, u8, 16384);
@@ -1062,7 +1065,19 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
         bump_kernel_gen();
     /* No syscall in progress: an io_uring worker acting for a process (a change by an
      * unfollowed syscall, such as write, or by another kernel path is not reported).
-     * Check it here, there will be no syscall exit. */
+     * It is judged in uring_ctime, one program shared by the three tracepoints (the
+     * verifier checks it once). */
+    if (uring_worker_req())
+        ctime_tail.call(ctx, 0);
+    return 0;
+}
+
+/* A change an io-wq worker made: judged here, there will be no syscall exit.  Reached
+ * by a tail call from the ctime tracepoints (the loader puts it in ctime_tail). */
+int uring_ctime(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *inode = (void *)ctx->args[0];
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     void *req = uring_worker_req();
     if (!req)
         return 0;
