@@ -100,7 +100,8 @@ struct pending {
     u8 judged;                  /* bit i: touched[i] was judged when it changed */
     u8 perms;                   /* what the watches grant to the inodes judged so far */
     u8 granted;                 /* bit i: the watches grant something to touched[i] */
-    u8 pad[3];
+    u8 renames;                 /* a rename or link: touched_name is kept */
+    u8 pad[2];
     u64 rules;                  /* and the rule slots behind it (struct match) */
     u64 names;
 };
@@ -895,6 +896,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     p->overflow = 0;
     p->judged = 0;
     p->granted = 0;
+    p->renames = 0;
+    struct syscall_spec *sp = syscall_spec.lookup(&p->tp_id);
+    if (sp && sp->moves && sp->path2 >= 0)
+        p->renames = 1;
     p->perms = 0;
     p->rules = 0;
     p->names = 0;
@@ -1052,7 +1057,8 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
                 return 0;       /* rename within a directory touches it twice */
         if (n < MAX_TOUCHED) {
             p->touched[n & (MAX_TOUCHED - 1)] = (u64)inode;
-            p->touched_name[n & (MAX_TOUCHED - 1)] = name_id(inode);
+            if (p->renames)
+                p->touched_name[n & (MAX_TOUCHED - 1)] = name_id(inode);
             p->ntouched = n + 1;
         } else {
             p->overflow = 1;
@@ -1406,7 +1412,9 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
         void *dentry = (char *)alias - OFF_DENTRY_D_ALIAS;
         u64 mode = 0, nlink = read_u32((void *)inode, OFF_INODE_I_NLINK);
         bpf_probe_read_kernel(&mode, 2, (char *)inode + OFF_INODE_I_MODE);
-        u64 nid = read_u64(dentry, OFF_DENTRY_D_NAME) ^
+        u64 nid = 0;
+        if (pc->renames)        /* the same for every inode: no new verifier state */
+            nid = read_u64(dentry, OFF_DENTRY_D_NAME) ^
                   (u64)read_ptr(dentry, OFF_DENTRY_D_PARENT);
         OPAQUE(alias);
         OPAQUE(mode);
@@ -1463,9 +1471,11 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
         return NULL;
     if (all_paths && !*first)
         return NULL;
-    void *own = object_of(spec, pc);
-    if (own)
-        *first = own;
+    if (pc->ntouched > 1) {     /* one changed inode is the object */
+        void *own = object_of(spec, pc);
+        if (own)
+            *first = own;
+    }
     struct event *e = syscall_event(EV_SYSCALL, pc, ret, flags);
     if (e) {
         e->rules = m.rules;
