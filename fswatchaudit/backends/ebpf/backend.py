@@ -19,6 +19,7 @@ import mmap
 import os
 import stat
 import time
+from typing import cast
 
 from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
@@ -47,11 +48,13 @@ class EbpfBackend(Backend):
         return loader.probe()
 
     def __init__(self, rules: RuleSet, queue_size: int | None = None,
-                 exclude_self: bool = True) -> None:
+                 exclude_self: bool = True,
+                 cache_dir: str | None = loader.objcache.CACHE_DIR) -> None:
         super().__init__(rules, queue_size)
+        self.cache_dir = cache_dir      # compiled programs; None: compile every time
         self.exclude_self = exclude_self
         self.ringbuf_pages = ring_pages(queue_size)
-        self.bpf = None
+        self.bpf: loader.objcache.Programs | None = None
         self.ring: RingReader | None = None
         self.decoder = Decoder(self.name)
         self.container = None
@@ -69,7 +72,8 @@ class EbpfBackend(Backend):
         dec.time_offset = time.time_ns() - time.monotonic_ns()
         specs = loader.syscall_specs(tfs)
         dec.tp_names, have_compat = loader.syscall_slots(specs)
-        self.bpf = bpf = loader.compile_program(loader.cflags(self.ringbuf_pages, have_compat))
+        self.bpf = bpf = loader.load_programs(loader.cflags(self.ringbuf_pages, have_compat),
+                                              tfs, self.cache_dir)
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
             leaf = spec_map.Leaf()
@@ -145,7 +149,8 @@ class EbpfBackend(Backend):
         for rid, rule in self.rules.items():
             for key, val in self._rule_entries(rule, 1 << slots[rid]):
                 old = wanted.get(key, (0,) * len(val))
-                wanted[key] = tuple(a | b for a, b in zip(old, val, strict=True))
+                wanted[key] = cast(WatchValue, tuple(a | b for a, b in
+                                                     zip(old, val, strict=True)))
         table = self.bpf[b"watched"]
         for key, val in wanted.items():
             # file objects always: the kernel forgets a file's watch with its last link

@@ -1,12 +1,12 @@
 """Loading the programs: what the host offers (probe), tracefs, kernel struct offsets
 from BTF turned into compiler flags, syscall numbers and per-syscall argument roles, and
-the compilation of probes.c with the C text generated from abi.py in front of it.
-
-Without kernel headers, bcc is pointed at the minimal include tree shipped in include/.
+the program text: probes.c with the C text generated from abi.py in front of it,
+compiled and loaded by objcache.py.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 from importlib import resources
@@ -14,7 +14,7 @@ from importlib import resources
 from ... import ops, syscalls
 from ...diag import get_logger
 from ..base import BackendUnavailable
-from . import abi
+from . import abi, objcache
 from .abi import KIND, MOVES, OFLAG, PERM_BITS, SyscallSpec
 from .btf import BTF, VMLINUX_BTF, BTFError
 
@@ -121,9 +121,7 @@ def ensure_tracefs() -> tuple[str | None, str]:
 def probe() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "needs root (CAP_BPF and CAP_PERFMON)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:   # found, not imported: it maps LLVM
         return False, "bcc is not importable (Debian package python3-bpfcc)"
     if not os.path.exists(VMLINUX_BTF):
         return False, f"no kernel BTF at {VMLINUX_BTF} (CONFIG_DEBUG_INFO_BTF)"
@@ -293,12 +291,17 @@ def program_text() -> bytes:
     return abi.c_header().encode() + b'#line 1 "probes.c"\n' + src
 
 
-def compile_program(flags: list[str]):
-    from bcc import BPF
-    headers = f"/lib/modules/{os.uname().release}/build"
-    if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
-        os.environ["BCC_KERNEL_SOURCE"] = str(resources.files(__package__).joinpath("include"))
+def load_programs(flags: list[str], tfs: str, cache_dir: str | None = objcache.CACHE_DIR):
+    """The programs compiled (in a child process, or taken from the cache), loaded and
+    attached; this process never loads bcc or LLVM."""
     try:
-        return BPF(text=program_text(), cflags=flags)
-    except Exception as exc:
-        raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None
+        obj, cached = objcache.compiled_object(program_text(), flags, cache_dir)
+        progs = objcache.Programs(obj, tfs)
+        progs.cached = cached
+        return progs
+    except (objcache.ObjectError, OSError) as exc:
+        why = str(exc)
+        log_text = getattr(exc, "log", "")
+        if log_text:
+            why += "\n" + "\n".join(log_text.strip().splitlines()[-20:])
+        raise BackendUnavailable(f"the BPF programs did not load: {why}") from None
