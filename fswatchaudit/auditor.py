@@ -19,6 +19,8 @@ from .events import Event, LostCounts, Record, RulesInForce
 from .rules import Command, Rule, RuleSet
 from .sinks.base import Fanout, Sink
 
+DRAIN_READS = 256       # reads of what is queued before a rule change, at most
+
 
 class Auditor:
     def __init__(self, backend: Backend, rules: RuleSet, sinks: list[Sink],
@@ -56,8 +58,13 @@ class Auditor:
         return self.call(lambda: self._apply(cmds, reason))
 
     def _apply(self, cmds: list[Command], reason: str) -> list[str]:
-        # What the kernel recorded under the old rules is judged by the old rules.
-        self._dispatch(self.backend.read(0))
+        # What the kernel recorded under the old rules is judged by the old rules
+        # (read in batches: a read returns at most one batch).
+        for _ in range(DRAIN_READS):
+            items = self.backend.read(0)
+            if not items:
+                break
+            self._dispatch(items)
         self.backend.refuse_unhonoured(c.rule for c in cmds
                                        if c.action == "add" and c.rule is not None)
         before = dict(self.rules.rules)

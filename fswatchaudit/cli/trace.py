@@ -98,9 +98,17 @@ def ignored_options(args: argparse.Namespace, command: list[str] | None) -> str 
         return "--no-children applies to --pid"
     if args.all_namespaces and not args.container:
         return "--all-namespaces applies to --container"
+    if args.print and not args.output:
+        return "--print applies to -o (without it, events are printed anyway)"
     if args.json and args.color == "always":
         return "--color applies to human lines, not --json"
     return None
+
+
+def printing(args: argparse.Namespace) -> bool:
+    """Events go to stdout without -o, and with it when asked (--print or --json):
+    formatting every event for a stdout nobody reads costs a third of the consumer."""
+    return not args.output or args.print or args.json
 
 
 def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int:
@@ -140,8 +148,10 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
         _abandon(child, release)
         return EXIT_NO_BACKEND if isinstance(exc, BackendUnavailable) else EXIT_USAGE
 
-    sinks: list[Sink] = [StreamSink(sys.stdout.buffer, JsonEncoder() if args.json else
-                                    HumanEncoder(color_wanted(args.color, sys.stdout)))]
+    sinks: list[Sink] = []
+    if printing(args):
+        sinks.append(StreamSink(sys.stdout.buffer, JsonEncoder() if args.json else
+                                HumanEncoder(color_wanted(args.color, sys.stdout))))
     summary = SummarySink() if args.summary else None
     if summary is not None:
         sinks.append(summary)
@@ -173,7 +183,8 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
     what = f"{len(rules)} paths"
     if command is not None or args.pid:
         what += f" and {len(args.pid) + (command is not None)} process trees"
-    print(f"watching {what} with {backend.name}", file=sys.stderr, flush=True)
+    where = "" if printing(args) else f" (events to {args.output} only; --print to show them)"
+    print(f"watching {what} with {backend.name}{where}", file=sys.stderr, flush=True)
     status = EXIT_OK
     exit_codes: dict[int, int] = {}
     if child is not None and release is not None:
@@ -229,7 +240,11 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--key", help="key attached to PATH watches")
     p.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
-    p.add_argument("-o", "--output", metavar="LOGFILE", help="also write a msgpack log")
+    p.add_argument("-o", "--output", metavar="LOGFILE",
+                   help="write a msgpack log (events are then printed only with --print "
+                        "or --json)")
+    p.add_argument("--print", action="store_true",
+                   help="with -o: print the events on stdout too")
     p.add_argument("--sink", action="append", default=[], metavar="KIND[:TARGET]",
                    help="also send records to a sink (repeatable): jsonl:FILE, "
                         "auditd:FILE, syslog[:unix:PATH|udp://HOST:PORT|tcp://HOST:PORT], "

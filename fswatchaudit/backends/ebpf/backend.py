@@ -30,6 +30,7 @@ from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
 DEFAULT_QUEUE_SIZE = 32 << 20   # bytes of ring buffer
+READ_BATCH = 4096               # records decoded per read: the consumer's memory bound
 # a watched map value: masks (self, child, subtree), rule bits (self, child, subtree, name)
 WatchValue = tuple[int, int, int, int, int, int, int]
 
@@ -250,7 +251,7 @@ class EbpfBackend(Backend):
     def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.ring is not None
         if self.ring.wait(timeout):
-            self.ring.consume(self.decoder.on_record)
+            self.ring.consume(self.decoder.on_record, READ_BATCH)
         out = self.decoder.take()
         if self.decoder.renamed_targets:
             # a watched file was created or replaced: mark its new inode
