@@ -146,6 +146,7 @@ class RuleTable(dict[int, Rule]):
     def __init__(self, rules: Mapping[int, Rule] | Iterable[tuple[int, Rule]] = ()) -> None:
         super().__init__()
         self._ids: dict[tuple, int] = {}
+        self.version = 0                # changes with every change (for RuleIndex)
         self.update(rules)
 
     def find(self, identity: tuple) -> int | None:
@@ -163,6 +164,7 @@ class RuleTable(dict[int, Rule]):
 
     def __setitem__(self, rid: int, rule: Rule) -> None:
         old = self.get(rid)
+        self.version += 1
         super().__setitem__(rid, rule)
         if old is not None:
             self._unindex(rid, old)
@@ -171,6 +173,7 @@ class RuleTable(dict[int, Rule]):
 
     def __delitem__(self, rid: int) -> None:
         rule = self[rid]
+        self.version += 1
         super().__delitem__(rid)
         self._unindex(rid, rule)
 
@@ -183,6 +186,7 @@ class RuleTable(dict[int, Rule]):
 
     def popitem(self) -> tuple[int, Rule]:
         rid, rule = super().popitem()
+        self.version += 1
         self._unindex(rid, rule)
         return rid, rule
 
@@ -193,6 +197,7 @@ class RuleTable(dict[int, Rule]):
 
     def clear(self) -> None:
         super().clear()
+        self.version += 1
         self._ids.clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -206,8 +211,68 @@ class RuleTable(dict[int, Rule]):
     def copy(self) -> RuleTable:
         new = RuleTable()
         dict.update(new, self)
+        new.version = self.version
         new._ids = dict(self._ids)
         return new
+
+
+def _subtree_key(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+class RuleIndex:
+    """The rules by the object they name, so that finding the rules an event may
+    concern costs the same for 10 rules as for 10,000: path= rules by their path,
+    dir= rules by their directory (an event's path is looked up with each of its
+    ancestors), inode rules by inode number; rules naming no object are always
+    candidates.  Candidates are only that: Rule.matches decides."""
+
+    def __init__(self, rules: Mapping[int, Rule]) -> None:
+        self.exact: dict[str, list[tuple[int, Rule]]] = {}
+        self.subtree: dict[str, list[tuple[int, Rule]]] = {}
+        self.inode: dict[int, list[tuple[int, Rule]]] = {}
+        self.rest: list[tuple[int, Rule]] = []
+        for rid, rule in rules.items():
+            if rule.kind == "path" and rule.target is not None:
+                self.exact.setdefault(rule.target, []).append((rid, rule))
+            elif rule.kind == "dir" and rule.target is not None:
+                self.subtree.setdefault(_subtree_key(rule.target), []).append((rid, rule))
+            elif rule.kind == "inode" and rule.inode is not None:
+                self.inode.setdefault(rule.inode, []).append((rid, rule))
+            else:
+                self.rest.append((rid, rule))
+
+    def _add_path(self, path: str, found: dict[int, Rule]) -> None:
+        hit = self.exact.get(path)
+        if hit:
+            found.update(hit)
+        subtree = self.subtree
+        if not subtree:
+            return
+        q = _subtree_key(path)
+        while True:
+            hit = subtree.get(q)
+            if hit:
+                found.update(hit)
+            if q == "/":
+                return
+            cut = q.rfind("/")
+            if cut < 0:
+                return
+            q = q[:cut] or "/"
+
+    def candidates(self, ev: Event) -> list[Rule]:
+        """The rules that may select the event, in id order."""
+        found: dict[int, Rule] = dict(self.rest)
+        if ev.path:
+            self._add_path(ev.path, found)
+        if ev.path2:
+            self._add_path(ev.path2, found)
+        if self.inode and ev.ino is not None:
+            found.update(self.inode.get(ev.ino, ()))
+        if len(found) < 2:
+            return list(found.values())
+        return [found[rid] for rid in sorted(found)]
 
 
 class RuleSet:
@@ -220,6 +285,17 @@ class RuleSet:
     def __init__(self, rules: Mapping[int, Rule] | None = None, next_id: int = 1) -> None:
         self.rules = rules if rules is not None else RuleTable()
         self.next_id = next_id
+        self._index: RuleIndex | None = None
+        self._indexed: tuple[RuleTable | None, int] = (None, -1)
+
+    def index(self) -> RuleIndex:
+        """The index of the rules in force, rebuilt after any change."""
+        table = self._rules
+        if self._index is None or self._indexed[0] is not table \
+                or self._indexed[1] != table.version:
+            self._index = RuleIndex(table)
+            self._indexed = (table, table.version)
+        return self._index
 
     @property
     def rules(self) -> RuleTable:
@@ -271,8 +347,11 @@ class RuleSet:
 
     def apply(self, cmds: Iterable[Command]) -> list[str]:
         """Apply commands to a copy first so that one bad line applies nothing; returns
-        the -l listings produced.  Raises RuleError naming the failing rule."""
-        trial = self.copy()
+        the -l listings produced.  Raises RuleError naming the failing rule.
+        One command is atomic by itself (add and remove check before they change
+        anything), so it needs no copy: applying N commands one at a time is linear."""
+        cmds = list(cmds)
+        trial = self if len(cmds) == 1 else self.copy()
         listed: list[str] = []
         for cmd in cmds:
             try:
@@ -300,7 +379,7 @@ class RuleSet:
             rules = self.rules
             return [r for rid in ev.rule_ids
                     if (r := rules.get(rid)) is not None and r.matches(ev, objects=False)]
-        return [r for r in self.rules.values() if r.matches(ev)]
+        return [r for r in self.index().candidates(ev) if r.matches(ev)]
 
     def select(self, ev: Event) -> Event | None:
         """The one place that decides whether an event is reported and with which keys:
