@@ -123,8 +123,26 @@ class Auditor:
         self.out.write(out)
 
     def _dispatch(self, items: list) -> None:
+        """A batch through the chain, then into the sinks in one call each."""
+        pipeline = self.pipeline
+        per_alias = self.per_alias
+        out = []
+        events = 0
+        newest = self._newest
         for item in items:
-            self.emit(item)
+            rec = pipeline(item)
+            if rec is None:
+                continue
+            if type(rec) is Event:
+                events += 1
+                newest = rec.time
+                for alias in rec.aliases:
+                    per_alias[alias] += 1
+            out.append(rec)
+        self.events += events
+        self._newest = newest
+        if out:
+            self.out.write_many(out)
         if items:
             self.out.flush()
             if self._newest:

@@ -120,7 +120,8 @@ class Rule:
         for is_object, test in self._tests:
             if (objects or not is_object) and not test(self, ev):
                 return False
-        return all(row.holds(ev, c.op, c.value) for row, c in self._conds)
+        conds = self._conds
+        return not conds or all(row.holds(ev, c.op, c.value) for row, c in conds)
 
     def matches_object(self, ev: Event) -> bool:
         """Do the event's names (or inode) match this rule's object?"""
@@ -216,6 +217,9 @@ class RuleTable(dict[int, Rule]):
         return new
 
 
+UNDER_CACHE_SIZE = 4096        # directories remembered by the rule index
+
+
 def _subtree_key(path: str) -> str:
     return path.rstrip("/") or "/"
 
@@ -232,6 +236,7 @@ class RuleIndex:
         self.subtree: dict[str, list[tuple[int, Rule]]] = {}
         self.inode: dict[int, list[tuple[int, Rule]]] = {}
         self.rest: list[tuple[int, Rule]] = []
+        self._under_cache: dict[str, tuple[tuple[int, Rule], ...]] = {}
         for rid, rule in rules.items():
             if rule.kind == "path" and rule.target is not None:
                 self.exact.setdefault(rule.target, []).append((rid, rule))
@@ -242,28 +247,43 @@ class RuleIndex:
             else:
                 self.rest.append((rid, rule))
 
+    def _under(self, directory: str) -> tuple[tuple[int, Rule], ...]:
+        """The dir= rules whose subtree holds the entries of ``directory`` (its own and
+        its ancestors'), remembered per directory: events come in runs per directory."""
+        hit = self._under_cache.get(directory)
+        if hit is None:
+            found: list[tuple[int, Rule]] = []
+            q = directory
+            while True:
+                found += self.subtree.get(q, ())
+                if q == "/":
+                    break
+                cut = q.rfind("/")
+                if cut < 0:
+                    break
+                q = q[:cut] or "/"
+            if len(self._under_cache) >= UNDER_CACHE_SIZE:
+                self._under_cache.clear()
+            hit = self._under_cache[directory] = tuple(found)
+        return hit
+
     def _add_path(self, path: str, found: dict[int, Rule]) -> None:
         hit = self.exact.get(path)
         if hit:
             found.update(hit)
-        subtree = self.subtree
-        if not subtree:
+        if not self.subtree:
             return
         q = _subtree_key(path)
-        while True:
-            hit = subtree.get(q)
-            if hit:
-                found.update(hit)
-            if q == "/":
-                return
-            cut = q.rfind("/")
-            if cut < 0:
-                return
-            q = q[:cut] or "/"
+        hit = self.subtree.get(q)          # the path is a watched directory itself
+        if hit:
+            found.update(hit)
+        cut = q.rfind("/")
+        if q != "/" and cut >= 0:
+            found.update(self._under(q[:cut] or "/"))
 
     def candidates(self, ev: Event) -> list[Rule]:
         """The rules that may select the event, in id order."""
-        found: dict[int, Rule] = dict(self.rest)
+        found: dict[int, Rule] = dict(self.rest) if self.rest else {}
         if ev.path:
             self._add_path(ev.path, found)
         if ev.path2:
@@ -389,6 +409,10 @@ class RuleSet:
         matched = self.match(ev)
         if not matched and ev.scope_keys is None and self.rules:
             return None
+        if len(matched) == 1 and not ev.scope_keys:        # the common case, quickly
+            key = matched[0].key
+            ev.keys = [key] if key else []
+            return ev
         keys = {r.key for r in matched if r.key}
         keys.update(ev.scope_keys or ())
         ev.keys = sorted(keys)
