@@ -73,7 +73,7 @@ def test_compiled_once_then_loaded_from_the_cache(tmp_path, cache_dir):
         assert creates_seen(be, f"{w}/b") == [f"{w}/b"]
     finally:
         be.close()
-    assert entries(cache_dir) == [name]
+    assert entries(cache_dir) == [name]          # found, not stored again
 
 
 WARM_START = textwrap.dedent("""

@@ -73,8 +73,8 @@ class EbpfBackend(Backend):
         dec.time_offset = time.time_ns() - time.monotonic_ns()
         specs = loader.syscall_specs(tfs)
         dec.tp_names, have_compat = loader.syscall_slots(specs)
-        self.bpf = bpf = loader.load_programs(loader.cflags(self.ringbuf_pages, have_compat),
-                                              tfs, self.cache_dir)
+        flags = loader.cflags(self.ringbuf_pages, have_compat, self.cache_dir)
+        self.bpf = bpf = loader.load_programs(flags, tfs, self.cache_dir)
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
             leaf = spec_map.Leaf()

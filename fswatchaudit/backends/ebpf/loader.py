@@ -257,8 +257,29 @@ def sb_mount_flags(btf: BTF) -> list[str]:
         return []
 
 
-def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
-    """-D flags: the running kernel's struct offsets and this run's sizes."""
+FLAGS_SUFFIX = ".flags"
+
+
+def cflags(ringbuf_pages: int, have_compat: bool,
+           cache_dir: str | None = objcache.CACHE_DIR) -> list[str]:
+    """-D flags: the running kernel's struct offsets and this run's sizes.  The
+    offsets are kept in the cache beside the compiled programs (reading BTF takes a
+    tenth of a second), keyed by the kernel's BTF and this module's text."""
+    key = objcache.digest_of(b"flags", *objcache.kernel_identity(),
+                             resources.files(__package__).joinpath("loader.py").read_bytes())
+    cached = objcache.read_cached(cache_dir, key, FLAGS_SUFFIX) if cache_dir else None
+    if cached is not None and isinstance(cached.get("flags"), list):
+        flags = [str(f) for f in cached["flags"]]
+    else:
+        flags = kernel_flags()
+        if cache_dir:
+            objcache.write_cached(cache_dir, key, {"flags": flags}, FLAGS_SUFFIX)
+    return flags + [f"-DRINGBUF_PAGES={ringbuf_pages}",
+                    f"-DHAVE_COMPAT_TABLE={1 if have_compat else 0}"]
+
+
+def kernel_flags() -> list[str]:
+    """-D flags of the running kernel's struct offsets, read from its BTF."""
     machine = os.uname().machine
     try:
         btf = BTF()
@@ -280,8 +301,6 @@ def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
         flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
-    flags += [f"-DRINGBUF_PAGES={ringbuf_pages}",
-              f"-DHAVE_COMPAT_TABLE={1 if have_compat else 0}"]
     return flags
 
 

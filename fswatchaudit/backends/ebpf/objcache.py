@@ -34,9 +34,11 @@ from .btf import VMLINUX_BTF
 
 log = get_logger("ebpf")
 
-CACHE_DIR = "/var/cache/fswatchaudit"
+# FSWATCHAUDIT_CACHE_DIR: another directory (benchmarks measure a cold start with it)
+CACHE_DIR = os.environ.get("FSWATCHAUDIT_CACHE_DIR") or "/var/cache/fswatchaudit"
 FORMAT = 1
 SUFFIX = ".bpfobj"
+KEEP = 4            # entries kept (other ring sizes, the previous sources)
 BUILD_TIMEOUT = 300.0
 
 
@@ -60,7 +62,18 @@ def bcc_version() -> str:
     return "unknown"
 
 
+_digests: dict[str, str] = {}
+
+
 def file_digest(path: str) -> str:
+    """sha256 of a file (hex), once per process: the kernel's BTF does not change
+    while it runs."""
+    if path not in _digests:
+        _digests[path] = _file_digest(path)
+    return _digests[path]
+
+
+def _file_digest(path: str) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -71,21 +84,30 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(text: bytes, cflags: list[str]) -> str:
-    uts = os.uname()
+def digest_of(*parts: bytes) -> str:
     h = hashlib.sha256()
-    for part in (str(FORMAT).encode(), text, "\0".join(cflags).encode(),
-                 bcc_version().encode(), uts.release.encode(), uts.version.encode(),
-                 uts.machine.encode(), file_digest(VMLINUX_BTF).encode()):
+    for part in parts:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()
 
 
+def kernel_identity() -> list[bytes]:
+    """The running kernel: release, build, machine and the digest of its BTF."""
+    uts = os.uname()
+    return [uts.release.encode(), uts.version.encode(), uts.machine.encode(),
+            file_digest(VMLINUX_BTF).encode()]
+
+
+def cache_key(text: bytes, cflags: list[str]) -> str:
+    return digest_of(str(FORMAT).encode(), text, "\0".join(cflags).encode(),
+                     bcc_version().encode(), *kernel_identity())
+
+
 # ---- the cache file ---------------------------------------------------------------------
-def read_cached(cache_dir: str, key: str) -> dict[str, Any] | None:
-    """The cached object for ``key``, or None (missing, not ours, or damaged)."""
-    name = key + SUFFIX
+def read_cached(cache_dir: str, key: str, suffix: str = SUFFIX) -> dict[str, Any] | None:
+    """The cached entry for ``key``, or None (missing, not ours, or damaged)."""
+    name = key + suffix
     try:
         dfd = open_private_dir(cache_dir)
     except OSError as exc:
@@ -121,11 +143,11 @@ def read_cached(cache_dir: str, key: str) -> dict[str, Any] | None:
     return None
 
 
-def write_cached(cache_dir: str, key: str, obj: dict[str, Any]) -> None:
-    """Store the object (0600, never through a symlink) and drop older entries."""
+def write_cached(cache_dir: str, key: str, obj: dict[str, Any], suffix: str = SUFFIX) -> None:
+    """Store an entry (0600, never through a symlink); keep the newest KEEP of a kind."""
     body = json.dumps(dict(obj, key=key, format=FORMAT)).encode()
     data = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
-    name = key + SUFFIX
+    name = key + suffix
     tmp = f".{name}.{os.getpid()}"
     try:
         dfd = open_private_dir(cache_dir)
@@ -140,9 +162,10 @@ def write_cached(cache_dir: str, key: str, obj: dict[str, Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        for other in os.listdir(dfd):
-            if other.endswith(SUFFIX) and other != name:
-                os.unlink(other, dir_fd=dfd)
+        entries = sorted((os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mtime_ns, n)
+                         for n in os.listdir(dfd) if n.endswith(suffix) and n != name)
+        for _, old in entries[:max(0, len(entries) - (KEEP - 1))]:
+            os.unlink(old, dir_fd=dfd)
     except OSError as exc:
         log.warning("compiled programs not cached", dir=cache_dir, error=str(exc))
         try:
