@@ -98,6 +98,8 @@ def ignored_options(args: argparse.Namespace, command: list[str] | None) -> str 
         return "--no-children applies to --pid"
     if args.all_namespaces and not args.container:
         return "--all-namespaces applies to --container"
+    if args.ring_buffer is not None and args.backend in ("fanotify", "inotify"):
+        return "--ring-buffer applies to the ebpf backend"
     if args.print and not args.output:
         return "--print applies to -o (without it, events are printed anyway)"
     if args.json and args.color == "always":
@@ -133,7 +135,8 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
     release: int | None = None
     backend: Backend | None = None
     try:
-        backend = open_backend(args.backend, rules, container=container)
+        backend = open_backend(args.backend, rules, queue_size=args.ring_buffer,
+                               container=container)
         if container is not None and not args.all_namespaces:
             backend.restrict_to_mount_namespace(container.mntns)
         if command is not None:
@@ -233,6 +236,14 @@ def _stop_when_exits(pid: int, auditor: Auditor, exit_codes: dict[int, int]) -> 
     threading.Thread(target=wait, daemon=True).start()
 
 
+def ring_size(text: str) -> int:
+    from ..service.config import _ring
+    try:
+        return _ring(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES",
                    help="rules file or rules.d directory (repeatable)")
@@ -250,6 +261,9 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
                         "auditd:FILE, syslog[:unix:PATH|udp://HOST:PORT|tcp://HOST:PORT], "
                         "journald[:SOCKET]")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--ring-buffer", type=ring_size, metavar="SIZE",
+                   help="eBPF ring buffer size, a power of two (default 32M; it is "
+                        "mapped into the process twice, so it counts twice in its RSS)")
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="audit this process (repeatable); with no PATH, all it touches")
     p.add_argument("--children", dest="children", action="store_true", default=True,
