@@ -1,6 +1,7 @@
 """Compiling probes.c with bcc, in a process of its own.
 
-Run as ``python -m fswatchaudit.backends.ebpf.build``: reads ``{"text": base64,
+Run as a script, ``python .../ebpf/build.py`` (it imports nothing of the package, so
+the child loads only bcc): reads ``{"text": base64,
 "cflags": [...]}`` on stdin, compiles with bcc (clang and LLVM run here, never in the
 auditor), and writes the compiled object on stdout as JSON: every program's final
 instructions (``BPF.dump_func``) with the places where they name a map, and every map's
@@ -14,7 +15,6 @@ import ctypes
 import json
 import os
 import sys
-from importlib import resources
 from typing import Any
 
 BPF_LD_IMM64 = 0x18
@@ -71,7 +71,8 @@ def compile_object(text: bytes, cflags: list[str]) -> dict[str, Any]:
 
     headers = f"/lib/modules/{os.uname().release}/build"
     if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
-        os.environ["BCC_KERNEL_SOURCE"] = str(resources.files(__package__).joinpath("include"))
+        os.environ["BCC_KERNEL_SOURCE"] = os.path.join(os.path.dirname(
+            os.path.abspath(__file__)), "include")
     bpf = Unloaded(text=text, cflags=cflags)
     lib = libbcc.lib
     _declare(lib)

@@ -178,15 +178,11 @@ def write_cached(cache_dir: str, key: str, obj: dict[str, Any], suffix: str = SU
 
 # ---- compiling (in a child process) -------------------------------------------------------
 def compile_in_child(text: bytes, cflags: list[str]) -> dict[str, Any]:
-    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    build = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build.py")
     request = json.dumps({"text": base64.b64encode(text).decode(), "cflags": cflags})
     try:
-        proc = subprocess.run([sys.executable, "-m", "fswatchaudit.backends.ebpf.build"],
-                              input=request.encode(), capture_output=True, env=env,
-                              timeout=BUILD_TIMEOUT, check=False)
+        proc = subprocess.run([sys.executable, build], input=request.encode(),
+                              capture_output=True, timeout=BUILD_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ObjectError(f"compiling the BPF programs failed: {exc}") from None
     if proc.returncode != 0:
