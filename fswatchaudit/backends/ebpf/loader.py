@@ -264,9 +264,12 @@ def cflags(ringbuf_pages: int, have_compat: bool,
            cache_dir: str | None = objcache.CACHE_DIR) -> list[str]:
     """-D flags: the running kernel's struct offsets and this run's sizes.  The
     offsets are kept in the cache beside the compiled programs (reading BTF takes a
-    tenth of a second), keyed by the kernel's BTF and this module's text."""
+    tenth of a second), keyed by the kernel's BTF and the text of the code that reads
+    them (this module and btf.py)."""
+    here = resources.files(__package__)
     key = objcache.digest_of(b"flags", *objcache.kernel_identity(),
-                             resources.files(__package__).joinpath("loader.py").read_bytes())
+                             here.joinpath("loader.py").read_bytes(),
+                             here.joinpath("btf.py").read_bytes())
     cached = objcache.read_cached(cache_dir, key, FLAGS_SUFFIX) if cache_dir else None
     if cached is not None and isinstance(cached.get("flags"), list):
         flags = [str(f) for f in cached["flags"]]
