@@ -4,6 +4,7 @@ the sinks.  Rule changes are carried out on that same thread, between two reads,
 the backend and the sinks never see two callers at once."""
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -86,6 +87,7 @@ class Auditor:
             self.backend.remove_rule(rid, rule)
         if added or removed:
             self.emit(self.rules_in_force(reason))
+            gc.freeze()             # the new rules and their index (see run)
         return listed
 
     def replace_rules(self, new: RuleSet, reason: str = "reload") -> None:
@@ -174,6 +176,10 @@ class Auditor:
         """Consume until stop() or the duration ends; then drain what is already queued."""
         self._loop_thread = threading.current_thread()
         self.running.set()
+        # What exists now (the rules, their index, the backend's tables) lives as long
+        # as the audit: the collector's full passes need not walk it again and again
+        # (with 10,000 rules they cost the consumer a quarter of its time).
+        gc.freeze()
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not self._stop.is_set():
