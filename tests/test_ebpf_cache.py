@@ -3,6 +3,7 @@ with bpf(2) alone (no bcc, no LLVM in the process), checked before use, never re
 written through a symlink."""
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -173,3 +174,30 @@ def test_relocations_name_each_map_load():
     assert map_relocations(ld_imm + ld_map + exit_, {7: "watched"}) == [(2, "watched")]
     with pytest.raises(RuntimeError):
         map_relocations(ld_map, {8: "other"})
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_program_says_why_and_leaves_nothing_open():
+    ebpf_usable()
+    from fswatchaudit.backends.ebpf import bpfsys, loader
+    exit_only = bytes([0x95]) + bytes(7)            # exit with r0 never set
+    obj = {"license": "GPL",
+           "maps": [{"name": "m", "type": 2, "key_size": 4, "value_size": 8,
+                     "max_entries": 1, "flags": 0, "key_desc": "int",
+                     "leaf_desc": "unsigned long long"}],
+           "progs": [{"name": "raw_tracepoint__sys_enter", "attach": "raw",
+                      "target": "sys_enter", "relocs": [],
+                      "insns": base64.b64encode(exit_only).decode()}]}
+    before = open_fds()
+    progs = objcache.Programs(obj, loader.tracefs() or "")
+    progs[b"m"][0] = progs[b"m"].Leaf(7)            # maps work before the programs
+    assert progs[b"m"][0].value == 7
+    with pytest.raises(bpfsys.BPFError) as info:
+        progs.attach()
+    assert "R0" in info.value.log                    # the verifier's own words
+    with pytest.raises(loader.BackendUnavailable, match="(?s)did not load.*R0 !read_ok"):
+        loader.attach_programs(objcache.Programs(obj, loader.tracefs() or ""))
+    assert open_fds() == before

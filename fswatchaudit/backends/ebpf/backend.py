@@ -81,7 +81,8 @@ class EbpfBackend(Backend):
             specs[name].fill(leaf)
             spec_map[spec_map.Key(slot)] = leaf
         dec.mounts = mount_points()
-        self._sync_watches()
+        self._sync_watches()            # while the kernel verifies the programs
+        loader.attach_programs(bpf)
         self.ring = RingReader(bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE)
 
     # -- rules -> the watched map ------------------------------------------------------

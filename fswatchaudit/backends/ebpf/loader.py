@@ -314,16 +314,29 @@ def program_text() -> bytes:
 
 
 def load_programs(flags: list[str], tfs: str, cache_dir: str | None = objcache.CACHE_DIR):
-    """The programs compiled (in a child process, or taken from the cache), loaded and
-    attached; this process never loads bcc or LLVM."""
+    """The programs compiled (in a child process, or taken from the cache), their maps
+    created and the programs loading (``attach()`` waits for them and attaches); this
+    process never loads bcc or LLVM."""
     try:
         obj, cached = objcache.compiled_object(program_text(), flags, cache_dir)
         progs = objcache.Programs(obj, tfs)
         progs.cached = cached
         return progs
     except (objcache.ObjectError, OSError) as exc:
-        why = str(exc)
-        log_text = getattr(exc, "log", "")
-        if log_text:
-            why += "\n" + "\n".join(log_text.strip().splitlines()[-20:])
-        raise BackendUnavailable(f"the BPF programs did not load: {why}") from None
+        raise not_loaded(exc) from None
+
+
+def attach_programs(progs: objcache.Programs) -> None:
+    try:
+        progs.attach()
+    except OSError as exc:
+        raise not_loaded(exc) from None
+
+
+def not_loaded(exc: Exception) -> BackendUnavailable:
+    """Why the programs did not load, with the end of the verifier's log if any."""
+    why = str(exc)
+    log_text = getattr(exc, "log", "")
+    if log_text:
+        why += "\n" + "\n".join(log_text.strip().splitlines()[-20:])
+    return BackendUnavailable(f"the BPF programs did not load: {why}")

@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ...diag import get_logger
@@ -247,25 +247,34 @@ def ctype_of(desc: Any) -> Any:
 
 # ---- loading ----------------------------------------------------------------------------
 class Programs:
-    """The maps and programs of one compiled object, loaded and attached; ``[name]`` is
-    a map (bpfsys.Map).  ``cleanup()`` detaches and closes everything."""
+    """The maps and programs of one compiled object; ``[name]`` is a map (bpfsys.Map).
+
+    Creating it creates the maps and starts loading the programs in threads (the
+    kernel's verifier works on all CPUs meanwhile, outside the GIL), so the maps can
+    be filled while it runs; ``attach()`` waits for the programs and attaches them.
+    ``cleanup()`` detaches and closes everything."""
 
     def __init__(self, obj: dict[str, Any], tracefs: str) -> None:
         self.maps: dict[bytes, bpfsys.Map] = {}
-        self.fds: list[int] = []           # attachments, then programs, then maps
+        self.tracefs = tracefs
         self.cached = False                # the object came from the cache
+        self.attached = False
+        self._map_fds: list[int] = []
+        self._prog_fds: list[int] = []
+        self._attach_fds: list[int] = []
+        self._jobs: list[tuple[tuple[int, bytes], list[dict[str, Any]]]] = []
+        self._loading: list[Future] = []
         try:
-            self._load(obj, tracefs)
+            self._start(obj)
         except BaseException:
             self.cleanup()
             raise
 
-    def _load(self, obj: dict[str, Any], tracefs: str) -> None:
-        map_fds: list[int] = []
+    def _start(self, obj: dict[str, Any]) -> None:
         for m in obj["maps"]:
             fd = bpfsys.map_create(m["type"], m["key_size"], m["value_size"],
                                    m["max_entries"], m["flags"], m["name"])
-            map_fds.append(fd)
+            self._map_fds.append(fd)
             self.maps[m["name"].encode()] = bpfsys.Map(
                 m["name"], fd, m["type"], m["max_entries"], ctype_of(m["key_desc"]),
                 ctype_of(m["leaf_desc"]))
@@ -280,43 +289,65 @@ class Programs:
                      else bpfsys.PROG_TYPE_TRACEPOINT)
             unique.setdefault((ptype, bytes(code)), []).append(p)
         license_ = obj["license"].encode()
-        jobs = sorted(unique.items(), key=lambda kv: -len(kv[0][1]))
+        self._jobs = sorted(unique.items(), key=lambda kv: -len(kv[0][1]))
 
         def load(job: tuple[tuple[int, bytes], list[dict[str, Any]]]) -> int:
             (ptype, code), users = job
             return bpfsys.prog_load(ptype, code, license_, "fswa_" + users[0]["target"])
         # the verifier runs in the loading thread: programs load on all CPUs at once
-        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as ex:
-            futures = [ex.submit(load, job) for job in jobs]
-            prog_fds = []
-            error: BaseException | None = None
-            for fut in futures:
-                try:
-                    prog_fds.append(fut.result())
-                except BaseException as exc:        # close what did load, then report
-                    error = error or exc
-        attach_fds: list[int] = []
-        self.fds = attach_fds + prog_fds + map_fds
+        workers = max(1, min(len(self._jobs), os.cpu_count() or 1))
+        ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fswatchaudit-bpf")
+        self._loading = [ex.submit(load, job) for job in self._jobs]
+        ex.shutdown(wait=False)
+
+    def _loaded(self) -> list[int]:
+        """Wait for every load; the fds of those that loaded (kept for cleanup), and
+        the first error raised once all are done."""
+        error: BaseException | None = None
+        for fut in self._loading:
+            try:
+                self._prog_fds.append(fut.result())
+            except BaseException as exc:        # close what did load, then report
+                error = error or exc
+        self._loading = []
         if error is not None:
             raise error
-        for ((_ptype, _code), users), prog_fd in zip(jobs, prog_fds, strict=True):
-            for p in users:
-                if p["attach"] == "raw":
-                    attach_fds.append(bpfsys.attach_raw_tracepoint(prog_fd, p["target"]))
-                else:
-                    category, _, event = p["target"].partition(":")
-                    attach_fds.append(bpfsys.attach_tracepoint(prog_fd, tracefs, category,
-                                                               event))
-                self.fds = attach_fds + prog_fds + map_fds
+        return self._prog_fds
+
+    def attach(self) -> None:
+        """Wait for the programs to load, then attach each to its tracepoints."""
+        if self.attached:
+            return
+        try:
+            prog_fds = self._loaded()
+            for ((_ptype, _code), users), prog_fd in zip(self._jobs, prog_fds, strict=True):
+                for p in users:
+                    if p["attach"] == "raw":
+                        self._attach_fds.append(
+                            bpfsys.attach_raw_tracepoint(prog_fd, p["target"]))
+                    else:
+                        category, _, event = p["target"].partition(":")
+                        self._attach_fds.append(bpfsys.attach_tracepoint(
+                            prog_fd, self.tracefs, category, event))
+        except BaseException:
+            self.cleanup()
+            raise
+        self.attached = True
 
     def __getitem__(self, name: bytes) -> bpfsys.Map:
         return self.maps[name]
 
     def cleanup(self) -> None:
-        fds, self.fds = self.fds, []
+        try:
+            self._loaded()              # loads still running: wait, to close them too
+        except BaseException:           # noqa: BLE001 - closing anyway
+            pass
+        fds = self._attach_fds + self._prog_fds + self._map_fds
+        self._attach_fds, self._prog_fds, self._map_fds = [], [], []
         for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.maps = {}
+        self.attached = False
