@@ -30,6 +30,17 @@ class Cond:
     value: Any
 
 
+_CONSUMER_ROWS: tuple[Field, ...] = ()
+
+
+def _consumer_rows() -> tuple[Field, ...]:
+    """The field table's rows the consumer evaluates (the table is data: read once)."""
+    global _CONSUMER_ROWS
+    if not _CONSUMER_ROWS:
+        _CONSUMER_ROWS = tuple(row for row in FIELDS.values() if row.where & Where.CONSUMER)
+    return _CONSUMER_ROWS
+
+
 @dataclass(frozen=True)
 class Rule:
     """One watch.  kind is "path" (one file or entry), "dir" (subtree) or "inode"."""
@@ -50,13 +61,12 @@ class Rule:
         init=False, repr=False, compare=False, default=())
     _conds: tuple[tuple[Field, Cond], ...] = field(init=False, repr=False, compare=False,
                                                    default=())
+    _text: str | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         tests: list[tuple[bool, Callable[[Rule, Event], bool]]] = []
         conds: list[tuple[Field, Cond]] = []
-        for row in FIELDS.values():
-            if not row.where & Where.CONSUMER:
-                continue
+        for row in _consumer_rows():
             if row.part is not None:
                 if row.test is not None and row.value_of is not None \
                         and row.value_of(self) is not None:
@@ -87,7 +97,15 @@ class Rule:
         return out
 
     def text(self) -> str:
-        """The normalised rule, in the form `rules check` prints and -l lists."""
+        """The normalised rule, in the form `rules check` prints and -l lists (worked
+        out once: a rule never changes)."""
+        text = self._text
+        if text is None:
+            text = self._make_text()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _make_text(self) -> str:
         if self.from_watch:
             out = ["-w", shlex.quote(self.target or "")]
             if self.perms != FIELDS["perm"].default:
