@@ -43,13 +43,13 @@ def run_both(aud: Auditd, watches: list[str], command: list[str], cwd: str,
     """Run command with `-w W -p wa -k cmp` in Linux audit and in our trace at once."""
     since = aud.size()
     rules = [["-w", w, "-p", "wa", "-k", KEY] for w in watches]
-    for rule in rules:
-        auditctl(*rule)
     rules_file = os.path.join(cwd, "..", "cmp.rules")
     with open(rules_file, "w") as fh:
         fh.write("".join(" ".join(r) + "\n" for r in rules))
     trace = Trace("--backend", "ebpf", "-r", rules_file)
     try:
+        for rule in rules:
+            auditctl(*rule)
         subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=300)
         time.sleep(1.5)                 # the consumer reads the ring once a while
@@ -58,6 +58,8 @@ def run_both(aud: Auditd, watches: list[str], command: list[str], cwd: str,
             auditctl("-W", *rule[1:], check=False)
         ours, err, code = trace.stop()
     assert code == 0, err
+    assert not any(e["t"] == "lost" and any(e["counts"].values()) for e in trace.records), \
+        "the trace lost events"
     aud.settle(since)
     return audit_events(aud.read(since), KEY), ours
 

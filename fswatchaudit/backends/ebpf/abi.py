@@ -94,8 +94,8 @@ class EV(IntEnum):
     SYSCALL = 1             # a followed syscall changed or opened a watched object
     EXEC = 2                # sched_process_exec of a watched program
     URING = 3               # an io_uring worker changed a watched inode (tp_id: opcode)
-    FAILED = 4              # failed syscall (any errno) that may concern a watched object:
-    #                         matched by its names in user space
+    FAILED = 4              # a syscall that changed no inode (failed, any errno; or did
+    #                         nothing) and may concern a watched object: names decide
     STATE = 5               # a process entered a per-process audit (a fork)
 
 

@@ -204,7 +204,7 @@ class Decoder:
             ev.result = None
         elif h.tp_id >= COMPAT_BASE and kind != EV.EXEC:
             ev.arch = "b32"         # a 32-bit syscall, judged through its own table
-        if kind != EV.FAILED:       # a failed attempt changed no inode: names decide
+        if kind != EV.FAILED:       # no inode changed: names decide
             ev.rule_ids = self.rule_ids(ev, h.rules, h.name_rules)
         if self.path_targets and op in NEW_NAME_OPS and (
                 path in self.path_targets or path2 in self.path_targets):

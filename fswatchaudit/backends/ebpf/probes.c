@@ -1547,16 +1547,18 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         return 0;
     u64 flags = syscall_flags(spec, &pc);
 
-    struct event *e;
-    void *first = NULL;
-    if (ret < 0) {
-        e = failed_event(cfg, all_paths, spec, &pc, ret, flags);
-    } else if (spec->kind == KIND_OPEN) {
+    if (ret >= 0 && spec->kind == KIND_OPEN) {
         report_open(ctx, &pc, ret, flags, all_paths);
         return 0;
-    } else {
-        e = changed_event(spec, &pc, ret, flags, all_paths, &first);
     }
+    struct event *e;
+    void *first = NULL;
+    if (ret >= 0 && pc.ntouched)
+        e = changed_event(spec, &pc, ret, flags, all_paths, &first);
+    else    /* a failure, or a success that changed no inode (a removexattr of an
+             * absent attribute, a truncate to the same size, a rename of two links to
+             * one inode): judged by its names (Linux audit reports both) */
+        e = failed_event(cfg, all_paths, spec, &pc, ret, flags);
     if (e)
         report_paths(ctx, e, spec, &pc, first);
     return 0;
