@@ -454,7 +454,7 @@ def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
 
 def test_daemon_log_is_chained_and_sealed(base):
     key = os.path.join(base, "seal.key")
-    made = fswatchaudit("keygen", "--key-file", key, "--verify-key",
+    made = fswatchaudit("log", "keygen", "--key-file", key, "--verify-key",
                         os.path.join(base, "verify.key"))
     assert made.returncode == 0
     dm = Daemon(base, "inotify", seal_key_file=key, seal_interval=1)
@@ -471,14 +471,14 @@ def test_daemon_log_is_chained_and_sealed(base):
     finally:
         dm.kill()
     log = os.path.join(dm.log_dir, "audit.log")
-    ok = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log)
+    ok = fswatchaudit("log", "verify", "--key", os.path.join(base, "verify.key"), log)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     with open(log, "r+b") as fh:                 # a root attacker edits one path
         data = fh.read()
         at = data.index(b"/d5")
         fh.seek(at)
         fh.write(b"/x5")
-    bad = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log,
+    bad = fswatchaudit("log", "verify", "--key", os.path.join(base, "verify.key"), log,
                        check=False)
     assert bad.returncode == 1 and "byte" in bad.stdout + bad.stderr
 

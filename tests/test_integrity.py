@@ -1,4 +1,4 @@
-"""Tamper-evident logs: untouched logs pass `verify`; every kind of tampering is
+"""Tamper-evident logs: untouched logs pass `log verify`; every kind of tampering is
 caught with the file and byte of the first altered record, and exit 1."""
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def check(files, key, expect_file: str, expect_byte: int | None, word: str = "")
     if expect_byte is not None:
         assert v.problem.startswith(f"{expect_file}: byte {expect_byte}:"), v.problem
     assert word in v.problem
-    assert main(["verify", *files, "--key", key]) == 1
+    assert main(["log", "verify", *files, "--key", key]) == 1
     return v.problem
 
 
@@ -73,7 +73,7 @@ def test_untouched_logs_pass(sealed, tmp_path, capsys):
     v = verify(files, read_key(key))
     assert v.ok and v.keyed_seals == v.seals > 3, v
     assert verify(files).ok                               # chain only, without the key
-    assert main(["verify", files[-1], "--all", "--key", key]) == 0
+    assert main(["log", "verify", files[-1], "--all", "--key", key]) == 0
     assert "chain intact" in capsys.readouterr().out
     assert os.stat(tmp_path / "k" / "seal.key").st_mode & 0o777 == 0o600
     state = read_key(str(tmp_path / "k" / "seal.key"))
@@ -191,10 +191,10 @@ def test_restart_continues_the_chain(sealed, tmp_path):
 
 def test_keygen_cli(tmp_path, capsys):
     kf = str(tmp_path / "keys" / "seal.key")
-    assert main(["keygen", "--key-file", kf]) == 0
+    assert main(["log", "keygen", "--key-file", kf]) == 0
     line = capsys.readouterr().out
     assert line.startswith("fswatchaudit-verify-key v1 ")
     assert os.stat(kf).st_mode & 0o777 == 0o600
     assert os.stat(tmp_path / "keys").st_mode & 0o777 == 0o700
-    assert main(["keygen", "--key-file", kf]) == 1        # never overwritten silently
+    assert main(["log", "keygen", "--key-file", kf]) == 1        # never overwritten silently
     assert read_key(kf).kid == integrity.KeyState.parse(line).kid

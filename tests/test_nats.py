@@ -5,74 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 
 import pytest
+from receivers import NATS_SERVER, NatsServer, free_port
 
 from fswatchaudit.events import Event, LostCounts
 from fswatchaudit.sinks.nats import NatsSink, Spool, subject_token, token_text
 from fswatchaudit.sinks.nats_reader import iter_stream
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not os.access(NATS_SERVER, os.X_OK),
                                 reason="nats-server is not installed (scripts/setup)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nats-server did not listen on {port}")
-
-
-class Server:
-    """One nats-server -js on 127.0.0.1, optionally a node of a cluster."""
-
-    def __init__(self, store: str, name: str = "n1", cluster_port: int | None = None,
-                 routes: list[int] | None = None) -> None:
-        self.port, self.store, self.name = free_port(), store, name
-        self.cluster_port, self.routes = cluster_port, routes or []
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        args = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                "-sd", self.store, "-n", self.name]
-        if self.cluster_port:
-            args += ["--cluster_name", "fsa", "--cluster",
-                     f"nats://127.0.0.1:{self.cluster_port}",
-                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 def event(i: int) -> Event:
@@ -166,7 +111,7 @@ def test_spool_is_private_and_ordered(tmp_path):
 def test_spool_until_the_server_comes(tmp_path):
     """No server at all: everything goes to the spool; the next run, with a server,
     publishes it first and in order."""
-    server = Server(str(tmp_path / "js"))
+    server = NatsServer(str(tmp_path / "js"))
     spool = str(tmp_path / "spool")
     sink = make_sink(server.url, spool, close_timeout=1.0)
     first = [event(i) for i in range(1, 301)]
@@ -189,7 +134,7 @@ def test_spool_until_the_server_comes(tmp_path):
 
 
 def test_server_restart_mid_flood(tmp_path):
-    server = Server(str(tmp_path / "js"))
+    server = NatsServer(str(tmp_path / "js"))
     server.start()
     sink = make_sink(server.url, str(tmp_path / "spool"))
     try:
@@ -209,7 +154,7 @@ def test_server_restart_mid_flood(tmp_path):
 
 def test_cluster_node_killed_mid_flood(tmp_path):
     cports = [free_port() for _ in range(3)]
-    nodes = [Server(str(tmp_path / f"js{i}"), f"n{i}", cports[i],
+    nodes = [NatsServer(str(tmp_path / f"js{i}"), f"n{i}", cports[i],
                     [p for p in cports if p != cports[i]]) for i in range(3)]
     for node in nodes:
         node.start()
@@ -218,7 +163,7 @@ def test_cluster_node_killed_mid_flood(tmp_path):
         deadline = time.monotonic() + 30          # the cluster elects its leaders
         while sink.connected_url is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        killed: list[Server] = []
+        killed: list[NatsServer] = []
 
         def kill_connected():
             victim = next(n for n in nodes if n.url == sink.connected_url)
