@@ -731,3 +731,80 @@ def test_notifier_never_blocks_on_a_manager_that_does_not_read(tmp_path):
         assert results[0] and not all(results)
         assert n.errors == results.count(False)
         n.close()
+
+
+def _cut_records(path: str, n: int) -> int:
+    """Cut the last n whole records off a msgpack log (as root on the host could);
+    the size left."""
+    import msgpack
+    with open(path, "rb") as fh:
+        data = fh.read()
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    ends = []
+    for _ in unpacker:
+        ends.append(unpacker.tell())
+    size = ends[-1 - n]
+    os.truncate(path, size)
+    return size
+
+
+def test_chain_heads_at_remote_receivers_show_a_truncated_tail(base):
+    """The daemon sends its chain head to NATS and to rsyslog with its records; a tail
+    cut off the log afterwards passes the chain check of a live log, but not the check
+    against the heads either receiver holds, which names the truncation."""
+    from receivers import NatsServer, Rsyslog, wait_for
+    server = NatsServer(os.path.join(base, "js"))
+    server.start()
+    syslog_dir = os.path.join(base, "rsyslog")
+    os.makedirs(syslog_dir)
+    rsyslog = Rsyslog(syslog_dir)
+    try:
+        dm = Daemon(base, "inotify", **{
+            "sink.fleet.kind": "nats", "sink.fleet.servers": server.url,
+            "sink.fleet.spool_dir": os.path.join(base, "spool"),
+            "sink.central.kind": "syslog",
+            "sink.central.address": f"tcp://127.0.0.1:{rsyslog.tcp}"})
+        w = os.path.join(base, "w")
+        os.makedirs(w)
+        dm.write_rules("10.rules", f"-w {w} -p wa -k w\n")
+        try:
+            dm.start()
+            dm.wait_message("READY")
+            for n in range(40):
+                os.mkdir(os.path.join(w, f"d{n}"))
+                if n % 10 == 9:
+                    time.sleep(1.2)             # several writes, several heads
+            wait_until(lambda: dm.status().get("events", 0) >= 40, "the events")
+            st = dm.status()
+            assert st["heads_sent"] >= 2, st
+            assert dm.stop() == 0
+        finally:
+            dm.kill()
+        log = os.path.join(dm.log_dir, "audit.log")
+        heads_file = os.path.join(base, "heads.txt")
+
+        def syslog_heads():
+            marks = [sd for _, _, msgid, sd in rsyslog.lines()
+                     if msgid == "mark" and sd.get("fswatchaudit@32473", {}).get("what")
+                     == "head"]
+            return marks if marks and marks[-1]["fswatchaudit@32473"]["seq"] == str(
+                final_seq) else None
+        records = dm.records()
+        final_seq = sum(1 for _ in records)     # one file, one part: every record
+        wait_for(syslog_heads, "the last head at rsyslog")
+        shutil.copy(rsyslog.out, heads_file)
+        for source in (["--nats", server.url], ["--heads", heads_file]):
+            ok = fswatchaudit("log", "verify", log, *source)
+            assert "remote heads agree" in ok.stdout, ok.stdout
+        _cut_records(log, 12)                    # the attacker cuts the tail
+        live = fswatchaudit("log", "verify", "--live", log)    # the chain alone: fine
+        assert live.returncode == 0, live.stderr
+        for source in (["--nats", server.url], ["--heads", heads_file]):
+            bad = fswatchaudit("log", "verify", "--live", log, *source, check=False)
+            assert bad.returncode == 1, bad.stdout + bad.stderr
+            assert (f"log truncated after seq {final_seq - 12}" in bad.stderr
+                    and f"the remote head says {final_seq}" in bad.stderr), bad.stderr
+    finally:
+        rsyslog.stop()
+        server.stop()

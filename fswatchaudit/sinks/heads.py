@@ -35,9 +35,10 @@ def _head(fields: dict[str, Any]) -> dict[str, Any] | None:
 def parse_line(line: str) -> dict[str, Any] | None:
     """The head a line holds, in any of the forms the module names; else None."""
     line = line.strip()
-    if line.startswith("{"):
+    brace = line.find("{")          # a JSON object, alone or after a receiver's prefix
+    if brace >= 0:
         try:
-            data = json.loads(line)
+            data = json.loads(line[brace:])
         except ValueError:
             data = None
         if isinstance(data, dict):
