@@ -238,6 +238,8 @@ def test_heads_sent_out_show_a_cut_tail_and_missing_or_replaced_files(tmp_path):
     v = check_heads(files, [dict(h, host="elsewhere") for h in heads])
     assert not v.ok and "no chain heads of host h" in v.problem
     assert main(["log", "verify", *files, "--heads", str(tmp_path / "nosuch")]) == 2
+    (tmp_path / "none.jsonl").write_text("")
+    assert main(["log", "verify", *files, "--heads", str(tmp_path / "none.jsonl")]) == 2
 
 
 def test_heads_are_read_from_each_receivers_form():

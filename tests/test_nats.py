@@ -4,13 +4,17 @@ the spool keeps records across a run with no server at all."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from receivers import NATS_SERVER, NatsServer, free_port
+from tracehelp import REPO, Trace
 
 from fswatchaudit.events import Event, LostCounts
 from fswatchaudit.sinks.nats import NatsSink, Spool, subject_token, token_text
@@ -178,3 +182,62 @@ def test_cluster_node_killed_mid_flood(tmp_path):
     finally:
         for node in nodes:
             node.stop(signal.SIGKILL)
+
+
+def _search(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fswatchaudit", "search", *args],
+                          capture_output=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace per host needs root")
+def test_search_reads_every_hosts_stream(tmp_path):
+    """Two hosts (traces in UTS namespaces named web-01 and web-02) publish to one
+    server; `search --nats` answers for both, `--host` for one, with the same filters
+    as for files, and says which host each event is from."""
+    server = NatsServer(str(tmp_path / "js"))
+    server.start()
+    try:
+        made: dict[str, list[dict]] = {}
+        for host in ("web-01", "web-02"):
+            w = tmp_path / host
+            w.mkdir()
+            trace = Trace("--backend", "inotify", "-k", "fleet", "--sink",
+                          f"nats:{server.url}", str(w), hostname=host)
+            for n in range(5 if host == "web-01" else 3):
+                (w / f"f{n}").write_bytes(b"x")
+            os.mkdir(os.path.join(os.fsencode(w), b"raw\xff"))     # not UTF-8
+            trace.wait_for(1)
+            events, stderr, code = trace.stop()
+            assert code == 0, stderr
+            made[host] = events
+        assert all(made.values())
+        every = _search("--nats", server.url, "--json", "-k", "fleet")
+        assert every.returncode == 0, every.stderr
+        got = [json.loads(line) for line in every.stdout.splitlines()]
+        for host, events in made.items():
+            mine = [{k: v for k, v in e.items() if k != "host"} for e in got
+                    if e["host"] == host]
+            assert mine == events, host
+        assert len(got) == sum(map(len, made.values()))
+        one = _search("--nats", server.url, "--host", "web-02", "--json", "--op", "mkdir")
+        assert one.returncode == 0, one.stderr
+        only = [json.loads(line) for line in one.stdout.splitlines()]
+        assert [e["path"] for e in only] == \
+            [e["path"] for e in made["web-02"] if e["op"] == "mkdir"]
+        assert {e["host"] for e in only} == {"web-02"} and only
+        human = _search("--nats", server.url, "--host", "web-01", "--under",
+                        str(tmp_path / "web-01"), "--color", "never")
+        lines = human.stdout.decode().splitlines()
+        assert len(lines) == len(made["web-01"]) and all(x.startswith("web-01 ")
+                                                          for x in lines)
+        assert "raw\\xff" in human.stdout.decode()           # escaped, as in files
+        assert b"in the stream FSWATCHAUDIT" in human.stderr
+        csv_out = _search("--nats", server.url, "--csv", "--host", "web-01")
+        assert csv_out.stdout.startswith(b"host,time,")
+        bad = _search("--nats", f"nats://127.0.0.1:{free_port()}")
+        assert bad.returncode == 1 and b"cannot read the stream" in bad.stderr
+        assert b"Traceback" not in bad.stderr
+        mixed = _search("--nats", server.url, str(tmp_path / "x.log"))
+        assert mixed.returncode == 2 and b"give no log files" in mixed.stderr
+    finally:
+        server.stop()

@@ -70,12 +70,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not verdict.ok:
         print(f"fswatchaudit: TAMPERED OR DAMAGED: {verdict.problem}", file=sys.stderr)
         failed = True
+    unchecked = against is not None and not against.records
     if against is not None and not against.ok:
-        print(f"fswatchaudit: TAMPERED (against the remote heads): {against.problem}",
-              file=sys.stderr)
+        print(f"fswatchaudit: {'cannot check' if unchecked else 'TAMPERED'} against the "
+              f"remote heads: {against.problem}", file=sys.stderr)
         failed = True
     if failed:
-        return EXIT_FAILURE
+        return EXIT_USAGE if unchecked and verdict.ok else EXIT_FAILURE
     what = (f"{verdict.keyed_seals} seals authenticated" if key is not None
             else f"{verdict.seals} seals (not authenticated: no --key)")
     if against is not None:
@@ -148,7 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Check the hash chain and the seals of msgpack logs given oldest "
                     "first. Exit 0 when they are intact, 1 naming the file and byte of "
                     "the first edited, deleted, inserted, reordered or truncated record, "
-                    "2 for an unusable key or heads that cannot be read. With --heads "
+                    "2 for an unusable key or heads that cannot be read (or none of "
+                    "these logs' host). With --heads "
                     "or --nats, also against the chain heads the daemon sent to its "
                     "remote sinks: a tail cut off here is named (\"log truncated after "
                     "seq N: the remote head says M\").")

@@ -72,7 +72,7 @@ def nats_heads(servers: str, hosts: list[str], **options: Any) -> list[dict[str,
     from .nats_reader import iter_stream
     out = []
     for host in hosts:
-        for item in iter_stream(servers, host, no_key=True, **options):
+        for item in iter_stream(servers.split(","), host, no_key=True, **options):
             head = _head(item.record) if item.record.get("t") == "mark" else None
             if head is not None:
                 out.append(head)

@@ -62,8 +62,12 @@ def iter_stream(servers: str | list[str], host: str | None = None, *,
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     urls = [servers] if isinstance(servers, str) else list(servers)
+    async def quiet(exc: Exception) -> None:
+        """The error is raised to the caller: no traceback printed by the client."""
+
     nc = run(nats.connect(servers=urls, allow_reconnect=False, connect_timeout=timeout,
-                          max_reconnect_attempts=1, reconnect_time_wait=0.05))
+                          max_reconnect_attempts=1, reconnect_time_wait=0.05,
+                          error_cb=quiet))
     try:
         js = nc.jetstream(timeout=timeout)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL,
