@@ -137,13 +137,19 @@ class Journald:
     """A systemd-journald of its own namespace (``socket``; read back with
     ``entries``), removed with what it stored at ``stop``."""
 
-    def __init__(self, namespace: str | None = None) -> None:
+    def __init__(self, namespace: str | None = None, rate_limit: bool = True) -> None:
         if not os.access(JOURNALD, os.X_OK):
             raise RuntimeError("systemd-journald is not installed (scripts/setup installs "
                                "systemd)")
         if not os.path.exists("/etc/machine-id") or not open("/etc/machine-id").read().strip():
             subprocess.run(["systemd-machine-id-setup"], check=True, capture_output=True)
         self.namespace = namespace or f"fswa{os.getpid()}"
+        self.conf: str | None = None
+        if not rate_limit:          # keep every entry of a flood (a benchmark's)
+            self.conf = f"/etc/systemd/journald@{self.namespace}.conf"
+            with open(self.conf, "w") as fh:
+                fh.write("[Journal]\nRateLimitIntervalSec=0\nRateLimitBurst=0\n"
+                         "Storage=volatile\nRuntimeMaxUse=1G\n")
         self.proc = subprocess.Popen([JOURNALD, self.namespace], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.socket = f"/run/systemd/journal.{self.namespace}/socket"
@@ -158,6 +164,8 @@ class Journald:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+        if self.conf is not None:
+            os.unlink(self.conf)
         machine = open("/etc/machine-id").read().strip()
         for d in (f"/var/log/journal/{machine}.{self.namespace}",
                   f"/run/log/journal/{machine}.{self.namespace}",
