@@ -442,6 +442,10 @@ def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
                              "the dead sink to be seen failing")
         assert central["sent"] == 0 and central["queued"] + central["lost"] > 0
         assert "sinks" in st and "copy" in st["sinks"]
+        assert central["queue_limit"] == 100000
+        shown = dm.ctl("-s").stdout
+        assert any(line.startswith("sink central: sent=0, ") and "lost=" in line
+                   for line in shown.splitlines()), shown
         assert dm.stop() == 0
     finally:
         dm.kill()

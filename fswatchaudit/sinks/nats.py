@@ -371,6 +371,7 @@ class NatsSink:
                 "duplicates": self.duplicates, "queued": queued,
                 "spool_records": self.spool.pending,
                 "spool_bytes": self.spool.size - self.spool.pos,
+                "spool_limit": self.spool.limit, "queue_limit": self.queue_size,
                 "connected": self.connected_url}
 
     def close(self) -> None:

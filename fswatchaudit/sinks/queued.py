@@ -113,7 +113,8 @@ class QueuedSink:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             queued = len(self._queue)
-        out: dict[str, Any] = {"sent": self.sent, "queued": queued, "lost": self.lost}
+        out: dict[str, Any] = {"sent": self.sent, "queued": queued, "lost": self.lost,
+                               "queue_limit": self.max_records}
         if self.errors:
             out["errors"] = self.errors
             out["last_error"] = self.last_error
