@@ -208,6 +208,7 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
     from fswatchaudit.sinks.integrity import Chain
     from fswatchaudit.sinks.rotating import RotatingFileSink
     from fswatchaudit.wiring import log_header, open_backend
+    rec.journald.ensure()
     rs = RuleSet()
     rs.add(watch_rule(workdir, key="bench"))
     be = open_backend("ebpf", rs)

@@ -150,10 +150,21 @@ class Journald:
             with open(self.conf, "w") as fh:
                 fh.write("[Journal]\nRateLimitIntervalSec=0\nRateLimitBurst=0\n"
                          "Storage=volatile\nRuntimeMaxUse=1G\n")
+        self.socket = f"/run/systemd/journal.{self.namespace}/socket"
+        self._start()
+
+    def _start(self) -> None:
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
         self.proc = subprocess.Popen([JOURNALD, self.namespace], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        self.socket = f"/run/systemd/journal.{self.namespace}/socket"
         wait_for(lambda: os.path.exists(self.socket), "journald to listen")
+
+    def ensure(self) -> None:
+        """Start it again if it has gone: a namespace's journald exits after a while
+        without clients."""
+        if self.proc.poll() is not None:
+            self._start()
 
     def entries(self, *matches: str) -> list[dict[str, Any]]:
         r = subprocess.run(["journalctl", f"--namespace={self.namespace}", "-o", "json",

@@ -754,17 +754,19 @@ def _cut_records(path: str, n: int) -> int:
 
 
 def test_chain_heads_at_remote_receivers_show_a_truncated_tail(base):
-    """The daemon sends its chain head to NATS and to rsyslog with its records; a tail
-    cut off the log afterwards passes the chain check of a live log, but not the check
-    against the heads either receiver holds, which names the truncation."""
-    from receivers import NatsServer, Rsyslog, wait_for
+    """The daemon sends its chain head to NATS, rsyslog and journald with its records;
+    a tail cut off the log afterwards passes the chain check of a live log, but not the
+    check against the heads any receiver holds, which names the truncation."""
+    from receivers import Journald, NatsServer, Rsyslog, wait_for
     server = NatsServer(os.path.join(base, "js"))
     server.start()
     syslog_dir = os.path.join(base, "rsyslog")
     os.makedirs(syslog_dir)
     rsyslog = Rsyslog(syslog_dir)
+    journald = Journald()
     try:
         dm = Daemon(base, "inotify", **{
+            "sink.journal.kind": "journald", "sink.journal.socket": journald.socket,
             "sink.fleet.kind": "nats", "sink.fleet.servers": server.url,
             "sink.fleet.spool_dir": os.path.join(base, "spool"),
             "sink.central.kind": "syslog",
@@ -798,17 +800,26 @@ def test_chain_heads_at_remote_receivers_show_a_truncated_tail(base):
         final_seq = sum(1 for _ in records)     # one file, one part: every record
         wait_for(syslog_heads, "the last head at rsyslog")
         shutil.copy(rsyslog.out, heads_file)
-        for source in (["--nats", server.url], ["--heads", heads_file]):
+        journal_file = os.path.join(base, "journal.json")
+        entries = wait_for(lambda: (e := journald.entries("FSWATCHAUDIT_WHAT=head"))
+                           and e[-1]["FSWATCHAUDIT_SEQ"] == str(final_seq) and e,
+                           "the last head in the journal")
+        with open(journal_file, "w") as fh:
+            fh.write("".join(json.dumps(e) + "\n" for e in entries))
+        sources = (["--nats", server.url], ["--heads", heads_file],
+                   ["--heads", journal_file])
+        for source in sources:
             ok = fswatchaudit("log", "verify", log, *source)
             assert "remote heads agree" in ok.stdout, ok.stdout
         _cut_records(log, 12)                    # the attacker cuts the tail
         live = fswatchaudit("log", "verify", "--live", log)    # the chain alone: fine
         assert live.returncode == 0, live.stderr
-        for source in (["--nats", server.url], ["--heads", heads_file]):
+        for source in sources:
             bad = fswatchaudit("log", "verify", "--live", log, *source, check=False)
             assert bad.returncode == 1, bad.stdout + bad.stderr
             assert (f"log truncated after seq {final_seq - 12}" in bad.stderr
                     and f"the remote head says {final_seq}" in bad.stderr), bad.stderr
     finally:
+        journald.stop()
         rsyslog.stop()
         server.stop()
