@@ -206,3 +206,53 @@ def test_a_bad_sink_is_refused_before_anything_starts(base):
                            capture_output=True, text=True, cwd=REPO)
         assert r.returncode == code and message in r.stderr, (spec, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+class _SlowTransport:
+    """A transport that takes ``delay`` seconds a record, or blocks until released."""
+
+    def __init__(self, delay: float = 0.0, block: bool = False) -> None:
+        import threading
+        self.name, self.delay, self.got = "slow", delay, 0
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def write(self, record) -> None:
+        self.release.wait()
+        time.sleep(self.delay)
+        self.got += 1
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.release.set()
+
+    def stats(self) -> dict:
+        return {}
+
+
+def test_close_waits_while_a_slow_sink_drains_and_counts_what_a_stuck_one_holds(
+        monkeypatch):
+    import threading
+
+    from fswatchaudit.events import Marker
+    from fswatchaudit.sinks import queued
+    monkeypatch.setattr(queued, "CLOSE_WAIT", 0.3)
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    slow = _SlowTransport(delay=0.002)
+    sink = queued.QueuedSink(slow)
+    for n in range(600):                    # about 1.2 s of sending: past CLOSE_WAIT
+        sink.write(Marker("mark", {"n": n}))
+    sink.close()
+    assert (slow.got, sink.sent, sink.lost) == (600, 600, 0)
+    stuck = _SlowTransport(block=True)
+    sink = queued.QueuedSink(stuck)
+    for n in range(50):
+        sink.write(Marker("mark", {"n": n}))
+    sink.close()
+    time.sleep(0.1)                         # the thread, released by close, ends
+    assert sink.lost == 50 and sink.sent == 0 and sink.stats()["queued"] == 0
+    assert not crashes
