@@ -159,11 +159,19 @@ class Journald:
         self.proc = subprocess.Popen([JOURNALD, self.namespace], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(self.socket), "journald to listen")
+        # a namespace's journald exits after 30 s without a client: one stdout stream
+        # (the protocol of a service's output; its header, then nothing) keeps it up
+        stdout = os.path.join(os.path.dirname(self.socket), "stdout")
+        wait_for(lambda: os.path.exists(stdout), "journald's stdout socket")
+        self._stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stream.connect(stdout)
+        self._stream.sendall(b"fswatchaudit-test\n\n6\n0\n0\n0\n0\n")
 
     def ensure(self) -> None:
         """Start it again if it has gone: a namespace's journald exits after a while
         without clients."""
         if self.proc.poll() is not None:
+            self._stream.close()
             self._start()
 
     def entries(self, *matches: str) -> list[dict[str, Any]]:
@@ -172,6 +180,7 @@ class Journald:
         return [json.loads(line) for line in r.stdout.splitlines()]
 
     def stop(self) -> None:
+        self._stream.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
