@@ -7,6 +7,9 @@ over a few repetitions so that drifts of the machine hit every way alike:
   baseline    nothing traces
   unwatched   the eBPF backend runs, watching a sibling directory on the same filesystem
   watched     the eBPF backend watches the workload's own directory, a consumer reads
+  watched, log + jsonl + auditd files
+              as watched, through the whole auditor into the chained msgpack log and
+              the jsonl and auditd file sinks
   watched, all sinks
               as watched, through the whole auditor (processor chain, fan-out) into
               every sink at once: the msgpack log with its hash chain (heads sent to
@@ -163,8 +166,17 @@ class Receivers:
         self.nats = NatsServer(os.path.join(tmp, "js"))
         self.nats.start()
 
-    def counts(self, since: dict | None = None) -> dict:
-        """Records each receiver holds now (minus ``since``)."""
+    def counts(self, since: dict | None = None, expect: int = 0) -> dict:
+        """Records each receiver holds now (minus ``since``); with ``expect``, waits up
+        to 10 s for each to hold that many (the last ones may still be in flight)."""
+        deadline = time.monotonic() + 10
+        while True:
+            got = self._counts(since)
+            if all(v >= expect for v in got.values()) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.5)
+
+    def _counts(self, since: dict | None) -> dict:
         syslog = 0
         if os.path.exists(self.rsyslog.out):
             with open(self.rsyslog.out, "rb") as fh:
@@ -200,7 +212,9 @@ def nats_messages(url: str) -> int:
 
 
 def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
-                  rep: int) -> dict:
+                  rep: int, remote: bool = True) -> dict:
+    """The workload watched through the whole auditor into the msgpack log (chained),
+    jsonl and auditd files and, with ``remote``, syslog, journald and NATS."""
     import threading
 
     from fswatchaudit.auditor import Auditor
@@ -212,7 +226,7 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
     rs = RuleSet()
     rs.add(watch_rule(workdir, key="bench"))
     be = open_backend("ebpf", rs)
-    out = os.path.join(tmp, f"sinks{rep}")
+    out = os.path.join(tmp, f"sinks{rep}{'r' if remote else 'f'}")
     os.mkdir(out, 0o700)
     header = log_header(be.name, rs)
     log = RotatingFileSink(os.path.join(out, "audit.log"), header, integrity=Chain())
@@ -222,7 +236,7 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
                          "queue": str(SINK_QUEUE)}),
              ("journald", {"socket": rec.journald.socket, "queue": str(SINK_QUEUE)}),
              ("nats", {"servers": rec.nats.url, "spool_dir": f"{out}/spool",
-                       "queue": str(SINK_QUEUE)})]
+                       "queue": str(SINK_QUEUE)})][:None if remote else 2]
     from fswatchaudit.capabilities import CAPABILITIES
     others = [kinds.build(kinds.settings_for(kind, given, kind), kinds.SinkContext(header),
                           CAPABILITIES[be.name].fields) for kind, given in specs]
@@ -244,7 +258,8 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
     auditor.close()                     # every sink hands on what it holds
     cpu = cpu_seconds() - cpu0
     sinks = {s.name: s.stats() for s in [log, *others]}
-    got = rec.counts(before)
+    sent = min((st["sent"] for st in sinks.values() if "sent" in st), default=0)
+    got = rec.counts(before, sent) if remote else {}
     shutil.rmtree(out, ignore_errors=True)
     return dict(timing, events=auditor.events, lost=lost, consumer_cpu=cpu, sinks=sinks,
                 received=got)
@@ -355,6 +370,9 @@ def main() -> None:
             results["watched"].append(measured(
                 lambda: run_ebpf(exe, workdir, workdir, args.rounds, True)))
             if rec is not None:
+                results["watched, log + jsonl + auditd files"].append(measured(
+                    lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r,
+                                                remote=False)))
                 results["watched, all sinks"].append(measured(
                     lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r)))
             if aud is not None:
@@ -400,10 +418,12 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
         print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
               f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
               f"{cell('consumer_cpu', '{:.2f} s')} |")
-    for r in results.get("watched, all sinks", []):
-        print("\nsinks (sent / lost / still queued; what the receivers stored): "
-              + "; ".join(f"{name} {sink_cell(st)}" for name, st in r["sinks"].items())
-              + "; received: " + ", ".join(f"{k} {v}" for k, v in r["received"].items()))
+    for way in ("watched, log + jsonl + auditd files", "watched, all sinks"):
+        for r in results.get(way, []):
+            print(f"\n{way}: sinks (sent / lost / still queued; what the receivers "
+                  "stored): "
+                  + "; ".join(f"{name} {sink_cell(st)}" for name, st in r["sinks"].items())
+                  + "".join(f"; received: {k} {v}" for k, v in r["received"].items()))
     st = [s["start"] for s in startup]
     print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
           f"median {statistics.median(st):.3f} s (runs: "
