@@ -223,6 +223,8 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
     from fswatchaudit.sinks.rotating import RotatingFileSink
     from fswatchaudit.wiring import log_header, open_backend
     rec.journald.ensure()
+    # counted before the sinks exist: the log's first chain head goes out at once
+    before = rec.counts() if remote else {}
     rs = RuleSet()
     rs.add(watch_rule(workdir, key="bench"))
     be = open_backend("ebpf", rs)
@@ -242,7 +244,6 @@ def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
                           CAPABILITIES[be.name].fields) for kind, given in specs]
     log.heads_to = [s for s in others if not isinstance(s, RotatingFileSink)]
     auditor = Auditor(be, rs, [log, *others])
-    before = rec.counts()
     consumer = threading.Thread(target=auditor.run, name="consumer")
     cpu0 = cpu_seconds()
     consumer.start()
