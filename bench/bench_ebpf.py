@@ -7,12 +7,24 @@ over a few repetitions so that drifts of the machine hit every way alike:
   baseline    nothing traces
   unwatched   the eBPF backend runs, watching a sibling directory on the same filesystem
   watched     the eBPF backend watches the workload's own directory, a consumer reads
+  watched, log + jsonl + auditd files
+              as watched, through the whole auditor into the chained msgpack log and
+              the jsonl and auditd file sinks
+  watched, all sinks
+              as watched, through the whole auditor (processor chain, fan-out) into
+              every sink at once: the msgpack log with its hash chain (heads sent to
+              the remote sinks), jsonl, auditd text, syslog to a real rsyslog (TCP),
+              journald to a real namespaced systemd-journald and NATS to a real
+              nats-server -js (receivers started as the tests start them)
   auditd      `auditctl -w DIR -p wa` (only where auditctl is installed)
 
 Reported: the workload's own wall time (median, and ratio to baseline), events
 delivered, events lost, whether every expected event came exactly once, and the CPU
-time the consumer spent.  Also the start-up time of the backend with 10 rules, measured
-in a fresh process.  Run as root:  .venv/bin/python bench/bench_ebpf.py
+time the consumer spent (with all sinks: every thread of the process, sinks
+included, until they have handed everything on); for the sinks, what each sent, lost
+and still held at the end, and what the receivers stored.  Also the start-up time of
+the backend with 10 rules, measured in a fresh process.
+Run as root:  .venv/bin/python bench/bench_ebpf.py
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from fswatchaudit.rules import RuleSet, watch_rule  # noqa: E402
 from tests.linux_audit import Auditd, audit_status  # noqa: E402
+from tests.receivers import Journald, NatsServer, Rsyslog  # noqa: E402
 
 AUDIT_KEY = "fswa-bench"
 OPS_PER_ROUND = 6            # open, write, close, chmod, rename, unlink
@@ -138,6 +151,121 @@ def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> di
     return res
 
 
+# -- the whole auditor into every sink ---------------------------------------------------
+
+SINK_QUEUE = 2_000_000          # records a remote sink may hold: a whole run fits
+
+
+class Receivers:
+    """rsyslog, a namespaced journald and nats-server, for the whole bench."""
+
+    def __init__(self, tmp: str) -> None:
+        os.makedirs(os.path.join(tmp, "rsyslog"))
+        self.rsyslog = Rsyslog(os.path.join(tmp, "rsyslog"))
+        self.journald = Journald(f"fswabench{os.getpid()}", rate_limit=False)
+        self.nats = NatsServer(os.path.join(tmp, "js"))
+        self.nats.start()
+
+    def counts(self, since: dict | None = None, expect: int = 0) -> dict:
+        """Records each receiver holds now (minus ``since``); with ``expect``, waits up
+        to 10 s for each to hold that many (the last ones may still be in flight)."""
+        deadline = time.monotonic() + 10
+        while True:
+            got = self._counts(since)
+            if all(v >= expect for v in got.values()) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.5)
+
+    def _counts(self, since: dict | None) -> dict:
+        syslog = 0
+        if os.path.exists(self.rsyslog.out):
+            with open(self.rsyslog.out, "rb") as fh:
+                syslog = sum(1 for _ in fh)
+        r = subprocess.run(["journalctl", f"--namespace={self.journald.namespace}",
+                            "--no-pager", "-o", "cat", "SYSLOG_IDENTIFIER=fswatchaudit"],
+                           capture_output=True)
+        journal = r.stdout.count(b"\n")
+        nats = nats_messages(self.nats.url)
+        now = {"syslog": syslog, "journald": journal, "nats": nats}
+        return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
+
+    def close(self) -> None:
+        self.nats.stop()
+        self.journald.stop()
+        self.rsyslog.stop()
+
+
+def nats_messages(url: str) -> int:
+    import asyncio
+
+    import nats
+
+    async def count() -> int:
+        nc = await nats.connect(servers=[url], allow_reconnect=False)
+        try:
+            return (await nc.jetstream().stream_info("FSWATCHAUDIT")).state.messages
+        except Exception:
+            return 0
+        finally:
+            await nc.close()
+    return asyncio.run(count())
+
+
+def run_all_sinks(exe: str, workdir: str, rounds: int, rec: Receivers, tmp: str,
+                  rep: int, remote: bool = True) -> dict:
+    """The workload watched through the whole auditor into the msgpack log (chained),
+    jsonl and auditd files and, with ``remote``, syslog, journald and NATS."""
+    import threading
+
+    from fswatchaudit.auditor import Auditor
+    from fswatchaudit.sinks import kinds
+    from fswatchaudit.sinks.integrity import Chain
+    from fswatchaudit.sinks.rotating import RotatingFileSink
+    from fswatchaudit.wiring import log_header, open_backend
+    rec.journald.ensure()
+    # counted before the sinks exist: the log's first chain head goes out at once
+    before = rec.counts() if remote else {}
+    rs = RuleSet()
+    rs.add(watch_rule(workdir, key="bench"))
+    be = open_backend("ebpf", rs)
+    out = os.path.join(tmp, f"sinks{rep}{'r' if remote else 'f'}")
+    os.mkdir(out, 0o700)
+    header = log_header(be.name, rs)
+    log = RotatingFileSink(os.path.join(out, "audit.log"), header, integrity=Chain())
+    specs = [("jsonl", {"path": f"{out}/audit.jsonl"}),
+             ("auditd", {"path": f"{out}/audit.auditd"}),
+             ("syslog", {"address": f"tcp://127.0.0.1:{rec.rsyslog.tcp}",
+                         "queue": str(SINK_QUEUE)}),
+             ("journald", {"socket": rec.journald.socket, "queue": str(SINK_QUEUE)}),
+             ("nats", {"servers": rec.nats.url, "spool_dir": f"{out}/spool",
+                       "queue": str(SINK_QUEUE)})][:None if remote else 2]
+    from fswatchaudit.capabilities import CAPABILITIES
+    others = [kinds.build(kinds.settings_for(kind, given, kind), kinds.SinkContext(header),
+                          CAPABILITIES[be.name].fields) for kind, given in specs]
+    log.heads_to = [s for s in others if not isinstance(s, RotatingFileSink)]
+    auditor = Auditor(be, rs, [log, *others])
+    consumer = threading.Thread(target=auditor.run, name="consumer")
+    cpu0 = cpu_seconds()
+    consumer.start()
+    auditor.running.wait(10)
+    timing = Workload(exe, workdir, rounds).finish()
+    deadline = time.monotonic() + 60
+    while auditor.events < rounds * EVENTS_PER_ROUND and time.monotonic() < deadline \
+            and not be.lost():
+        time.sleep(0.05)
+    auditor.stop()
+    consumer.join()
+    lost = sum(auditor.finish().values())
+    auditor.close()                     # every sink hands on what it holds
+    cpu = cpu_seconds() - cpu0
+    sinks = {s.name: s.stats() for s in [log, *others]}
+    sent = min((st["sent"] for st in sinks.values() if "sent" in st), default=0)
+    got = rec.counts(before, sent) if remote else {}
+    shutil.rmtree(out, ignore_errors=True)
+    return dict(timing, events=auditor.events, lost=lost, consumer_cpu=cpu, sinks=sinks,
+                received=got)
+
+
 # -- auditd ------------------------------------------------------------------------------
 
 def run_auditd(aud: Auditd, exe: str, workdir: str, rounds: int) -> dict:
@@ -210,6 +338,8 @@ def main() -> None:
                     help=f"workload rounds ({OPS_PER_ROUND} file operations each)")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of every way")
     ap.add_argument("--no-auditd", action="store_true", help="skip the auditd comparison")
+    ap.add_argument("--no-sinks", action="store_true",
+                    help="skip the run through every sink (and their receivers)")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
     ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other tools' BPF "
@@ -225,9 +355,11 @@ def main() -> None:
     exe = build_workload(tmp)
     use_auditd = bool(shutil.which("auditctl")) and not args.no_auditd
     results: dict[str, list[dict]] = collections.defaultdict(list)
+    rec: Receivers | None = None
     try:
         startup = [measure_startup(10) for _ in range(args.repeat)]
         aud = Auditd(tmp) if use_auditd else None
+        rec = None if args.no_sinks else Receivers(tmp)
         for rep in range(args.repeat):
             def measured(run) -> dict:
                 foreign = wait_quiet(args.wait_quiet)
@@ -238,12 +370,20 @@ def main() -> None:
                 lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False)))
             results["watched"].append(measured(
                 lambda: run_ebpf(exe, workdir, workdir, args.rounds, True)))
+            if rec is not None:
+                results["watched, log + jsonl + auditd files"].append(measured(
+                    lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r,
+                                                remote=False)))
+                results["watched, all sinks"].append(measured(
+                    lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r)))
             if aud is not None:
                 with aud:
                     results["auditd -w DIR -p wa"].append(measured(
                         lambda: run_auditd(aud, exe, workdir, args.rounds)))
             print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
     finally:
+        if rec is not None:
+            rec.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     if args.json:
@@ -279,6 +419,12 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
         print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
               f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
               f"{cell('consumer_cpu', '{:.2f} s')} |")
+    for way in ("watched, log + jsonl + auditd files", "watched, all sinks"):
+        for r in results.get(way, []):
+            print(f"\n{way}: sinks (sent / lost / still queued; what the receivers "
+                  "stored): "
+                  + "; ".join(f"{name} {sink_cell(st)}" for name, st in r["sinks"].items())
+                  + "".join(f"; received: {k} {v}" for k, v in r["received"].items()))
     st = [s["start"] for s in startup]
     print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
           f"median {statistics.median(st):.3f} s (runs: "
@@ -289,6 +435,13 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
     if foreign:
         print(f"\nWARNING: in {foreign} runs other tools' BPF tracing programs were loaded "
               "(they slow every run, the baseline too): the ratios are not clean")
+
+def sink_cell(st: dict) -> str:
+    if "records_written" in st:                 # a file sink
+        return f"{st['records_written']} written / {st['records_dropped']} dropped"
+    return f"{st.get('sent')} / {st.get('lost')} / {st.get('queued', 0)}" + (
+        f" (spooled {st['spooled']})" if st.get("spooled") else "")
+
 
 if __name__ == "__main__":
     main()

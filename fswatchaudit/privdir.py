@@ -8,9 +8,11 @@ import stat
 
 
 def open_private_dir(path: str) -> int:
-    """The directory, created 0700 when missing; an existing one must be a real
-    directory (never a symlink) of this user that nobody else may write."""
+    """The directory, created 0700 (with its missing parents, as /var/lib/fswatchaudit
+    on a first run) when missing; an existing one must be a real directory (never a
+    symlink) of this user that nobody else may write."""
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), 0o700, exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass

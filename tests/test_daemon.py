@@ -442,6 +442,10 @@ def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
                              "the dead sink to be seen failing")
         assert central["sent"] == 0 and central["queued"] + central["lost"] > 0
         assert "sinks" in st and "copy" in st["sinks"]
+        assert central["queue_limit"] == 100000
+        shown = dm.ctl("-s").stdout
+        assert any(line.startswith("sink central: sent=0, ") and "lost=" in line
+                   for line in shown.splitlines()), shown
         assert dm.stop() == 0
     finally:
         dm.kill()
@@ -454,7 +458,7 @@ def test_configured_sinks_run_beside_the_log_and_show_in_status(base):
 
 def test_daemon_log_is_chained_and_sealed(base):
     key = os.path.join(base, "seal.key")
-    made = fswatchaudit("keygen", "--key-file", key, "--verify-key",
+    made = fswatchaudit("log", "keygen", "--key-file", key, "--verify-key",
                         os.path.join(base, "verify.key"))
     assert made.returncode == 0
     dm = Daemon(base, "inotify", seal_key_file=key, seal_interval=1)
@@ -471,14 +475,14 @@ def test_daemon_log_is_chained_and_sealed(base):
     finally:
         dm.kill()
     log = os.path.join(dm.log_dir, "audit.log")
-    ok = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log)
+    ok = fswatchaudit("log", "verify", "--key", os.path.join(base, "verify.key"), log)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     with open(log, "r+b") as fh:                 # a root attacker edits one path
         data = fh.read()
         at = data.index(b"/d5")
         fh.seek(at)
         fh.write(b"/x5")
-    bad = fswatchaudit("verify", "--key", os.path.join(base, "verify.key"), log,
+    bad = fswatchaudit("log", "verify", "--key", os.path.join(base, "verify.key"), log,
                        check=False)
     assert bad.returncode == 1 and "byte" in bad.stdout + bad.stderr
 
@@ -767,3 +771,91 @@ def test_a_change_deeper_than_the_kernel_walks_is_reported_or_counted(base):
             >= deep
     finally:
         dm.kill()
+
+
+def _cut_records(path: str, n: int) -> int:
+    """Cut the last n whole records off a msgpack log (as root on the host could);
+    the size left."""
+    import msgpack
+    with open(path, "rb") as fh:
+        data = fh.read()
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    ends = []
+    for _ in unpacker:
+        ends.append(unpacker.tell())
+    size = ends[-1 - n]
+    os.truncate(path, size)
+    return size
+
+
+def test_chain_heads_at_remote_receivers_show_a_truncated_tail(base):
+    """The daemon sends its chain head to NATS, rsyslog and journald with its records;
+    a tail cut off the log afterwards passes the chain check of a live log, but not the
+    check against the heads any receiver holds, which names the truncation."""
+    from receivers import Journald, NatsServer, Rsyslog, wait_for
+    server = NatsServer(os.path.join(base, "js"))
+    server.start()
+    syslog_dir = os.path.join(base, "rsyslog")
+    os.makedirs(syslog_dir)
+    rsyslog = Rsyslog(syslog_dir)
+    journald = Journald()
+    try:
+        dm = Daemon(base, "inotify", **{
+            "sink.journal.kind": "journald", "sink.journal.socket": journald.socket,
+            "sink.fleet.kind": "nats", "sink.fleet.servers": server.url,
+            "sink.fleet.spool_dir": os.path.join(base, "spool"),
+            "sink.central.kind": "syslog",
+            "sink.central.address": f"tcp://127.0.0.1:{rsyslog.tcp}"})
+        w = os.path.join(base, "w")
+        os.makedirs(w)
+        dm.write_rules("10.rules", f"-w {w} -p wa -k w\n")
+        try:
+            dm.start()
+            dm.wait_message("READY")
+            for n in range(40):
+                os.mkdir(os.path.join(w, f"d{n}"))
+                if n % 10 == 9:
+                    time.sleep(1.2)             # several writes, several heads
+            wait_until(lambda: dm.status().get("events", 0) >= 40, "the events")
+            st = dm.status()
+            assert st["heads_sent"] >= 2, st
+            assert dm.stop() == 0
+        finally:
+            dm.kill()
+        log = os.path.join(dm.log_dir, "audit.log")
+        heads_file = os.path.join(base, "heads.txt")
+
+        def syslog_heads():
+            marks = [sd for _, _, msgid, sd in rsyslog.lines()
+                     if msgid == "mark" and sd.get("fswatchaudit@32473", {}).get("what")
+                     == "head"]
+            return marks if marks and marks[-1]["fswatchaudit@32473"]["seq"] == str(
+                final_seq) else None
+        records = dm.records()
+        final_seq = sum(1 for _ in records)     # one file, one part: every record
+        wait_for(syslog_heads, "the last head at rsyslog")
+        shutil.copy(rsyslog.out, heads_file)
+        journal_file = os.path.join(base, "journal.json")
+        entries = wait_for(lambda: (e := journald.entries("FSWATCHAUDIT_WHAT=head"))
+                           and e[-1]["FSWATCHAUDIT_SEQ"] == str(final_seq) and e,
+                           "the last head in the journal")
+        with open(journal_file, "w") as fh:
+            fh.write("".join(json.dumps(e) + "\n" for e in entries))
+        sources = (["--nats", server.url], ["--heads", heads_file],
+                   ["--heads", journal_file])
+        for source in sources:
+            ok = fswatchaudit("log", "verify", log, *source)
+            assert "remote heads agree" in ok.stdout, ok.stdout
+        _cut_records(log, 12)                    # the attacker cuts the tail
+        live = fswatchaudit("log", "verify", "--live", log)    # the chain alone: fine
+        assert live.returncode == 0, live.stderr
+        for source in sources:
+            bad = fswatchaudit("log", "verify", "--live", log, *source, check=False)
+            assert bad.returncode == 1, bad.stdout + bad.stderr
+            assert (f"log truncated after seq {final_seq - 12}" in bad.stderr
+                    and f"the remote head says {final_seq}" in bad.stderr), bad.stderr
+    finally:
+        journald.stop()
+        rsyslog.stop()
+        server.stop()

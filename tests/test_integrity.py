@@ -1,7 +1,8 @@
-"""Tamper-evident logs: untouched logs pass `verify`; every kind of tampering is
+"""Tamper-evident logs: untouched logs pass `log verify`; every kind of tampering is
 caught with the file and byte of the first altered record, and exit 1."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -10,9 +11,11 @@ import pytest
 import structlog
 
 from fswatchaudit.cli import main
-from fswatchaudit.events import Event
+from fswatchaudit.events import Event, Marker
 from fswatchaudit.sinks import integrity
-from fswatchaudit.sinks.integrity import Chain, keygen, read_key, verify
+from fswatchaudit.sinks.heads import parse_line
+from fswatchaudit.sinks.integrity import Chain, check_heads, keygen, read_key, verify
+from fswatchaudit.sinks.memory import ListSink
 from fswatchaudit.sinks.reader import rotated_files
 from fswatchaudit.sinks.rotating import RotatingFileSink
 
@@ -26,10 +29,14 @@ def keep_logging_config():
     structlog.configure(**saved)
 
 
-def write_log(d, key_file: str | None, n: int = 60, start: int = 0) -> list[str]:
+def write_log(d, key_file: str | None, n: int = 60, start: int = 0,
+              heads: ListSink | None = None) -> list[str]:
     chain = Chain(key_file, seal_interval=0.0)          # a seal after every write
-    sink = RotatingFileSink(str(d / "audit.log"), {"host": "h"}, flush_interval=0.02,
+    sink = RotatingFileSink(str(d / "audit.log"), {"host": "h", "start": time.time_ns()},
+                            flush_interval=0.02,
                             rotate_size=2500, integrity=chain)
+    if heads is not None:
+        sink.heads_to = [heads]
     for i in range(start, start + n):
         sink.write(Event(op="create", path=f"/srv/file-{i:04d}", backend="inotify", seq=i))
         if i % 10 == 0:
@@ -64,7 +71,7 @@ def check(files, key, expect_file: str, expect_byte: int | None, word: str = "")
     if expect_byte is not None:
         assert v.problem.startswith(f"{expect_file}: byte {expect_byte}:"), v.problem
     assert word in v.problem
-    assert main(["verify", *files, "--key", key]) == 1
+    assert main(["log", "verify", *files, "--key", key]) == 1
     return v.problem
 
 
@@ -73,7 +80,7 @@ def test_untouched_logs_pass(sealed, tmp_path, capsys):
     v = verify(files, read_key(key))
     assert v.ok and v.keyed_seals == v.seals > 3, v
     assert verify(files).ok                               # chain only, without the key
-    assert main(["verify", files[-1], "--all", "--key", key]) == 0
+    assert main(["log", "verify", files[-1], "--all", "--key", key]) == 0
     assert "chain intact" in capsys.readouterr().out
     assert os.stat(tmp_path / "k" / "seal.key").st_mode & 0o777 == 0o600
     state = read_key(str(tmp_path / "k" / "seal.key"))
@@ -191,10 +198,67 @@ def test_restart_continues_the_chain(sealed, tmp_path):
 
 def test_keygen_cli(tmp_path, capsys):
     kf = str(tmp_path / "keys" / "seal.key")
-    assert main(["keygen", "--key-file", kf]) == 0
+    assert main(["log", "keygen", "--key-file", kf]) == 0
     line = capsys.readouterr().out
     assert line.startswith("fswatchaudit-verify-key v1 ")
     assert os.stat(kf).st_mode & 0o777 == 0o600
     assert os.stat(tmp_path / "keys").st_mode & 0o777 == 0o700
-    assert main(["keygen", "--key-file", kf]) == 1        # never overwritten silently
+    assert main(["log", "keygen", "--key-file", kf]) == 1        # never overwritten silently
     assert read_key(kf).kid == integrity.KeyState.parse(line).kid
+
+
+def test_heads_sent_out_show_a_cut_tail_and_missing_or_replaced_files(tmp_path):
+    d = tmp_path / "log"
+    d.mkdir(mode=0o700)
+    sent = ListSink()
+    files = write_log(d, None, heads=sent)
+    heads = [m.to_dict() for m in sent.records]
+    assert all(isinstance(m, Marker) and m.what == "head" for m in sent.records)
+    # each file's last head is its closing seal (rotation, close)
+    last = {}
+    for h in heads:
+        last[h["part"]] = h["seq"]
+    assert sorted(last.values()) == sorted(len(spans(f)) for f in files)
+    assert check_heads(files, heads).ok
+    assert verify(files).ok
+    whole = open(files[-1], "rb").read()
+    cut = spans(files[-1])[-3][0]                       # the last 3 records cut off
+    rewrite(files[-1], whole[:cut])
+    v = check_heads(files, heads)
+    n = len(spans(files[-1]))
+    assert not v.ok and f"{files[-1]}: log truncated after seq {n} " in v.problem
+    assert f"the remote head says {n + 3}" in v.problem
+    rewrite(files[-1], whole)
+    v = check_heads(files[:-1], heads)                  # the newest file deleted
+    assert not v.ok and "none of them holds: deleted or replaced" in v.problem
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    v = check_heads(write_log(other, None, n=5), heads)     # a log put in its place
+    assert not v.ok and "the log was replaced" in v.problem
+    v = check_heads(files, [dict(h, host="elsewhere") for h in heads])
+    assert not v.ok and "no chain heads of host h" in v.problem
+    assert main(["log", "verify", *files, "--heads", str(tmp_path / "nosuch")]) == 2
+    (tmp_path / "none.jsonl").write_text("")
+    assert main(["log", "verify", *files, "--heads", str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_heads_are_read_from_each_receivers_form():
+    from fswatchaudit.sinks.syslog import format_5424
+    head = {"host": "web-01", "part": "ab" * 32, "seq": 41, "h": "cd" * 32}
+    marker = Marker("head", dict(head))
+    forms = [
+        json.dumps(marker.to_dict()),                               # our JSON map
+        json.dumps({"MESSAGE": "# head", "FSWATCHAUDIT_RECORD": "mark",   # journalctl
+                    "FSWATCHAUDIT_WHAT": "head", "FSWATCHAUDIT_HOST": "web-01",
+                    "FSWATCHAUDIT_PART": "ab" * 32, "FSWATCHAUDIT_SEQ": "41",
+                    "FSWATCHAUDIT_H": "cd" * 32}),
+        format_5424(marker, 10, "web-01").decode(),                 # as sent to syslog
+        "imtcp|fswatchaudit|mark|" + json.dumps(                    # rsyslog mmpstrucdata
+            {"fswatchaudit@32473": {k: str(v) for k, v in
+                                    {"what": "head", **head}.items()}}),
+    ]
+    for line in forms:
+        assert parse_line(line) == head, line
+    for line in ("", "not a head", json.dumps(Marker("stop", {"seq": 1}).to_dict()),
+                 json.dumps({"t": "mark", "what": "head", "seq": "x"})):
+        assert parse_line(line) is None

@@ -4,75 +4,24 @@ the spool keeps records across a run with no server at all."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
+from receivers import NATS_SERVER, NatsServer, free_port
+from tracehelp import REPO, Trace
 
 from fswatchaudit.events import Event, LostCounts
 from fswatchaudit.sinks.nats import NatsSink, Spool, subject_token, token_text
 from fswatchaudit.sinks.nats_reader import iter_stream
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not os.access(NATS_SERVER, os.X_OK),
                                 reason="nats-server is not installed (scripts/setup)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nats-server did not listen on {port}")
-
-
-class Server:
-    """One nats-server -js on 127.0.0.1, optionally a node of a cluster."""
-
-    def __init__(self, store: str, name: str = "n1", cluster_port: int | None = None,
-                 routes: list[int] | None = None) -> None:
-        self.port, self.store, self.name = free_port(), store, name
-        self.cluster_port, self.routes = cluster_port, routes or []
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        args = [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                "-sd", self.store, "-n", self.name]
-        if self.cluster_port:
-            args += ["--cluster_name", "fsa", "--cluster",
-                     f"nats://127.0.0.1:{self.cluster_port}",
-                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 def event(i: int) -> Event:
@@ -166,7 +115,7 @@ def test_spool_is_private_and_ordered(tmp_path):
 def test_spool_until_the_server_comes(tmp_path):
     """No server at all: everything goes to the spool; the next run, with a server,
     publishes it first and in order."""
-    server = Server(str(tmp_path / "js"))
+    server = NatsServer(str(tmp_path / "js"))
     spool = str(tmp_path / "spool")
     sink = make_sink(server.url, spool, close_timeout=1.0)
     first = [event(i) for i in range(1, 301)]
@@ -189,7 +138,7 @@ def test_spool_until_the_server_comes(tmp_path):
 
 
 def test_server_restart_mid_flood(tmp_path):
-    server = Server(str(tmp_path / "js"))
+    server = NatsServer(str(tmp_path / "js"))
     server.start()
     sink = make_sink(server.url, str(tmp_path / "spool"))
     try:
@@ -209,7 +158,7 @@ def test_server_restart_mid_flood(tmp_path):
 
 def test_cluster_node_killed_mid_flood(tmp_path):
     cports = [free_port() for _ in range(3)]
-    nodes = [Server(str(tmp_path / f"js{i}"), f"n{i}", cports[i],
+    nodes = [NatsServer(str(tmp_path / f"js{i}"), f"n{i}", cports[i],
                     [p for p in cports if p != cports[i]]) for i in range(3)]
     for node in nodes:
         node.start()
@@ -218,7 +167,7 @@ def test_cluster_node_killed_mid_flood(tmp_path):
         deadline = time.monotonic() + 30          # the cluster elects its leaders
         while sink.connected_url is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        killed: list[Server] = []
+        killed: list[NatsServer] = []
 
         def kill_connected():
             victim = next(n for n in nodes if n.url == sink.connected_url)
@@ -233,3 +182,62 @@ def test_cluster_node_killed_mid_flood(tmp_path):
     finally:
         for node in nodes:
             node.stop(signal.SIGKILL)
+
+
+def _search(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fswatchaudit", "search", *args],
+                          capture_output=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace per host needs root")
+def test_search_reads_every_hosts_stream(tmp_path):
+    """Two hosts (traces in UTS namespaces named web-01 and web-02) publish to one
+    server; `search --nats` answers for both, `--host` for one, with the same filters
+    as for files, and says which host each event is from."""
+    server = NatsServer(str(tmp_path / "js"))
+    server.start()
+    try:
+        made: dict[str, list[dict]] = {}
+        for host in ("web-01", "web-02"):
+            w = tmp_path / host
+            w.mkdir()
+            trace = Trace("--backend", "inotify", "-k", "fleet", "--sink",
+                          f"nats:{server.url}", str(w), hostname=host)
+            for n in range(5 if host == "web-01" else 3):
+                (w / f"f{n}").write_bytes(b"x")
+            os.mkdir(os.path.join(os.fsencode(w), b"raw\xff"))     # not UTF-8
+            trace.wait_for(1)
+            events, stderr, code = trace.stop()
+            assert code == 0, stderr
+            made[host] = events
+        assert all(made.values())
+        every = _search("--nats", server.url, "--json", "-k", "fleet")
+        assert every.returncode == 0, every.stderr
+        got = [json.loads(line) for line in every.stdout.splitlines()]
+        for host, events in made.items():
+            mine = [{k: v for k, v in e.items() if k != "host"} for e in got
+                    if e["host"] == host]
+            assert mine == events, host
+        assert len(got) == sum(map(len, made.values()))
+        one = _search("--nats", server.url, "--host", "web-02", "--json", "--op", "mkdir")
+        assert one.returncode == 0, one.stderr
+        only = [json.loads(line) for line in one.stdout.splitlines()]
+        assert [e["path"] for e in only] == \
+            [e["path"] for e in made["web-02"] if e["op"] == "mkdir"]
+        assert {e["host"] for e in only} == {"web-02"} and only
+        human = _search("--nats", server.url, "--host", "web-01", "--under",
+                        str(tmp_path / "web-01"), "--color", "never")
+        lines = human.stdout.decode().splitlines()
+        assert len(lines) == len(made["web-01"]) and all(x.startswith("web-01 ")
+                                                          for x in lines)
+        assert "raw\\xff" in human.stdout.decode()           # escaped, as in files
+        assert b"in the stream FSWATCHAUDIT" in human.stderr
+        csv_out = _search("--nats", server.url, "--csv", "--host", "web-01")
+        assert csv_out.stdout.startswith(b"host,time,")
+        bad = _search("--nats", f"nats://127.0.0.1:{free_port()}")
+        assert bad.returncode == 1 and b"cannot read the stream" in bad.stderr
+        assert b"Traceback" not in bad.stderr
+        mixed = _search("--nats", server.url, str(tmp_path / "x.log"))
+        assert mixed.returncode == 2 and b"give no log files" in mixed.stderr
+    finally:
+        server.stop()

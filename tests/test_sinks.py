@@ -5,7 +5,6 @@ hold up auditing."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import tempfile
 import time
 
 import pytest
+from receivers import Journald, Rsyslog, free_port, wait_for
 from tracehelp import REPO, Trace
 
 from fswatchaudit import backends
@@ -20,22 +20,6 @@ from fswatchaudit import backends
 RAW_NAME = b"a b\xff\nq\"]"          # a space, a raw byte, a newline, a quote, a bracket
 EBPF = backends.probe("ebpf")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="starts system daemons")
-
-
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -72,35 +56,12 @@ def run_trace(backend: str, w: str, *sink_args: str, events: int = 3,
 
 @pytest.fixture
 def rsyslog(base):
-    if shutil.which("rsyslogd") is None:
-        pytest.fail("rsyslogd is not installed (scripts/setup installs it)")
-    udp, tcp = free_port(socket.SOCK_DGRAM), free_port()
-    conf = os.path.join(base, "rsyslog.conf")
-    out = os.path.join(base, "received.log")
-    with open(conf, "w") as fh:
-        fh.write(f"""
-global(workDirectory="{base}")
-module(load="imudp")
-input(type="imudp" address="127.0.0.1" port="{udp}")
-module(load="imtcp")
-input(type="imtcp" address="127.0.0.1" port="{tcp}")
-module(load="imuxsock" SysSock.Use="off")
-input(type="imuxsock" Socket="{base}/log.sock" UseSpecialParser="off" ParseHostname="on")
-module(load="mmpstrucdata")
-action(type="mmpstrucdata")
-template(name="json" type="list") {{
-  property(name="inputname") constant(value="|") property(name="app-name")
-  constant(value="|") property(name="msgid") constant(value="|")
-  property(name="$!rfc5424-sd") constant(value="\\n")
-}}
-action(type="omfile" file="{out}" template="json")
-""")
-    proc = subprocess.Popen(["rsyslogd", "-n", "-f", conf, "-i", os.path.join(base, "pid")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(lambda: os.path.exists(f"{base}/log.sock"), "rsyslog to listen")
-    yield {"udp": udp, "tcp": tcp, "unix": f"{base}/log.sock", "out": out}
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
+    try:
+        server = Rsyslog(base)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield {"udp": server.udp, "tcp": server.tcp, "unix": server.unix, "out": server.out}
+    server.stop()
 
 
 def received(path: str, count: int) -> list[tuple[str, str, str, dict]]:
@@ -137,23 +98,12 @@ def test_syslog_to_a_real_rsyslog_over_udp_tcp_and_the_local_socket(base, rsyslo
 
 @pytest.fixture
 def journald(base):
-    binary = "/lib/systemd/systemd-journald"
-    if not os.access(binary, os.X_OK):
-        pytest.fail("systemd-journald is not installed (scripts/setup installs systemd)")
-    if not os.path.exists("/etc/machine-id") or not open("/etc/machine-id").read().strip():
-        subprocess.run(["systemd-machine-id-setup"], check=True, capture_output=True)
-    namespace = f"fswa{os.getpid()}"
-    proc = subprocess.Popen([binary, namespace], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    sock = f"/run/systemd/journal.{namespace}/socket"
-    wait_for(lambda: os.path.exists(sock), "journald to listen")
-    yield namespace, sock
-    proc.terminate()
-    proc.wait(10)
-    machine = open("/etc/machine-id").read().strip()
-    shutil.rmtree(f"/var/log/journal/{machine}.{namespace}", ignore_errors=True)
-    shutil.rmtree(f"/run/log/journal/{machine}.{namespace}", ignore_errors=True)
-    shutil.rmtree(f"/run/systemd/journal.{namespace}", ignore_errors=True)
+    try:
+        server = Journald()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server.namespace, server.socket
+    server.stop()
 
 
 @needs_root
@@ -256,3 +206,53 @@ def test_a_bad_sink_is_refused_before_anything_starts(base):
                            capture_output=True, text=True, cwd=REPO)
         assert r.returncode == code and message in r.stderr, (spec, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+class _SlowTransport:
+    """A transport that takes ``delay`` seconds a record, or blocks until released."""
+
+    def __init__(self, delay: float = 0.0, block: bool = False) -> None:
+        import threading
+        self.name, self.delay, self.got = "slow", delay, 0
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def write(self, record) -> None:
+        self.release.wait()
+        time.sleep(self.delay)
+        self.got += 1
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.release.set()
+
+    def stats(self) -> dict:
+        return {}
+
+
+def test_close_waits_while_a_slow_sink_drains_and_counts_what_a_stuck_one_holds(
+        monkeypatch):
+    import threading
+
+    from fswatchaudit.events import Marker
+    from fswatchaudit.sinks import queued
+    monkeypatch.setattr(queued, "CLOSE_WAIT", 0.3)
+    crashes: list = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    slow = _SlowTransport(delay=0.002)
+    sink = queued.QueuedSink(slow)
+    for n in range(600):                    # about 1.2 s of sending: past CLOSE_WAIT
+        sink.write(Marker("mark", {"n": n}))
+    sink.close()
+    assert (slow.got, sink.sent, sink.lost) == (600, 600, 0)
+    stuck = _SlowTransport(block=True)
+    sink = queued.QueuedSink(stuck)
+    for n in range(50):
+        sink.write(Marker("mark", {"n": n}))
+    sink.close()
+    time.sleep(0.1)                         # the thread, released by close, ends
+    assert sink.lost == 50 and sink.sent == 0 and sink.stats()["queued"] == 0
+    assert not crashes

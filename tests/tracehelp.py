@@ -17,9 +17,14 @@ class Trace:
     """`fswatchaudit trace --json ARGS` running until stop(); start() returns once the
     tool says it is really watching."""
 
-    def __init__(self, *args: str, user: int | None = None, timeout: float = 60.0):
+    def __init__(self, *args: str, user: int | None = None, timeout: float = 60.0,
+                 hostname: str | None = None):
         self.stdout = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "fswatchaudit", "trace", "--json", *args]
+        if hostname is not None:
+            # another host, as far as the trace can tell: a UTS namespace of its own
+            cmd = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"',
+                   hostname, *cmd]
         env, cwd = None, REPO
         if user is not None:
             cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",

@@ -8,7 +8,7 @@ import sys
 
 from .. import diag
 from ..errors import EXIT_CODES_HELP, EXIT_FAILURE
-from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, search_cmd, trace, verify_cmd
+from . import backends_cmd, ctl, daemon_cmd, log_cmd, rules_cmd, search_cmd, trace
 
 
 def version() -> str:
@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    for module in (trace, rules_cmd, log_cmd, search_cmd, backends_cmd, daemon_cmd, ctl,
-                   verify_cmd):
+    for module in (trace, rules_cmd, log_cmd, search_cmd, backends_cmd, daemon_cmd, ctl):
         module.register(sub)
     return parser
 

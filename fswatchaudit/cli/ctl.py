@@ -39,6 +39,13 @@ def rule_text(args: argparse.Namespace) -> tuple[str, str]:
 def format_status(st: dict[str, Any]) -> list[str]:
     lines = []
     for key, value in st.items():
+        if key == "sinks" and isinstance(value, dict):
+            # one line per sink: an operator of many sinks reads down, not across
+            for name, stats in value.items():
+                text = (", ".join(f"{k}={v}" for k, v in stats.items())
+                        if isinstance(stats, dict) else str(stats))
+                lines.append(f"sink {name}: {text}")
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
         elif isinstance(value, list):

@@ -89,11 +89,32 @@ class _Progress:
             self.bar.stop()
 
 
+def _stream_records(args: argparse.Namespace) -> Iterator[Any]:
+    """The records of the fleet's stream (of --host HOST ... when given); a server or
+    stream that cannot be read is an OSError with the reason."""
+    from ..sinks.nats_reader import iter_stream
+    try:
+        for host in args.host or [None]:
+            yield from iter_stream(args.nats.split(","), host, stream=args.stream)
+    except OSError:
+        raise
+    except Exception as exc:            # nats-py's own: no servers, no such stream
+        raise OSError(f"cannot read the stream {args.stream} at {args.nats}: "
+                      f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+
 def _scan(args: argparse.Namespace, query: Query,
           ) -> tuple[Scanner, Iterator[dict[str, Any]], _Progress, list[str]]:
-    files = select_files(args)
     scanner = Scanner(compile_query(query), query.since, query.until,
                       needles=q.needles(query))
+    if args.nats:
+        if args.files or args.all:
+            raise ValueError("--nats reads the fleet's stream: give no log files")
+        return (scanner, scanner.scan_stream(_stream_records(args), args.stream),
+                _Progress(0), [])
+    if args.host:
+        raise ValueError("--host selects hosts of the fleet's stream: it needs --nats")
+    files = select_files(args)
     spans = scanner.plan(files)
     progress = _Progress(sum(s.size for s in spans))
     if progress.bar is not None:
@@ -104,9 +125,10 @@ def _scan(args: argparse.Namespace, query: Query,
 def _say_scanned(scanner: Scanner, err: Any = None) -> None:
     st = scanner.stats
     rate = st.records / st.seconds if st.seconds > 0 else 0.0
+    where = (f"the stream {st.stream}" if st.stream is not None else
+             f"{st.files} files ({st.files_skipped} skipped by time range)")
     line = (f"fswatchaudit: {st.matched} matched; {st.records} records scanned in "
-            f"{st.files} files ({st.files_skipped} skipped by time range) in "
-            f"{st.seconds:.2f} s ({rate:,.0f} records/s)")
+            f"{where} in {st.seconds:.2f} s ({rate:,.0f} records/s)")
     lost = sum(st.lost.values())
     if lost or st.dropped:
         line += f"; the auditor lost {lost} events and could not store {st.dropped}"
@@ -145,6 +167,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json and args.csv:
         print("fswatchaudit: --json and --csv exclude each other", file=sys.stderr)
         return EXIT_USAGE
+    if args.follow and args.nats:
+        print("fswatchaudit: --follow reads the live log file: it takes no --nats",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.follow and args.until:
         print("fswatchaudit: --follow reads what comes next: it takes no --until",
               file=sys.stderr)
@@ -155,7 +181,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         writer = JsonOut(out)
     elif args.csv:
-        writer = CsvOut(out)
+        writer = CsvOut(out, host=bool(args.nats))
     else:
         writer = HumanOut(out, color_wanted(args.color, sys.stdout))
     scanner, matches, progress, files = _scan(args, query)
@@ -229,6 +255,14 @@ def add_selection(p: argparse.ArgumentParser) -> None:
                         "/etc/fswatchaudit/fswatchaudit.conf)")
     p.add_argument("--all", action="store_true",
                    help="with FILEs: include their rotated files (FILE.N ... FILE.1 FILE)")
+    fleet = p.add_argument_group("a fleet's stream (NATS JetStream, see For a fleet)")
+    fleet.add_argument("--nats", metavar="URL",
+                       help="read every host's records from this NATS server instead of "
+                            "log files (nats://HOST:4222; comma-separate a cluster's)")
+    fleet.add_argument("--host", action="append", default=[], metavar="HOST",
+                       help="with --nats: only these hosts (repeatable)")
+    fleet.add_argument("--stream", default="FSWATCHAUDIT",
+                       help="with --nats: the stream (default FSWATCHAUDIT)")
     f = p.add_argument_group("filters (repeat or comma-separate values for alternatives; "
                              "different filters must all hold)")
     f.add_argument("-k", "--key", action="append", default=[], help="rule key")

@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 from ..events import Event
 from ..names import errno_name
-from ..sinks.encode import HumanEncoder, JsonEncoder, iso_time
+from ..sinks.encode import HumanEncoder, JsonEncoder, escape, iso_time
 
 CSV_COLUMNS = ("time", "seq", "aliases", "op", "syscall", "result", "path", "path2",
                "pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "keys",
@@ -21,7 +21,11 @@ class HumanOut:
         self.encoder = HumanEncoder(color=color)
 
     def write(self, d: dict[str, Any]) -> None:
-        self.out.write(self.encoder.encode(Event.from_dict(d)))
+        line = self.encoder.encode(Event.from_dict(d))
+        host = d.get("host")
+        if host is not None:                # a fleet's stream: which host it was
+            line = f"{escape(str(host))} ".encode("utf-8", "surrogateescape") + line
+        self.out.write(line)
 
 
 class JsonOut:
@@ -37,11 +41,12 @@ class CsvOut:
     """RFC 4180 CSV with a header row; names keep their exact bytes (a name that is
     not UTF-8 is written as its raw bytes), lists are joined with commas."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, host: bool = False) -> None:
         self.out = out
         self.buf = io.StringIO()
         self.writer = csv.writer(self.buf, lineterminator="\r\n")
-        self.writer.writerow(CSV_COLUMNS)
+        self.columns = (("host",) if host else ()) + CSV_COLUMNS    # host: a fleet's
+        self.writer.writerow(self.columns)
         self._emit()
 
     def _emit(self) -> None:
@@ -51,7 +56,7 @@ class CsvOut:
 
     def write(self, d: dict[str, Any]) -> None:
         row = []
-        for col in CSV_COLUMNS:
+        for col in self.columns:
             if col == "time":
                 v: Any = iso_time(d.get("time", 0))
             elif col == "time_ns":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,7 @@ class ScanStats:
     lost: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
     seconds: float = 0.0
+    stream: str | None = None   # read from a NATS stream (the fleet's), not files
 
 
 class Scanner:
@@ -209,6 +210,38 @@ class Scanner:
             c = obj.get("count")
             if isinstance(c, int):
                 self.stats.dropped += c
+
+    def scan_stream(self, items: Iterable[Any], name: str) -> Iterator[dict[str, Any]]:
+        """Matching event maps of a fleet's stream (``nats_reader.StreamRecord``s, every
+        host's records in the stream's order), each with its ``host``; lost and drop
+        counts are summed per host and run as for files."""
+        st = self.stats
+        st.stream = name
+        since = self.since if self.since is not None else -1
+        until = self.until if self.until is not None else 1 << 64
+        pred = self.predicate
+        t0 = time.perf_counter()
+        try:
+            for item in items:
+                obj = item.record
+                st.records += 1
+                if obj.get("t") != "ev":
+                    self._run = (item.msg_id or "").rpartition(":")[0] or item.host
+                    self._note(obj)
+                    continue
+                st.events += 1
+                try:
+                    hit = since <= obj.get("time", 0) <= until and pred(obj)
+                except TypeError:
+                    raise LogFormatError(f"{name}: message {item.seq}: a record holds a "
+                                         "value of the wrong type") from None
+                if hit:
+                    st.matched += 1
+                    out = _text(obj)
+                    out["host"] = item.host
+                    yield out
+        finally:
+            st.seconds += time.perf_counter() - t0
 
     def scan(self, files: list[str], base: int = 0) -> Iterator[dict[str, Any]]:
         """Matching event maps (names as text) of every file in turn."""

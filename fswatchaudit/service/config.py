@@ -64,9 +64,9 @@ class Config:
     # Seconds between two sd_notify STATUS= updates.
     status_interval: float = 10.0
     # Chain every record of the msgpack log to the previous one by a hash ("yes"), so
-    # that `fswatchaudit verify` finds an edited, deleted or reordered record.
+    # that `fswatchaudit log verify` finds an edited, deleted or reordered record.
     chain: bool = True
-    # With a sealing key (made by `fswatchaudit keygen`), the chain head is sealed
+    # With a sealing key (made by `fswatchaudit log keygen`), the chain head is sealed
     # every seal_interval seconds with a key that evolves forward; empty: no seals.
     seal_key_file: str = ""
     seal_interval: float = 60.0

@@ -185,6 +185,8 @@ class Daemon:
             print(f"fswatchaudit: {exc}", file=sys.stderr)
             self._teardown()
             return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILURE
+        # the remote sinks also get the chain head after each write of the log
+        self.log_sink.heads_to = [s for s in sinks[1:] if not isinstance(s, RotatingFileSink)]
         self.auditor = Auditor(self.backend, rules, sinks, on_sink_error=self._sink_failed)
         self.auditor.emit(self.auditor.rules_in_force("start"))
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Protocol
 
@@ -243,6 +244,16 @@ def format_record(record: Record, color: bool = False) -> str:
     else:
         raise TypeError(f"not a record: {record!r}")
     return _paint(escape(text), "note", color)
+
+
+_PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def marker_fields(record: Marker) -> list[tuple[str, Any]]:
+    """A marker's details that are plain values, under names fit for structured data
+    and journal fields (letters, digits, underscore)."""
+    return [(name, value) for name, value in record.detail.items()
+            if isinstance(value, (str, int, float)) and _PLAIN_NAME.fullmatch(name)]
 
 
 def format_map(data: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ does not end with one was truncated (or is still being written, or its writer
 crashed).  Without a key, the writer still ends each file with a seal that has no
 ``mac``.
 
-Keys.  ``fswatchaudit keygen`` draws K(0) from the kernel's random generator
+Keys.  ``fswatchaudit log keygen`` draws K(0) from the kernel's random generator
 (``os.urandom``), writes the sealing key file (epoch 0, mode 0600, root only) and gives
 the verification key (K(0) and its id) once, to be kept off the host; the verifier
 computes K(n) from K(0).  Both are one line of text (``KeyState``).
@@ -254,7 +254,11 @@ class Chain:
         self.key = SealingKey(key_file) if key_file else None
         self.seal_interval = seal_interval
         self.head: bytes | None = None
-        self._provisional: tuple[bytes | None, int, bool] | None = None
+        # the part of the log begun by the latest header: its header's hash and how
+        # many records it holds (header included), for the heads sent out (head_info)
+        self.part: bytes | None = None
+        self.part_records = 0
+        self._provisional: tuple[bytes | None, int, bool, bytes | None, int] | None = None
         self._seal_pending = False
         self._last_seal = time.monotonic()
         self.unsealed = 0           # records since the last seal
@@ -283,25 +287,29 @@ class Chain:
     def link(self, records: Iterable[bytes]) -> list[bytes]:
         """Each record with its ``h`` (a header also with ``prev``); provisional
         until ``commit``."""
-        head = self.head
+        head, part, part_records = self.head, self.part, self.part_records
         out = []
         for body in records:
             _, hl = split_map_header(body)
-            if body[hl:hl + len(_HDR_PREFIX)] == _HDR_PREFIX and head is not None:
+            is_header = body[hl:hl + len(_HDR_PREFIX)] == _HDR_PREFIX
+            if is_header and head is not None:
                 body = _add_entry(body, _PREV_KEY + head)
             h = chain_hash(ZERO if head is None else head, body)
             out.append(_add_entry(body, _H_TAIL + h))
             head = h
+            if is_header:
+                part, part_records = h, 0
+            part_records += 1
         # a write that fails is never committed: the next link starts again from the
         # committed head (and a seal not written is made again later)
-        self._provisional = (head, len(out), self._seal_pending)
+        self._provisional = (head, len(out), self._seal_pending, part, part_records)
         self._seal_pending = False
         return out
 
     def commit(self) -> None:
         if self._provisional is None:
             return
-        head, n, sealed = self._provisional
+        head, n, sealed, self.part, self.part_records = self._provisional
         self._provisional = None
         self.head = head
         self.unsealed += n
@@ -311,6 +319,15 @@ class Chain:
             self._last_seal = time.monotonic()
             if self.key is not None:
                 self.key.evolve()
+
+    def head_info(self) -> dict[str, Any] | None:
+        """The latest written head, as the remote sinks get it: ``part`` (the hash of
+        the header that began this part of the log, hex), ``seq`` (its records so far,
+        the header being 1) and ``h`` (the chain head, hex); None before the first
+        header of this run is written."""
+        if self.part is None or self.head is None:
+            return None
+        return {"part": self.part.hex(), "seq": self.part_records, "h": self.head.hex()}
 
     def seal_due(self) -> bool:
         return (self.key is not None and self.unsealed > 0
@@ -485,5 +502,96 @@ def verify(paths: list[str], key: KeyState | None = None, live: bool = False) ->
     return v
 
 
+# -- the heads the remote sinks received ---------------------------------------------
+
+@dataclass
+class _Part:
+    """A part of the local log: the records from one header on (see Chain.head_info)."""
+    path: str
+    host: Any
+    hashes: list[bytes] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+
+
+def _log_parts(paths: list[str]) -> dict[str, _Part]:
+    parts: dict[str, _Part] = {}
+    for path in paths:
+        data, recs, _ = _records(path)
+        current: _Part | None = None
+        for start, _end, obj in recs:
+            h = obj.get("h")
+            if not isinstance(h, bytes):
+                continue
+            if obj["t"] == "hdr":
+                current = parts[h.hex()] = _Part(path, obj.get("host"))
+            if current is not None:
+                current.hashes.append(h)
+                current.starts.append(start)
+    return parts
+
+
+def log_hosts(paths: list[str]) -> list[str]:
+    """The hosts named by the headers of these logs."""
+    return sorted({str(p.host) for p in _log_parts(paths).values()})
+
+
+def check_heads(paths: list[str], heads: list[dict[str, Any]]) -> Verdict:
+    """Check logs (oldest first) against the chain heads their writer sent to remote
+    sinks (``head`` markers, in the order received): every part of the log a head
+    names must hold at least that many records and the head's hash at that place, and
+    no part the remote side heard of after these files began may be missing."""
+    v = Verdict()
+    try:
+        parts = _log_parts(paths)
+    except OSError as exc:
+        return Verdict(False, f"{exc.filename}: cannot read: {exc.strerror}")
+    hosts = {p.host for p in parts.values()}
+    latest: dict[str, tuple[int, str]] = {}     # part -> (seq, h) of its newest head
+    unknown_after: dict[str, int] = {}
+    older = 0
+    for head in heads:
+        if head.get("host") not in hosts:
+            continue
+        part, seq, h = head.get("part"), head.get("seq"), head.get("h")
+        if not isinstance(part, str) or not isinstance(seq, int) or not isinstance(h, str):
+            continue
+        v.records += 1
+        if part in parts:
+            if seq >= latest.get(part, (0, ""))[0]:
+                latest[part] = (seq, h)
+        elif latest:
+            unknown_after[part] = max(seq, unknown_after.get(part, 0))
+        else:
+            older += 1
+    problems = []
+    if not v.records:
+        problems.append(f"no chain heads of host {', '.join(map(str, hosts))} among the "
+                        "heads given: nothing to check against")
+    elif not latest:
+        problems.append(f"none of the {v.records} remote heads names a part of these "
+                        "files: the log was replaced (or the heads are of other files)")
+    for name, (seq, h) in latest.items():
+        p = parts[name]
+        have = len(p.hashes)
+        if have < seq:
+            at = p.starts[-1] if p.starts else 0
+            problems.append(f"{p.path}: log truncated after seq {have} (byte {at}): the "
+                            f"remote head says {seq}")
+        elif p.hashes[seq - 1].hex() != h:
+            problems.append(f"{p.path}: byte {p.starts[seq - 1]}: record seq {seq} is not "
+                            "the one the remote head names: the log was rewritten there")
+    for name, seq in unknown_after.items():
+        problems.append(f"the remote heads name a part of the log (header {name[:16]}, "
+                        f"{seq} records) written after these files began that none of "
+                        "them holds: deleted or replaced")
+    if older:
+        v.notes.append(f"{older} remote heads are of files older than those given "
+                       "(not checked)")
+    if problems:
+        v.ok = False
+        v.problem = "; ".join(problems)
+    return v
+
+
 __all__ = ["DEFAULT_KEY_FILE", "Chain", "KeyState", "SealingKey", "Verdict", "keygen",
-           "read_key", "verify"]
+           "check_heads", "log_hosts", "read_key", "verify"]

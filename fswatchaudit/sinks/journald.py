@@ -10,8 +10,8 @@ import socket
 import struct
 from typing import Any
 
-from ..events import Event, Record
-from .encode import escape, format_record
+from ..events import Event, Marker, Record
+from .encode import escape, format_record, marker_fields
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 PRIORITY_NOTICE, PRIORITY_INFO = b"5", b"6"
@@ -41,6 +41,10 @@ def format_entry(record: Record) -> bytes:
             parts.append(_field("FSWATCHAUDIT_KEY", _bytes(key)))
     else:
         parts.append(_field("PRIORITY", PRIORITY_INFO))
+        if isinstance(record, Marker):
+            parts.append(_field("FSWATCHAUDIT_WHAT", _bytes(record.what)))
+            parts += [_field(f"FSWATCHAUDIT_{name.upper()}", _bytes(value))
+                      for name, value in marker_fields(record)]
     return b"".join(parts)
 
 

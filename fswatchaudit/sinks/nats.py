@@ -319,9 +319,11 @@ class NatsSink:
     # -- the event path ------------------------------------------------------------
     def write(self, record: Record) -> None:
         """Encode and queue: no network, no disk."""
-        payload = self.encoder.encode(record)
         subject = record_subject(self.prefix, self.host, record)
         with self._lock:
+            # the encoder's packer is not thread-safe, and the log writer's thread
+            # writes chain heads here beside the consumer
+            payload = self.encoder.encode(record)
             if self._closed:
                 raise ValueError(f"sink {self.name} is closed")
             self._n += 1
@@ -349,6 +351,7 @@ class NatsSink:
                 "duplicates": self.duplicates, "queued": queued,
                 "spool_records": self.spool.pending,
                 "spool_bytes": self.spool.size - self.spool.pos,
+                "spool_limit": self.spool.limit, "queue_limit": self.queue_size,
                 "connected": self.connected_url}
 
     def close(self) -> None:

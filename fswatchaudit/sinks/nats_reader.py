@@ -21,7 +21,14 @@ from typing import Any
 import msgpack
 
 from .encode import as_text
-from .nats import DEFAULT_PREFIX, DEFAULT_STREAM, finish_loop, subject_token, token_text
+from .nats import (
+    DEFAULT_PREFIX,
+    DEFAULT_STREAM,
+    NO_KEY,
+    finish_loop,
+    subject_token,
+    token_text,
+)
 
 
 @dataclass(slots=True)
@@ -34,15 +41,16 @@ class StreamRecord:
 
 
 def filter_subject(prefix: str = DEFAULT_PREFIX, host: str | None = None,
-                   key: str | None = None) -> str:
-    """The subject filter for a host and/or a key (None: any)."""
-    return (f"{prefix}.{'*' if host is None else subject_token(host)}."
-            f"{'*' if key is None else subject_token(key)}")
+                   key: str | None = None, no_key: bool = False) -> str:
+    """The subject filter for a host and/or a key (None: any; ``no_key``: only the
+    records without a key, as the audit's own markers)."""
+    key_tok = NO_KEY if no_key else "*" if key is None else subject_token(key)
+    return f"{prefix}.{'*' if host is None else subject_token(host)}.{key_tok}"
 
 
 def iter_stream(servers: str | list[str], host: str | None = None, *,
                 key: str | None = None, stream: str = DEFAULT_STREAM,
-                prefix: str = DEFAULT_PREFIX, batch: int = 512,
+                prefix: str = DEFAULT_PREFIX, no_key: bool = False, batch: int = 512,
                 timeout: float = 10.0) -> Iterator[StreamRecord]:
     """Every record of ``stream`` (of ``host``, with ``key``, when given), in stream
     order.  Raises the nats-py error when the servers cannot be reached or the stream
@@ -54,14 +62,18 @@ def iter_stream(servers: str | list[str], host: str | None = None, *,
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
     urls = [servers] if isinstance(servers, str) else list(servers)
+    async def quiet(exc: Exception) -> None:
+        """The error is raised to the caller: no traceback printed by the client."""
+
     nc = run(nats.connect(servers=urls, allow_reconnect=False, connect_timeout=timeout,
-                          max_reconnect_attempts=1, reconnect_time_wait=0.05))
+                          max_reconnect_attempts=1, reconnect_time_wait=0.05,
+                          error_cb=quiet))
     try:
         js = nc.jetstream(timeout=timeout)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL,
                                     ack_policy=api.AckPolicy.NONE,
                                     inactive_threshold=300.0)
-        subject = filter_subject(prefix, host, key)
+        subject = filter_subject(prefix, host, key, no_key)
         end = time.monotonic() + 3 * timeout
         while True:
             # a cluster that just lost a node may take a few seconds to answer

@@ -20,7 +20,8 @@ from .base import Sink
 DEFAULT_QUEUE = 100_000          # records
 BACKOFF_FIRST = 0.1              # seconds
 BACKOFF_MAX = 30.0
-CLOSE_WAIT = 5.0                 # seconds close() waits for the queue to drain
+CLOSE_WAIT = 5.0                 # seconds close() waits for the queue to drain ...
+CLOSE_MAX = 60.0                 # ... or longer while records still go out, up to this
 
 
 class QueuedSink:
@@ -33,6 +34,7 @@ class QueuedSink:
         self._queue: collections.deque[Record] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._abandoned = False         # close() gave up: what is left is counted lost
         self.sent = 0
         self.lost = 0
         self.errors = 0
@@ -84,6 +86,8 @@ class QueuedSink:
                 self.last_error = None
             backoff = BACKOFF_FIRST
             with self._cond:
+                if self._abandoned:
+                    return
                 self._queue.popleft()
                 self.sent += 1
                 if not self._queue:
@@ -93,19 +97,26 @@ class QueuedSink:
                         self.last_error = str(exc)
 
     def close(self) -> None:
-        """Hand on what is queued (waiting up to CLOSE_WAIT seconds for a transport that
-        works), count the rest as lost, close the transport."""
-        deadline = time.monotonic() + CLOSE_WAIT
-        while time.monotonic() < deadline:
+        """Hand on what is queued while the transport works (as long as records keep
+        going out, up to CLOSE_MAX seconds; CLOSE_WAIT without progress), count the
+        rest as lost, close the transport."""
+        start = time.monotonic()
+        deadline = start + CLOSE_WAIT
+        sent = self.sent
+        while time.monotonic() < min(deadline, start + CLOSE_MAX):
             with self._cond:
                 if not self._queue or self.last_error is not None:
                     break
+            if self.sent != sent:           # progress: wait on
+                sent = self.sent
+                deadline = time.monotonic() + CLOSE_WAIT
             time.sleep(0.01)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(CLOSE_WAIT)
         with self._cond:
+            self._abandoned = True          # a thread still writing stops after it
             self.lost += len(self._queue)
             self._queue.clear()
         self.transport.close()
@@ -113,7 +124,8 @@ class QueuedSink:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             queued = len(self._queue)
-        out: dict[str, Any] = {"sent": self.sent, "queued": queued, "lost": self.lost}
+        out: dict[str, Any] = {"sent": self.sent, "queued": queued, "lost": self.lost,
+                               "queue_limit": self.max_records}
         if self.errors:
             out["errors"] = self.errors
             out["last_error"] = self.last_error

@@ -19,7 +19,7 @@ MAX_RECORD = 16 << 20       # far above any record the writer makes
 def _readable(obj: dict[str, Any]) -> dict[str, Any]:
     """A record as readers show it: names back to text, and the hash chain's fields
     (``h`` in every record, ``prev`` in headers, the MACs of seals) left to
-    `fswatchaudit verify`, seals' binary values as hex."""
+    `fswatchaudit log verify`, seals' binary values as hex."""
     obj.pop("h", None)
     if obj.get("t") == "hdr":
         obj.pop("prev", None)

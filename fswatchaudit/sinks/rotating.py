@@ -97,6 +97,12 @@ class RotatingFileSink:
         self._fd = -1
         self._size = 0
         self.integrity = integrity              # hash chain and seals (integrity.py)
+        # sinks that get the chain head after each write (remote receivers, so that a
+        # tail cut off here is seen from outside), and whether it moved since
+        self.heads_to: list[Any] = []
+        self._head_sent: dict[str, Any] | None = None
+        self._head_lock = threading.Lock()
+        self.heads_sent = 0
         if integrity is not None:
             integrity.attach(self._dir_fd, self.filename)
         self._open_current()
@@ -157,6 +163,7 @@ class RotatingFileSink:
     def _rotate_files(self) -> str | None:
         """Current -> .1 -> .2 ..., keeping rotate_count; returns the newest rotated."""
         self._seal(final=True, reason="rotate")
+        self._send_head()               # the file's last head, before the next begins
         if self.fsync in ("flush", "rotate"):
             os.fsync(self._fd)
         os.close(self._fd)
@@ -281,6 +288,28 @@ class RotatingFileSink:
             if self.integrity is not None and self.integrity.seal_due():
                 with self._write_lock:
                     self._seal(final=False, reason="interval")
+            with self._write_lock:          # a head consistent with what is written
+                self._send_head()
+
+    def _send_head(self) -> None:
+        """The latest chain head, when it moved, to ``heads_to`` as a ``head`` marker
+        (``host``, ``part``, ``seq``, ``h``: see Chain.head_info); a sink that fails
+        counts it in its own stats."""
+        if self.integrity is None or not self.heads_to:
+            return
+        with self._head_lock:           # heads leave in the order they were made
+            info = self.integrity.head_info()
+            if info is None or info == self._head_sent:
+                return
+            self._head_sent = info
+            self.heads_sent += 1
+            marker = Marker("head", {"host": self.header.get("host", ""), **info})
+            for sink in self.heads_to:
+                try:
+                    sink.write(marker)
+                    sink.flush()
+                except Exception as exc:
+                    self.log.error("chain head not sent", sink=sink.name, error=str(exc))
 
     def flush(self) -> None:
         """End of a batch: the buffer goes out on the writer's own schedule."""
@@ -378,7 +407,8 @@ class RotatingFileSink:
         return {"log_file": self.path, "records_written": self.records_written,
                 "bytes_written": self.bytes_written, "records_dropped": self.records_dropped,
                 "buffer_bytes": buffered, "buffer_fill": round(buffered / self.high_water, 3),
-                "log_error": self.last_error, "log_stopped": self.stopped}
+                "log_error": self.last_error, "log_stopped": self.stopped,
+                **({"heads_sent": self.heads_sent} if self.heads_to else {})}
 
     def _write_last_word(self) -> None:
         """At the end, the log says what it could not store and, after the disk-full
@@ -411,6 +441,7 @@ class RotatingFileSink:
         if self._fd >= 0:
             self._write_last_word()
             self._seal(final=True, reason="close")
+            self._send_head()
             if self.fsync in ("flush", "rotate"):
                 try:
                     os.fsync(self._fd)

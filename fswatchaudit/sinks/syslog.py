@@ -15,8 +15,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..events import Event, Record
-from .encode import escape, format_record
+from ..events import Event, Marker, Record
+from .encode import escape, format_record, marker_fields
 
 SD_ID = "fswatchaudit@32473"      # 32473: the enterprise number RFC 5612 sets aside
 FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
@@ -49,6 +49,11 @@ def format_5424(record: Record, facility: int, host: str, app: str = "fswatchaud
                 params.append(f'{name}="{_sd_value(value)}"')
         for key in record.keys:
             params.append(f'key="{_sd_value(key)}"')
+    elif isinstance(record, Marker):
+        # what happened to the audit, with its plain details (a chain head's part,
+        # seq and h: what `log verify --heads` reads back)
+        params.append(f'what="{_sd_value(record.what)}"')
+        params += [f'{name}="{_sd_value(value)}"' for name, value in marker_fields(record)]
     sd = f"[{SD_ID} {' '.join(params)}]" if params else "-"
     head = f"<{facility * 8 + severity}>1 {_rfc3339(when)} {host} {app} {os.getpid()} " \
            f"{record.kind} {sd} "
