@@ -1407,6 +1407,8 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
     moves = IS_ZERO(moves) ^ 1;
     u64 best = 0, sel = 0;
     for (int i = 0; i < MAX_TOUCHED; i++) {
+        if ((u64)i >= n)
+            break;              /* the end: the choice so far stands */
         u64 inode = pc->touched[i];
         u64 alias = (u64)read_ptr((void *)inode, OFF_INODE_I_DENTRY);
         void *dentry = (char *)alias - OFF_DENTRY_D_ALIAS;
@@ -1426,9 +1428,8 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
         u64 moved = named & live & moves & two & (is_zero64(nid ^ pc->touched_name[i]) ^ 1);
         u64 removed = (named ^ 1) & (two ^ 1);
         u64 file = named & (dir ^ 1);
-        u64 valid = ((u64)i - n) >> 63;         /* i < ntouched */
         u64 granted = (pc->granted >> i) & 1;
-        u64 score = valid * (1 + 2 * file + 4 * removed + 8 * moved + 16 * granted);
+        u64 score = 1 + 2 * file + 4 * removed + 8 * moved + 16 * granted;
         OPAQUE(score);
         u64 take = (best - score) >> 63;        /* score > best */
         u64 mask = 0 - take;
