@@ -19,12 +19,29 @@ import mmap
 import os
 import stat
 import time
+from dataclasses import replace
 
 from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
+from ...rules.fields import FIELDS, Where
 from ..base import Backend, BackendUnavailable
 from . import loader
-from .abi import AUDIT, CNT, GEN, PERM_BITS, SHARED_SLOT, kernel_dev
+from .abi import (
+    AUDIT,
+    CNT,
+    COMPAT_BASE,
+    GEN,
+    KERNEL_FIELDS,
+    KERNEL_OPS,
+    KF,
+    MAX_KCONDS,
+    PATHLESS_SLOTS,
+    PERM_BITS,
+    REL,
+    SHARED_SLOT,
+    SyscallSpec,
+    kernel_dev,
+)
 from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
@@ -57,6 +74,8 @@ class EbpfBackend(Backend):
         self.container = None
         self.watch_values: dict[tuple[int, int], WatchValue] = {}
         self.slots: dict[int, int] = {}         # rule id -> its bit in event.rules
+        self.specs: dict[int, SyscallSpec] = {}     # syscall_spec slot -> its value
+        self.filters: list[tuple] = []          # rule_filters as last written
 
     # -- loading -----------------------------------------------------------------
     def start(self) -> None:
@@ -72,6 +91,7 @@ class EbpfBackend(Backend):
         self.bpf = bpf = loader.compile_program(loader.cflags(self.ringbuf_pages, have_compat))
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
+            self.specs[slot] = specs[name]
             leaf = spec_map.Leaf()
             specs[name].fill(leaf)
             spec_map[spec_map.Key(slot)] = leaf
@@ -89,6 +109,8 @@ class EbpfBackend(Backend):
         (self, child, subtree) and the rule slot bits behind them (self, child,
         subtree, entry by name); ``bit`` is the rule's slot bit."""
         mask = sum(PERM_BITS[p] for p in rule.perms)
+        if rule.kind == "syscall":
+            return []                   # every object: syscall_spec.pathless instead
         if rule.kind == "inode":
             return [((kernel_dev(rule.dev or 0), rule.inode or 0),
                      (mask, 0, 0, bit, 0, 0, 0))]
@@ -128,7 +150,9 @@ class EbpfBackend(Backend):
         self.slots = {rid: s for rid, s in self.slots.items() if rid in ids}
         used = set(self.slots.values())
         free = (s for s in range(SHARED_SLOT) if s not in used)
-        for rid in sorted(ids - set(self.slots)):
+        # path-less rules first: their kernel conditions need a slot of their own
+        for rid in sorted(ids - set(self.slots),
+                          key=lambda rid: (self.rules.rules[rid].kind != "syscall", rid)):
             self.slots[rid] = next(free, SHARED_SLOT)
         slot_rules: dict[int, list[tuple[int, Rule]]] = {}
         for rid, rule in self.rules.items():
@@ -168,7 +192,64 @@ class EbpfBackend(Backend):
             gkey = gens.Key(GEN.USER)
             gens[gkey] = gens.Leaf(gens[gkey].value + 1)     # the kernel's verdicts expire
         self.watch_values = wanted
+        self._sync_pathless(slots)
         self._set_config()
+
+    # -- path-less rules -> syscall_spec.pathless and rule_filters -----------------------
+    @staticmethod
+    def kernel_conds(rule: Rule) -> list[tuple[int, int, int]]:
+        """The (KF_*, REL_* bits, value) conditions of a path-less rule evaluated in the
+        kernel: those it can evaluate, those only it can first (no event carries
+        them), at most MAX_KCONDS; the consumer evaluates every other one."""
+        conds = [c for c in rule.conds if c.name in KERNEL_FIELDS]
+        conds.sort(key=lambda c: bool(FIELDS[c.name].where & Where.CONSUMER))
+        out = [(int(KERNEL_FIELDS[c.name]), KERNEL_OPS[c.op], int(c.value)) for c in conds]
+        if any(not FIELDS[c.name].where & Where.CONSUMER for c in conds[MAX_KCONDS:]):
+            raise RuleError(f"{rule.text()}: more than {MAX_KCONDS} conditions on "
+                            "credentials only the kernel sees")
+        return out[:MAX_KCONDS]
+
+    def _sync_pathless(self, slots: dict[int, int]) -> None:
+        """Mark each followed syscall with the slots of the path-less rules on it, and
+        put each rule's kernel conditions in its slot."""
+        assert self.bpf is not None
+        masks = dict.fromkeys(self.specs, 0)
+        conds: list[list[tuple[int, int, int]]] = [[] for _ in range(PATHLESS_SLOTS)]
+        for rid, rule in self.rules.items():
+            if rule.kind != "syscall":
+                continue
+            slot = slots[rid]
+            if slot < PATHLESS_SLOTS:
+                conds[slot] = self.kernel_conds(rule)
+            elif any(not FIELDS[c.name].where & Where.CONSUMER for c in rule.conds):
+                raise RuleError(f"{rule.text()}: the kernel keeps the conditions of "
+                                f"{PATHLESS_SLOTS} path-less rules, and only it sees "
+                                "this rule's (suid, fsuid, egid, sgid, fsgid)")
+            b32 = any(c.name == "arch" and c.value == "b32" for c in rule.conds)
+            for spec_slot, name in self.decoder.tp_names.items():
+                if (spec_slot >= COMPAT_BASE) == b32 and (
+                        not rule.syscalls or name in rule.syscalls):
+                    masks[spec_slot] |= 1 << slot
+        # the slots beyond pass everything in the kernel (user space decides)
+        filters = [tuple(c) for c in conds]
+        if filters != self.filters:
+            table = self.bpf[b"rule_filters"]
+            leaf = table.Leaf()
+            for i, slot_conds in enumerate(filters):
+                for j in range(MAX_KCONDS):
+                    k = leaf.slot[i].c[j]
+                    k.field, k.rel, k.value = (slot_conds[j] if j < len(slot_conds)
+                                               else (KF.NONE, REL.ANY, 0))
+            table[table.Key(0)] = leaf
+            self.filters = filters
+        spec_map = self.bpf[b"syscall_spec"]
+        for spec_slot, mask in masks.items():
+            spec = self.specs[spec_slot]
+            if spec.pathless != mask:
+                self.specs[spec_slot] = spec = replace(spec, pathless=mask)
+                leaf = spec_map.Leaf()
+                spec.fill(leaf)
+                spec_map[spec_map.Key(spec_slot)] = leaf
 
     def _set_config(self, **changes: int) -> None:
         assert self.bpf is not None

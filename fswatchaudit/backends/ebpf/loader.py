@@ -33,6 +33,8 @@ OFFSETS = {
     "OFF_TASK_NSPROXY": "task_struct.nsproxy", "OFF_NSPROXY_MNT_NS": "nsproxy.mnt_ns",
     "OFF_MNT_NS_INUM": "mnt_namespace.ns.inum",
     "OFF_CRED_UID": "cred.uid", "OFF_CRED_EUID": "cred.euid", "OFF_CRED_GID": "cred.gid",
+    "OFF_CRED_SUID": "cred.suid", "OFF_CRED_FSUID": "cred.fsuid", "OFF_CRED_EGID": "cred.egid",
+    "OFF_CRED_SGID": "cred.sgid", "OFF_CRED_FSGID": "cred.fsgid",
     "OFF_FS_PWD": "fs_struct.pwd", "OFF_FS_ROOT": "fs_struct.root",
     "OFF_PATH_MNT": "path.mnt", "OFF_PATH_DENTRY": "path.dentry",
     "OFF_FILES_FDT": "files_struct.fdt", "OFF_FDTABLE_FD": "fdtable.fd",
