@@ -131,6 +131,9 @@ def refusal(backend: str, rule: Rule) -> str | None:
     than widened: a field is honoured only where the backend reports what it compares."""
     cap = CAPABILITIES[backend]
     pathless = rule.kind == "syscall"
+    if pathless and not cap.pathless_rules:
+        return (f"the {backend} backend cannot audit syscalls on every object: give the "
+                "rule a -F path=, -F dir= or -F inode=")
     for cond in rule.conds:
         row = FIELDS[cond.name]
         if cond.name == "arch" and cond.value == "b64":
@@ -143,9 +146,6 @@ def refusal(backend: str, rule: Rule) -> str | None:
         if row.attr == "result" and not cap.failures:
             return (f"the {backend} backend cannot honour -F {cond.name}: it does not see "
                     "failed operations")
-    if pathless and not cap.pathless_rules:
-        return (f"the {backend} backend cannot audit syscalls on every object: give the "
-                "rule a -F path=, -F dir= or -F inode=")
     if pathless and EXEC in rule.ops:
         return (f"the {backend} backend sees executions at the exec itself, not as a "
                 "syscall: a rule on execve (or -S all) needs a -F path= or -F dir=")

@@ -89,6 +89,19 @@ def test_backends_refuse_what_they_cannot_honour(backend, text, reason):
     assert refusal(backend, rule("-a always,exit -F arch=b64 -F dir=/srv")) is None
 
 
+def test_path_less_rules_on_ebpf_compare_kernel_only_credentials():
+    from fswatchaudit.backends.ebpf.abi import KERNEL_FIELDS
+    from fswatchaudit.capabilities import CAPABILITIES
+    assert CAPABILITIES["ebpf"].pathless_fields <= set(KERNEL_FIELDS)
+    pathless = rule("-a always,exit -S chmod -F suid=0 -F fsgid=0 -F auid>=1000 -k m")
+    assert refusal("ebpf", pathless) is None
+    # on a path rule the kernel does not compare them, and no event carries them
+    assert "does not report suid" in refusal("ebpf", rule("-a always,exit -F dir=/srv "
+                                                          "-F suid=0"))
+    assert "needs a -F path= or -F dir=" in refusal("ebpf", rule("-a always,exit -S all "
+                                                                 "-F auid>=1000"))
+
+
 @pytest.fixture
 def tree():
     base = tempfile.mkdtemp(prefix="fswa-filter-", dir="/tmp")
