@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .ops import EXEC
 from .rules import FIELDS, Rule
+from .rules.fields import COMPARANDS
 
 # Event fields about the process and the syscall, in the README's column order.
 PROCESS_FIELDS = ("pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
@@ -146,6 +147,15 @@ def refusal(backend: str, rule: Rule) -> str | None:
         if row.attr == "result" and not cap.failures:
             return (f"the {backend} backend cannot honour -F {cond.name}: it does not see "
                     "failed operations")
+    for cmp in rule.compares:
+        for name in (cmp.left, cmp.right):
+            side = COMPARANDS[name]
+            if not side.where:
+                return (f"the {backend} backend cannot honour -C {cmp.text()}: no backend "
+                        f"reports {side.attr} (the object's owner)")
+            if side.attr not in cap.fields and not (pathless and name in cap.pathless_fields):
+                return (f"the {backend} backend cannot honour -C {cmp.text()}: it does not "
+                        f"report {side.attr}")
     if pathless and EXEC in rule.ops:
         return (f"the {backend} backend sees executions at the exec itself, not as a "
                 "syscall: a rule on execve (or -S all) needs a -F path= or -F dir=")

@@ -161,6 +161,26 @@ def test_credential_filters(where, field, matching, other):
         be.close()
 
 
+@pytest.mark.parametrize("compare, matching, other", [
+    ("uid!=euid", dict(resuid=(0, NOBODY, 0)), dict(resuid=(NOBODY,) * 3)),
+    # saved ids: compared in the kernel only
+    ("suid!=euid", dict(resuid=(0, NOBODY, 0)), dict(resuid=(0, NOBODY, NOBODY))),
+    ("fsgid=sgid", dict(resgid=(0, NOBODY, NOBODY)), dict(resgid=(0, NOBODY, 0))),
+], ids=["uid-euid", "suid-euid", "fsgid-sgid"])
+def test_field_comparisons(where, compare, matching, other):
+    d = where
+    be = backend_for(f"-a always,exit -S chmod -F auid={PERSON} -C {compare} -k cmp")
+    try:
+        for name, creds in (("yes", matching), ("no", other)):
+            open(f"{d}/{name}", "w").close()
+            os.chown(f"{d}/{name}", NOBODY, NOBODY)
+            child(f"os.chmod('{d}/{name}', 0o644)", loginuid=PERSON, **creds)
+        got = mine(drain(be), d)
+        assert [(e.op, e.path, e.keys) for e in got] == [("chmod", f"{d}/yes", ["cmp"])]
+    finally:
+        be.close()
+
+
 def test_exe_filter_is_applied_by_the_consumer(where):
     d = where
     rm = os.path.realpath(shutil.which("rm"))

@@ -153,8 +153,8 @@ class REL(IntEnum):
     ANY = 7                 # an unused condition
 
 
-# Rule fields (rules/fields.py) the kernel evaluates for path-less rules, and the value
-# each one compares; the operators of each (REL bits).
+# Rule fields (rules/fields.py) and -C comparands the kernel evaluates for path-less
+# rules, and the value each one is; the operators (REL bits).
 KERNEL_FIELDS: dict[str, KF] = {
     "auid": KF.LOGINUID, "loginuid": KF.LOGINUID, "uid": KF.UID, "euid": KF.EUID,
     "suid": KF.SUID, "fsuid": KF.FSUID, "gid": KF.GID, "egid": KF.EGID, "sgid": KF.SGID,
@@ -208,7 +208,8 @@ Header = namedtuple("Header", [f.name for f in EVENT_FIELDS if not f.is_pad])  #
 KCOND_FIELDS: tuple[Field, ...] = (
     Field("field", "u8", "B", comment="KF_*"),
     Field("rel", "u8", "B", comment="REL_* outcomes that satisfy it"),
-    Field("pad", "u8", "6x", 6),
+    Field("other", "u8", "B", comment="KF_*: compared with value + this (-C)"),
+    Field("pad", "u8", "5x", 5),
     Field("value", "s64", "q"),
 )
 KCOND = struct.Struct("<" + "".join(f.code for f in KCOND_FIELDS))

@@ -197,31 +197,39 @@ class EbpfBackend(Backend):
 
     # -- path-less rules -> syscall_spec.pathless and rule_filters -----------------------
     @staticmethod
-    def kernel_conds(rule: Rule) -> list[tuple[int, int, int]]:
-        """The (KF_*, REL_* bits, value) conditions of a path-less rule evaluated in the
-        kernel: those it can evaluate, those only it can first (no event carries
-        them), at most MAX_KCONDS; the consumer evaluates every other one."""
-        conds = [c for c in rule.conds if c.name in KERNEL_FIELDS]
-        conds.sort(key=lambda c: bool(FIELDS[c.name].where & Where.CONSUMER))
-        out = [(int(KERNEL_FIELDS[c.name]), KERNEL_OPS[c.op], int(c.value)) for c in conds]
-        if any(not FIELDS[c.name].where & Where.CONSUMER for c in conds[MAX_KCONDS:]):
+    def kernel_conds(rule: Rule) -> list[tuple[int, int, int, int]]:
+        """The (KF_*, REL_* bits, value, other KF_*) conditions of a path-less rule
+        evaluated in the kernel: its -F fields and -C comparisons on what the kernel
+        reads, those no event carries first, at most MAX_KCONDS; the consumer
+        evaluates every other one."""
+        conds = [(c.name in FIELDS and not FIELDS[c.name].where & Where.CONSUMER,
+                  (int(KERNEL_FIELDS[c.name]), KERNEL_OPS[c.op], int(c.value), 0))
+                 for c in rule.conds if c.name in KERNEL_FIELDS]
+        conds += [(not c.in_consumer,
+                   (int(KERNEL_FIELDS[c.left]), KERNEL_OPS[c.op], 0,
+                    int(KERNEL_FIELDS[c.right])))
+                  for c in rule.compares
+                  if c.left in KERNEL_FIELDS and c.right in KERNEL_FIELDS]
+        conds.sort(key=lambda kc: not kc[0])
+        if any(kernel_only for kernel_only, _ in conds[MAX_KCONDS:]):
             raise RuleError(f"{rule.text()}: more than {MAX_KCONDS} conditions on "
                             "credentials only the kernel sees")
-        return out[:MAX_KCONDS]
+        return [kc for _, kc in conds[:MAX_KCONDS]]
 
     def _sync_pathless(self, slots: dict[int, int]) -> None:
         """Mark each followed syscall with the slots of the path-less rules on it, and
         put each rule's kernel conditions in its slot."""
         assert self.bpf is not None
         masks = dict.fromkeys(self.specs, 0)
-        conds: list[list[tuple[int, int, int]]] = [[] for _ in range(PATHLESS_SLOTS)]
+        conds: list[list[tuple[int, int, int, int]]] = [[] for _ in range(PATHLESS_SLOTS)]
         for rid, rule in self.rules.items():
             if rule.kind != "syscall":
                 continue
             slot = slots[rid]
             if slot < PATHLESS_SLOTS:
                 conds[slot] = self.kernel_conds(rule)
-            elif any(not FIELDS[c.name].where & Where.CONSUMER for c in rule.conds):
+            elif any(not FIELDS[c.name].where & Where.CONSUMER for c in rule.conds) or any(
+                    not c.in_consumer for c in rule.compares):
                 raise RuleError(f"{rule.text()}: the kernel keeps the conditions of "
                                 f"{PATHLESS_SLOTS} path-less rules, and only it sees "
                                 "this rule's (suid, fsuid, egid, sgid, fsgid)")
@@ -238,8 +246,8 @@ class EbpfBackend(Backend):
             for i, slot_conds in enumerate(filters):
                 for j in range(MAX_KCONDS):
                     k = leaf.slot[i].c[j]
-                    k.field, k.rel, k.value = (slot_conds[j] if j < len(slot_conds)
-                                               else (KF.NONE, REL.ANY, 0))
+                    k.field, k.rel, k.value, k.other = (
+                        slot_conds[j] if j < len(slot_conds) else (KF.NONE, REL.ANY, 0, 0))
             table[table.Key(0)] = leaf
             self.filters = filters
         spec_map = self.bpf[b"syscall_spec"]

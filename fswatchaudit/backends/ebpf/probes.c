@@ -1027,8 +1027,10 @@ static __always_inline u64 pathless_rules(struct syscall_spec *spec, s64 ret)
         for (u32 j = 0; j < MAX_KCONDS; j++) {
             struct kcond *k = &f->slot[i].c[j];
             /* the outcome as a REL_* bit, without branches: values are ids and
-             * return values, so the difference cannot overflow */
-            u64 d = kv->v[k->field & (KVALS - 1)] - k->value;
+             * return values, so the difference cannot overflow.  The other side is
+             * value plus another field (-C uid!=euid) or plus KF_NONE's 0. */
+            u64 d = kv->v[k->field & (KVALS - 1)] -
+                    (k->value + kv->v[k->other & (KVALS - 1)]);
             u64 lt = d >> 63;
             u64 eq = ((d | -d) >> 63) ^ 1;
             u64 rel = lt | (eq << 1) | ((1 - lt - eq) << 2);
