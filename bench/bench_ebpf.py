@@ -13,6 +13,11 @@ Reported: the workload's own wall time (median, and ratio to baseline), events
 delivered, events lost, whether every expected event came exactly once, and the CPU
 time the consumer spent.  Also the start-up time of the backend with 10 rules, measured
 in a fresh process.  Run as root:  .venv/bin/python bench/bench_ebpf.py
+
+With --rules FILE (for instance bench/stig-like.rules) the eBPF runs load that rules
+file besides their watch, and the start-up is measured with it: the cost of a
+realistic rule set, path-less syscall rules included, on a workload it does not select
+(the workload runs with the bench's own login uid, printed with the results).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fswatchaudit.rules import RuleSet, watch_rule  # noqa: E402
+from fswatchaudit.rules import RuleSet, load, watch_rule  # noqa: E402
 
 AUDIT_KEY = "fswa-bench"
 OPS_PER_ROUND = 6            # open, write, close, chmod, rename, unlink
@@ -103,9 +108,10 @@ def expected_events(workdir: str, rounds: int) -> set[tuple]:
     return out
 
 
-def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> dict:
+def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool,
+             rules_file: str | None = None) -> dict:
     from fswatchaudit.backends.ebpf import EbpfBackend
-    rs = RuleSet()
+    rs = load([rules_file]) if rules_file else RuleSet()
     rs.add(watch_rule(watch))
     be = EbpfBackend(rs)
     be.start()
@@ -254,11 +260,11 @@ import json, os, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
 t0 = time.perf_counter()
 from fswatchaudit.backends.ebpf import EbpfBackend
-from fswatchaudit.rules import RuleSet, watch_rule
+from fswatchaudit.rules import RuleSet, load, watch_rule
 import bcc
 t1 = time.perf_counter()
 base = tempfile.mkdtemp(prefix="fswa-bench-start-")
-rs = RuleSet()
+rs = load(sys.argv[3:]) if sys.argv[3:] else RuleSet()
 for i in range(int(sys.argv[2])):
     os.mkdir(f"{base}/d{i}")
     rs.add(watch_rule(f"{base}/d{i}", key=f"k{i}"))
@@ -271,13 +277,16 @@ t4 = time.perf_counter()
 for i in range(int(sys.argv[2])):
     os.rmdir(f"{base}/d{i}")
 os.rmdir(base)
-print(json.dumps({"import": t1 - t0, "start": t3 - t2, "close": t4 - t3}))
+print(json.dumps({"import": t1 - t0, "start": t3 - t2, "close": t4 - t3,
+                  "rules": len(rs)}))
 """
 
 
-def measure_startup(nrules: int) -> dict:
+def measure_startup(nrules: int, rules_file: str | None = None) -> dict:
+    """Start-up in a fresh process with nrules directory watches (and the rules file)."""
     out = subprocess.run([sys.executable, "-c", STARTUP_CODE, os.path.dirname(HERE),
-                          str(nrules)], capture_output=True, text=True, check=True)
+                          str(nrules), *([rules_file] if rules_file else [])],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -290,12 +299,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of every way")
     ap.add_argument("--no-auditd", action="store_true", help="skip the auditd comparison")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    ap.add_argument("--rules", metavar="FILE",
+                    help="load this rules file in the eBPF runs and the start-up "
+                         "measurement (bench/stig-like.rules)")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="measure only the start-up time")
     ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other tools' BPF "
                          "tracing programs to be gone (default %(default)s)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the eBPF backend and auditctl need it")
+    if args.rules:
+        from fswatchaudit.rules import RuleError
+        try:
+            load([args.rules])
+        except RuleError as exc:
+            raise SystemExit(f"bench_ebpf: {exc}") from None
 
     tmp = tempfile.mkdtemp(prefix="fswa-bench-", dir="/tmp")
     workdir, elsewhere = os.path.join(tmp, "work"), os.path.join(tmp, "elsewhere")
@@ -305,18 +325,19 @@ def main() -> None:
     use_auditd = bool(shutil.which("auditctl")) and not args.no_auditd
     results: dict[str, list[dict]] = collections.defaultdict(list)
     try:
-        startup = [measure_startup(10) for _ in range(args.repeat)]
-        aud = Auditd(tmp) if use_auditd else None
-        for rep in range(args.repeat):
+        startup = [measure_startup(0 if args.rules else 10, args.rules)
+                   for _ in range(args.repeat)]
+        aud = Auditd(tmp) if use_auditd and not args.startup_only else None
+        for rep in range(0 if args.startup_only else args.repeat):
             def measured(run) -> dict:
                 foreign = wait_quiet(args.wait_quiet)
                 return dict(run(), foreign_progs=foreign)
             results["baseline"].append(measured(
                 lambda: Workload(exe, workdir, args.rounds).finish()))
             results["unwatched"].append(measured(
-                lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False)))
+                lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False, args.rules)))
             results["watched"].append(measured(
-                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True)))
+                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True, args.rules)))
             if aud is not None:
                 with aud:
                     results["auditd -w DIR -p wa"].append(measured(
@@ -330,14 +351,34 @@ def main() -> None:
     report(args, startup, results)
 
 
+def login_uid() -> str:
+    try:
+        with open("/proc/self/loginuid") as fh:
+            value = fh.read().strip()
+    except OSError:
+        return "unknown"
+    return "unset" if value == "4294967295" else value
+
+
 def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
+    st = [s["start"] for s in startup]
+    what = (f"the {startup[0]['rules']} rules of {args.rules}" if args.rules
+            else "10 rules")
+    print(f"start-up with {what} (compile + load + maps, fresh process): "
+          f"median {statistics.median(st):.3f} s (runs: "
+          + ", ".join(f"{s:.3f}" for s in st) + "); "
+          f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
+          f"close {statistics.median(s['close'] for s in startup):.3f} s")
+    if not results:
+        return
     base = statistics.median(r["ns"] for r in results["baseline"])
     base_cpu = statistics.median(r["workload_cpu"] for r in results["baseline"])
     nops = args.rounds * OPS_PER_ROUND
     print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
           f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
           f"median of {args.repeat} runs; kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs; workload login uid {login_uid()}"
+          + (f"; eBPF runs with {args.rules}" if args.rules else "") + "\n")
     print("| way | wall time | ratio | workload CPU | ratio | events delivered | events lost "
           "| exactly once | consumer CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -358,12 +399,6 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
         print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
               f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
               f"{cell('consumer_cpu', '{:.2f} s')} |")
-    st = [s["start"] for s in startup]
-    print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
-          f"median {statistics.median(st):.3f} s (runs: "
-          + ", ".join(f"{s:.3f}" for s in st) + "); "
-          f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
-          f"close {statistics.median(s['close'] for s in startup):.3f} s")
     foreign = sum(1 for runs in results.values() for r in runs if r.get("foreign_progs"))
     if foreign:
         print(f"\nWARNING: in {foreign} runs other tools' BPF tracing programs were loaded "
