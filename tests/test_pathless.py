@@ -216,6 +216,23 @@ def test_path_rules_and_path_less_rules_together(where):
         be.close()
 
 
+def test_path_less_rules_added_and_removed_at_run_time(where):
+    d = where
+    be = backend_for(f"-w {d}/nothing -k other")
+    try:
+        rule = parse_line(f"-a always,exit -S unlink -F auid={PERSON} -k delete").rule
+        be.add_rule(be.rules.add(rule), rule)
+        child(f"open('{d}/a', 'w').close(); os.unlink('{d}/a')", loginuid=PERSON)
+        assert [(e.path, e.keys) for e in mine(drain(be), d)] == [(f"{d}/a", ["delete"])]
+        be.remove_rule(be.rules.remove(rule), rule)
+        before = be.submitted()
+        child(f"open('{d}/b', 'w').close(); os.unlink('{d}/b')", loginuid=PERSON)
+        assert mine(drain(be), d) == []
+        assert be.submitted() == before
+    finally:
+        be.close()
+
+
 def test_rules_beyond_the_kernel_slots_are_filtered_by_the_consumer(where):
     from fswatchaudit.backends.ebpf.abi import PATHLESS_SLOTS
     d = where
