@@ -204,7 +204,7 @@ def test_struct_syscall_spec_as_compiled(compiled):
 
 def test_struct_kcond_as_compiled(compiled):
     table = compiled[b"rule_filters"].Leaf      # the conditions of path-less rules
-    slot = table._fields_[0][1]                 # struct slot_filter[PATHLESS_SLOTS]
+    slot = dict(table._fields_)["slot"]         # struct slot_filter[PATHLESS_SLOTS]
     assert slot._length_ == abi.PATHLESS_SLOTS
     kcond = slot._type_._fields_[0][1]          # struct kcond[MAX_KCONDS]
     assert kcond._length_ == abi.MAX_KCONDS

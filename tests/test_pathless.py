@@ -218,7 +218,7 @@ def test_path_rules_and_path_less_rules_together(where):
 
 def test_path_less_rules_added_and_removed_at_run_time(where):
     d = where
-    be = backend_for(f"-w {d}/nothing -k other")
+    be = backend_for()
     try:
         rule = parse_line(f"-a always,exit -S unlink -F auid={PERSON} -k delete").rule
         be.add_rule(be.rules.add(rule), rule)

@@ -243,6 +243,7 @@ class EbpfBackend(Backend):
         if filters != self.filters:
             table = self.bpf[b"rule_filters"]
             leaf = table.Leaf()
+            leaf.needs = sum({1 << kc[0] | 1 << kc[3] for c in filters for kc in c})
             for i, slot_conds in enumerate(filters):
                 for j in range(MAX_KCONDS):
                     k = leaf.slot[i].c[j]

@@ -261,6 +261,18 @@ def sb_mount_flags(btf: BTF) -> list[str]:
         return []
 
 
+CRED_IDS = ("uid", "gid", "suid", "sgid", "euid", "egid", "fsuid", "fsgid")
+
+
+def cred_span(btf: BTF) -> list[str]:
+    """Where struct cred's eight ids lie, for one read of them all."""
+    offs = [btf.offset(f"cred.{name}") for name in CRED_IDS]
+    start, end = min(offs), max(offs) + 4
+    if end - start > 64:
+        raise BTFError(f"struct cred's ids span {end - start} bytes")
+    return [f"-DCRED_SPAN_START={start}", f"-DCRED_SPAN_LEN={end - start}"]
+
+
 def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
     """-D flags: the running kernel's struct offsets and this run's sizes."""
     machine = os.uname().machine
@@ -281,6 +293,7 @@ def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
             flags += [f"-DCREGS_SPAN_START={min(offs)}",
                       f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
         flags.append(f"-DSIZEOF_UPID={btf.size('upid')}")
+        flags += cred_span(btf)
         flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None

@@ -982,6 +982,7 @@ struct slot_filter {
     struct kcond c[MAX_KCONDS];     /* unused: REL_ANY */
 };
 struct rule_filter_table {
+    u64 needs;                      /* bit KF_*: a condition compares it */
     struct slot_filter slot[PATHLESS_SLOTS];
 };
 BPF_ARRAY(rule_filters, struct rule_filter_table, 1);
@@ -1005,25 +1006,37 @@ static __always_inline u64 pathless_rules(struct syscall_spec *spec, s64 ret)
         return 0;
     void *task = (void *)bpf_get_current_task();
     void *cred = read_ptr(task, OFF_TASK_CRED);
-    void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
+    /* the eight ids of struct cred lie within CRED_SPAN_LEN bytes: one read */
+    u32 ids[CRED_SPAN_LEN / 4] = {};
+    bpf_probe_read_kernel(ids, sizeof(ids), (char *)cred + CRED_SPAN_START);
+#define CRED_ID(off) ids[((off) - CRED_SPAN_START) / 4]
     kv->v[KF_NONE] = 0;
     kv->v[KF_LOGINUID] = read_u32(task, OFF_TASK_LOGINUID);
-    kv->v[KF_UID] = read_u32(cred, OFF_CRED_UID);
-    kv->v[KF_EUID] = read_u32(cred, OFF_CRED_EUID);
-    kv->v[KF_SUID] = read_u32(cred, OFF_CRED_SUID);
-    kv->v[KF_FSUID] = read_u32(cred, OFF_CRED_FSUID);
-    kv->v[KF_GID] = read_u32(cred, OFF_CRED_GID);
-    kv->v[KF_EGID] = read_u32(cred, OFF_CRED_EGID);
-    kv->v[KF_SGID] = read_u32(cred, OFF_CRED_SGID);
-    kv->v[KF_FSGID] = read_u32(cred, OFF_CRED_FSGID);
+    kv->v[KF_UID] = CRED_ID(OFF_CRED_UID);
+    kv->v[KF_EUID] = CRED_ID(OFF_CRED_EUID);
+    kv->v[KF_SUID] = CRED_ID(OFF_CRED_SUID);
+    kv->v[KF_FSUID] = CRED_ID(OFF_CRED_FSUID);
+    kv->v[KF_GID] = CRED_ID(OFF_CRED_GID);
+    kv->v[KF_EGID] = CRED_ID(OFF_CRED_EGID);
+    kv->v[KF_SGID] = CRED_ID(OFF_CRED_SGID);
+    kv->v[KF_FSGID] = CRED_ID(OFF_CRED_FSGID);
     kv->v[KF_PID] = bpf_get_current_pid_tgid() >> 32;
-    kv->v[KF_PPID] = parent ? read_u32(parent, OFF_TASK_TGID) : 0;
+    kv->v[KF_PPID] = 0;
+    if (f->needs & (1 << KF_PPID)) {
+        void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
+        kv->v[KF_PPID] = parent ? read_u32(parent, OFF_TASK_TGID) : 0;
+    }
     kv->v[KF_SUCCESS] = ret >= 0;
     kv->v[KF_EXIT] = ret;
     /* slots from PATHLESS_SLOTS on pass unfiltered (user space evaluates them) */
     u64 out = mask & ~((1ULL << PATHLESS_SLOTS) - 1);
     for (u32 i = 0; i < PATHLESS_SLOTS; i++) {
-        u64 ok = (mask >> i) & 1;
+        u64 rest = mask >> i;
+        if (!rest)
+            break;
+        if (!(rest & 1))
+            continue;
+        u64 ok = 1;
         for (u32 j = 0; j < MAX_KCONDS; j++) {
             struct kcond *k = &f->slot[i].c[j];
             /* the outcome as a REL_* bit, without branches: values are ids and
