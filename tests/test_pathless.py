@@ -261,6 +261,7 @@ def test_trace_with_path_less_rules_and_the_other_backends_refusing(tmp_path):
         trace.wait_for(1)
         events, stderr, code = trace.stop()
         assert code == 0, stderr
+        assert "watching 0 paths, 1 syscall rules on every object with ebpf" in stderr
         assert [(e["op"], e["path"], e["keys"]) for e in events
                 if e["path"].startswith(d)] == [("unlink", f"{d}/x", ["delete"])]
     finally:
