@@ -976,8 +976,9 @@ RAW_TRACEPOINT_PROBE(ctime_xchg_skip) { return on_ctime(ctx); }
  * knows here (ids, pid, success, exit; KERNEL_FIELDS in abi.py) are in rule_filters, at
  * most MAX_KCONDS per rule, so a syscall they reject never reaches the ring.  The rest
  * (exe, comm...) user space evaluates.  Path-less rules get the first rule slots; the
- * first PATHLESS_SLOTS of them are filtered here.  One map lookup for all rules, and a
- * fixed amount of branch-free work per slot keeps the verifier's work small. */
+ * first PATHLESS_SLOTS of them are filtered here.  One map lookup for all rules, one
+ * read of the credentials, and branch-free comparisons for only the slots the syscall
+ * is marked with keep both the run time and the verifier's work small. */
 struct slot_filter {
     struct kcond c[MAX_KCONDS];     /* unused: REL_ANY */
 };
@@ -1020,6 +1021,7 @@ static __always_inline u64 pathless_rules(struct syscall_spec *spec, s64 ret)
     kv->v[KF_EGID] = CRED_ID(OFF_CRED_EGID);
     kv->v[KF_SGID] = CRED_ID(OFF_CRED_SGID);
     kv->v[KF_FSGID] = CRED_ID(OFF_CRED_FSGID);
+#undef CRED_ID
     kv->v[KF_PID] = bpf_get_current_pid_tgid() >> 32;
     kv->v[KF_PPID] = 0;
     if (f->needs & (1 << KF_PPID)) {
