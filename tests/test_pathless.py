@@ -181,6 +181,27 @@ def test_field_comparisons(where, compare, matching, other):
         be.close()
 
 
+def test_ppid_and_pid_filters(where):
+    d = where
+    for name in ("by-child", "by-grandchild"):
+        open(f"{d}/{name}", "w").close()
+    # the children of this test process, not their children; and not this process
+    be = backend_for(f"-a always,exit -S unlink -F auid={PERSON} -F ppid={os.getpid()} "
+                     f"-F pid!={os.getpid()} -k mine")
+    try:
+        before = be.submitted()
+        child(f"os.unlink('{d}/by-child')\n"
+              "import subprocess, sys\n"
+              f"subprocess.run([sys.executable, '-c', \"import os; "
+              f"os.unlink('{d}/by-grandchild')\"], check=True)", loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.path, e.ppid, e.keys) for e in got] == [
+            (f"{d}/by-child", os.getpid(), ["mine"])]
+        assert be.submitted() - before == 1         # the kernel compared the ppid
+    finally:
+        be.close()
+
+
 def test_exe_filter_is_applied_by_the_consumer(where):
     d = where
     rm = os.path.realpath(shutil.which("rm"))
