@@ -37,12 +37,16 @@ class Replay(Backend):
     def __init__(self, rules, batches):
         super().__init__(rules)
         self.batches = batches
+        self.on_empty = lambda: None
 
     def start(self):
         pass
 
     def read(self, timeout):
-        return self.batches.pop() if self.batches else []
+        if not self.batches:
+            self.on_empty()
+            return []
+        return self.batches.pop()
 
 
 def make_events(n: int, watched: str) -> list[list[Event]]:

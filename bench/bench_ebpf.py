@@ -26,7 +26,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -39,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from fswatchaudit.rules import RuleSet, load, watch_rule  # noqa: E402
+from tests.linux_audit import Auditd, audit_status  # noqa: E402
 
 AUDIT_KEY = "fswa-bench"
 OPS_PER_ROUND = 6            # open, write, close, chmod, rename, unlink
@@ -155,85 +155,6 @@ def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool,
 
 # -- auditd ------------------------------------------------------------------------------
 
-AUDITD_CONF = """\
-log_file = {log}
-log_format = RAW
-log_group = root
-priority_boost = 4
-flush = INCREMENTAL_ASYNC
-freq = 50
-num_logs = 5
-max_log_file = 0
-max_log_file_action = IGNORE
-space_left = 2
-space_left_action = IGNORE
-admin_space_left = 1
-admin_space_left_action = IGNORE
-disk_full_action = IGNORE
-disk_error_action = IGNORE
-"""
-
-
-def audit_status() -> dict[str, int]:
-    out = subprocess.run(["auditctl", "-s"], capture_output=True, text=True).stdout
-    return {k: int(v) for k, v in re.findall(r"^(\w+) (\d+)", out, re.M)}
-
-
-class Auditd:
-    """auditd for the measurement: ours (own config and log) unless one already runs."""
-
-    def __init__(self, tmp: str) -> None:
-        self.tmp = tmp
-        self.proc: subprocess.Popen | None = None
-        self.log: str | None = None
-        self.before = audit_status()
-
-    def __enter__(self) -> Auditd:
-        if not self.before.get("pid") and shutil.which("auditd"):
-            conf = os.path.join(self.tmp, "auditd")
-            os.makedirs(conf, exist_ok=True)
-            self.log = os.path.join(conf, "audit.log")
-            with open(os.path.join(conf, "auditd.conf"), "w") as fh:
-                fh.write(AUDITD_CONF.format(log=self.log))
-            os.chmod(os.path.join(conf, "auditd.conf"), 0o640)
-            self.proc = subprocess.Popen(["auditd", "-n", "-c", conf],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while not audit_status().get("pid"):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("auditd did not start")
-                time.sleep(0.05)
-        # one setting per call: auditctl applies only the first of several
-        subprocess.run(["auditctl", "-e", "1"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["auditctl", "-b", "8192"], check=True, stdout=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        # auditd leaves auditing enabled; every process forked then pays for it
-        for setting in (["-b", str(self.before.get("backlog_limit", 64))],
-                        ["-e", str(self.before.get("enabled", 0))]):
-            subprocess.run(["auditctl", *setting], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-
-    def count(self, since: int) -> int | None:
-        """SYSCALL records with our key written to our log after byte offset since."""
-        if self.log is None:
-            return None
-        n = 0
-        with open(self.log, "rb") as fh:
-            fh.seek(since)
-            for line in fh:
-                if line.startswith(b"type=SYSCALL") and AUDIT_KEY.encode() in line:
-                    n += 1
-        return n
-
-    def size(self) -> int:
-        return os.path.getsize(self.log) if self.log and os.path.exists(self.log) else 0
-
-
 def run_auditd(aud: Auditd, exe: str, workdir: str, rounds: int) -> dict:
     rule = ["-w", workdir, "-p", "wa", "-k", AUDIT_KEY]
     lost0 = audit_status().get("lost", 0)
@@ -245,7 +166,7 @@ def run_auditd(aud: Auditd, exe: str, workdir: str, rounds: int) -> dict:
     finally:
         subprocess.run(["auditctl", "-W", *rule[1:]], stdout=subprocess.DEVNULL)
     time.sleep(1.0)                     # auditd writes asynchronously
-    return {**timing, "events": aud.count(since),
+    return {**timing, "events": aud.count(since, AUDIT_KEY),
             "lost": audit_status().get("lost", 0) - lost0,
             "consumer_cpu": auditd_cpu(aud) - cpu_aud0 if cpu_aud0 is not None else None}
 

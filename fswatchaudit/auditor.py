@@ -4,6 +4,7 @@ the sinks.  Rule changes are carried out on that same thread, between two reads,
 the backend and the sinks never see two callers at once."""
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -18,6 +19,8 @@ from .enrich import Pipeline, Processor, default_pipeline
 from .events import Event, LostCounts, Record, RulesInForce
 from .rules import Command, Rule, RuleSet
 from .sinks.base import Fanout, Sink
+
+DRAIN_READS = 256       # reads of what is queued before a rule change, at most
 
 
 class Auditor:
@@ -56,8 +59,13 @@ class Auditor:
         return self.call(lambda: self._apply(cmds, reason))
 
     def _apply(self, cmds: list[Command], reason: str) -> list[str]:
-        # What the kernel recorded under the old rules is judged by the old rules.
-        self._dispatch(self.backend.read(0))
+        # What the kernel recorded under the old rules is judged by the old rules
+        # (read in batches: a read returns at most one batch).
+        for _ in range(DRAIN_READS):
+            items = self.backend.read(0)
+            if not items:
+                break
+            self._dispatch(items)
         self.backend.refuse_unhonoured(c.rule for c in cmds
                                        if c.action == "add" and c.rule is not None)
         before = dict(self.rules.rules)
@@ -79,6 +87,7 @@ class Auditor:
             self.backend.remove_rule(rid, rule)
         if added or removed:
             self.emit(self.rules_in_force(reason))
+            gc.freeze()             # the new rules and their index (see run)
         return listed
 
     def replace_rules(self, new: RuleSet, reason: str = "reload") -> None:
@@ -116,8 +125,26 @@ class Auditor:
         self.out.write(out)
 
     def _dispatch(self, items: list) -> None:
+        """A batch through the chain, then into the sinks in one call each."""
+        pipeline = self.pipeline
+        per_alias = self.per_alias
+        out = []
+        events = 0
+        newest = self._newest
         for item in items:
-            self.emit(item)
+            rec = pipeline(item)
+            if rec is None:
+                continue
+            if type(rec) is Event:
+                events += 1
+                newest = rec.time
+                for alias in rec.aliases:
+                    per_alias[alias] += 1
+            out.append(rec)
+        self.events += events
+        self._newest = newest
+        if out:
+            self.out.write_many(out)
         if items:
             self.out.flush()
             if self._newest:
@@ -149,6 +176,10 @@ class Auditor:
         """Consume until stop() or the duration ends; then drain what is already queued."""
         self._loop_thread = threading.current_thread()
         self.running.set()
+        # What exists now (the rules, their index, the backend's tables) lives as long
+        # as the audit: the collector's full passes need not walk it again and again
+        # (with 10,000 rules they cost the consumer a quarter of its time).
+        gc.freeze()
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not self._stop.is_set():

@@ -56,10 +56,14 @@ class ProcessFacts:
     A stale mark the backend set (the process had exited when it read the event) stays.
     Cached facts are reused for ``max_age`` seconds only: a burst of events from one
     process costs one read, and an exec, a setuid or a reused pid is seen soon after.
+    A process found gone is remembered as gone for as long (a burst of its events
+    read after it exited costs one look, not one per event), and its events get the
+    facts last read while it lived, if any, marked stale.
     """
 
     def __init__(self, size: int = 4096, max_age: float = 0.1) -> None:
-        self.cache: OrderedDict[int, tuple[float, dict[str, object]]] = OrderedDict()
+        # pid -> (when read, facts, stale)
+        self.cache: OrderedDict[int, tuple[float, dict[str, object], bool]] = OrderedDict()
         self.size = size
         self.max_age = max_age
 
@@ -69,16 +73,19 @@ class ProcessFacts:
         now = time.monotonic()
         cached = self.cache.get(ev.pid)
         if cached is not None and now - cached[0] <= self.max_age:
-            facts = cached[1]
+            _, facts, stale = cached
         else:
             facts = read_proc_facts(ev.pid)
-            if not facts or ("exe" not in facts and not is_kernel_thread(ev.pid)):
-                ev.stale = True     # gone, or exiting (its program already released)
-            else:
-                self.cache.pop(ev.pid, None)
-                self.cache[ev.pid] = (now, facts)
-                if len(self.cache) > self.size:
-                    self.cache.popitem(last=False)
+            # gone, or exiting (its program already released)
+            stale = not facts or ("exe" not in facts and not is_kernel_thread(ev.pid))
+            if stale and cached is not None and cached[1]:
+                facts = cached[1]
+            self.cache.pop(ev.pid, None)
+            self.cache[ev.pid] = (now, facts, stale)
+            if len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        if stale:
+            ev.stale = True
         for name, value in facts.items():
             if getattr(ev, name) is None:
                 setattr(ev, name, value)

@@ -211,18 +211,28 @@ def known_syscall_names() -> list[str]:
     return sorted(set(SYSCALL_VARIANTS) | set(SYSCALL_OPS) | SYSCALL_ALIAS_NAMES)
 
 
+_ALIASES_OF: dict[str, tuple[str, ...]] = {}
+
+
 def aliases_for_op(op: str) -> list[str]:
     """The aliases whose set contains this operation (rename is in two)."""
-    return [a for a in ALIAS_ORDER if op in ALIAS_OPS[a]]
+    found = _ALIASES_OF.get(op)
+    if found is None:
+        found = _ALIASES_OF[op] = tuple(a for a in ALIAS_ORDER if op in ALIAS_OPS[a])
+    return list(found)
+
+
+_OPEN_PERMS = {access: frozenset(access) & frozenset("rw") for access in ("r", "w", "rw")}
+_PERMS_X, _PERMS_WA, _PERMS_W = frozenset("x"), frozenset("wa"), frozenset("w")
 
 
 def perms_for(op: str, access: str | None = None) -> frozenset[str]:
     """Permission letters an operation counts as: r/w for opens by access mode,
     w for every namespace or attribute change, a for attribute changes, x for exec."""
     if op == ops.OPEN:
-        return frozenset(access or "r") & frozenset("rw")
+        return _OPEN_PERMS.get(access or "r") or frozenset(access or "r") & frozenset("rw")
     if op == ops.EXEC:
-        return frozenset("x")
+        return _PERMS_X
     if op in ATTR_OPS:
-        return frozenset("wa")
-    return frozenset("w")
+        return _PERMS_WA
+    return _PERMS_W

@@ -1,6 +1,7 @@
 """msgpack log: round trip, torn tail, flush timing behaviour, rotation, file safety,
 full disk.  Real files; the full-disk cases use a real small tmpfs."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -290,3 +291,51 @@ def test_output_file_others_can_reach_is_refused(tmp_path, prepare, reason):
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 1 and "refusing to write audit records" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _trace_with_log(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
+    watched = tmp_path / "w"
+    watched.mkdir()
+    log = str(tmp_path / "trace.log")
+    proc = subprocess.Popen([sys.executable, "-m", "fswatchaudit", "trace", "--backend",
+                             "inotify", "-o", log, *extra, str(watched)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    while first and not first.startswith("watching "):
+        first = proc.stderr.readline()
+    assert first, "trace exited before watching"
+    for i in range(3):
+        (watched / f"f{i}").write_text("x")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + err), log
+
+
+def _logged_creates(log: str) -> int:
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "log", "show", "--json", log],
+                       capture_output=True, text=True, cwd=REPO, check=True)
+    return sum(1 for line in r.stdout.splitlines() if json.loads(line).get("op") == "create")
+
+
+def test_trace_with_a_log_prints_only_when_asked(tmp_path):
+    r, log = _trace_with_log(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert "events to " + log + " only" in r.stderr
+    assert _logged_creates(log) == 3
+
+
+def test_trace_with_a_log_and_print_prints_too(tmp_path):
+    r, log = _trace_with_log(tmp_path, "--print")
+    assert r.returncode == 0, r.stderr
+    assert sum(" create " in line for line in r.stdout.splitlines()) == 3
+    assert _logged_creates(log) == 3
+
+
+def test_print_without_a_log_is_an_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fswatchaudit", "trace", "--print",
+                        str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "--print applies to -o" in r.stderr

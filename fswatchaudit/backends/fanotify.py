@@ -86,6 +86,7 @@ EVENTS = (FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ATTRIB | FAN_CLOSE_WRITE
           | FAN_CLOSE_NOWRITE | FAN_OPEN_EXEC | FAN_ONDIR)
 MEMORY_SECONDS = 5.0
 DIR_CACHE_SIZE = 65536
+REMOVALS = frozenset({ops.UNLINK, ops.RMDIR})
 PINNED_MAX = 256        # pidfds held until the next read (distinct processes)
 KNOWN_MAX = 1 << 17     # inode handles remembered from events (an entry of a known inode
                         # is a link)
@@ -124,6 +125,10 @@ class FanotifyBackend(Backend):
         self.fresh: dict[str, float] = {}           # created: its first close-write is it
         self.execs: dict[tuple[str, int], float] = {}
         self.dir_paths: OrderedDict[bytes, str] = OrderedDict()   # handle -> last path
+        # handle -> path, resolved during the current read (one open and readlink per
+        # directory and read, not per event)
+        self.read_dirs: dict[bytes, str] = {}
+        self.read_exited: dict[int, bool] = {}      # pid -> exited, as of this read
         self.unresolved = 0
         self.pinned: dict[int, int] = {}            # pid -> pidfd, until the next read
         self.target_fid = True          # entry events carry the child's handle (5.17+)
@@ -305,7 +310,9 @@ class FanotifyBackend(Backend):
         directory deleted before its event was read no longer opens: the path it had
         when last seen is used (directory handles are stable)."""
         handle, name = info.handle, info.name
-        directory = None
+        directory = self.read_dirs.get(handle)
+        if directory is not None:
+            return directory if name in (None, "", ".") else os.path.join(directory, name)
         for mount_fd in self._mount_fds_for(info):
             try:
                 fd = open_by_handle(mount_fd, handle)
@@ -319,6 +326,7 @@ class FanotifyBackend(Backend):
                 directory = None
                 continue
             self.dir_paths[handle] = directory
+            self.read_dirs[handle] = directory
             self.dir_paths.move_to_end(handle)
             if len(self.dir_paths) > DIR_CACHE_SIZE:
                 self.dir_paths.popitem(last=False)
@@ -344,7 +352,7 @@ class FanotifyBackend(Backend):
         target = path2 if op in (ops.LINK, ops.RENAME) else path
         if ident is not None:
             ev.dev, ev.ino = ident
-        elif target:
+        elif target and op not in REMOVALS:     # a removed name names nothing now
             try:
                 st = os.lstat(target)
                 ev.dev, ev.ino = st.st_dev, st.st_ino
@@ -357,6 +365,8 @@ class FanotifyBackend(Backend):
         # The consumer is done with the events of the previous read.
         self._unpin()
         self._mounts_changed()
+        self.read_dirs.clear()
+        self.read_exited.clear()
         out: list[Event | ProcessState] = []
         by_pid: dict[int, list[Event]] = {}
         for raw in read_events(self.fd, timeout):
@@ -382,7 +392,13 @@ class FanotifyBackend(Backend):
                 self.overflows += 1
                 return
             if pidfd is not None:
-                stale = pidfd < 0 or process_exited(pidfd)
+                if pidfd < 0:
+                    stale = True
+                else:       # one look per process and read
+                    exited = self.read_exited.get(raw.pid)
+                    if exited is None:
+                        exited = self.read_exited[raw.pid] = process_exited(pidfd)
+                    stale = exited
             self._translate(out, raw, stale)
             if sum(1 for bit in OP_BITS if raw.mask & bit) > 1:
                 for ev in out[emitted:]:
@@ -465,6 +481,8 @@ class FanotifyBackend(Backend):
         fid = infos.get(INFO_FID)
         known = self._know(fid)
         if mask & FAN_RENAME:
+            if is_dir:      # directories resolved earlier in this read may have moved
+                self.read_dirs.clear()
             old = infos.get(INFO_OLD_DFID_NAME)
             new = infos.get(INFO_NEW_DFID_NAME)
             src = self._resolve(old) if old else None

@@ -98,9 +98,19 @@ def ignored_options(args: argparse.Namespace, command: list[str] | None) -> str 
         return "--no-children applies to --pid"
     if args.all_namespaces and not args.container:
         return "--all-namespaces applies to --container"
+    if args.ring_buffer is not None and args.backend in ("fanotify", "inotify"):
+        return "--ring-buffer applies to the ebpf backend"
+    if args.print and not args.output:
+        return "--print applies to -o (without it, events are printed anyway)"
     if args.json and args.color == "always":
         return "--color applies to human lines, not --json"
     return None
+
+
+def printing(args: argparse.Namespace) -> bool:
+    """Events go to stdout without -o, and with it when asked (--print or --json):
+    formatting every event for a stdout nobody reads costs a third of the consumer."""
+    return not args.output or args.print or args.json
 
 
 def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int:
@@ -125,7 +135,8 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
     release: int | None = None
     backend: Backend | None = None
     try:
-        backend = open_backend(args.backend, rules, container=container)
+        backend = open_backend(args.backend, rules, queue_size=args.ring_buffer,
+                               container=container)
         if container is not None and not args.all_namespaces:
             backend.restrict_to_mount_namespace(container.mntns)
         if command is not None:
@@ -140,8 +151,10 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
         _abandon(child, release)
         return EXIT_NO_BACKEND if isinstance(exc, BackendUnavailable) else EXIT_USAGE
 
-    sinks: list[Sink] = [StreamSink(sys.stdout.buffer, JsonEncoder() if args.json else
-                                    HumanEncoder(color_wanted(args.color, sys.stdout)))]
+    sinks: list[Sink] = []
+    if printing(args):
+        sinks.append(StreamSink(sys.stdout.buffer, JsonEncoder() if args.json else
+                                HumanEncoder(color_wanted(args.color, sys.stdout))))
     summary = SummarySink() if args.summary else None
     if summary is not None:
         sinks.append(summary)
@@ -176,7 +189,8 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
         what += f", {every_object} syscall rules on every object"
     if command is not None or args.pid:
         what += f" and {len(args.pid) + (command is not None)} process trees"
-    print(f"watching {what} with {backend.name}", file=sys.stderr, flush=True)
+    where = "" if printing(args) else f" (events to {args.output} only; --print to show them)"
+    print(f"watching {what} with {backend.name}{where}", file=sys.stderr, flush=True)
     status = EXIT_OK
     exit_codes: dict[int, int] = {}
     if child is not None and release is not None:
@@ -225,6 +239,14 @@ def _stop_when_exits(pid: int, auditor: Auditor, exit_codes: dict[int, int]) -> 
     threading.Thread(target=wait, daemon=True).start()
 
 
+def ring_size(text: str) -> int:
+    from ..service.config import _ring
+    try:
+        return _ring(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES",
                    help="rules file or rules.d directory (repeatable)")
@@ -232,12 +254,19 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--key", help="key attached to PATH watches")
     p.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
-    p.add_argument("-o", "--output", metavar="LOGFILE", help="also write a msgpack log")
+    p.add_argument("-o", "--output", metavar="LOGFILE",
+                   help="write a msgpack log (events are then printed only with --print "
+                        "or --json)")
+    p.add_argument("--print", action="store_true",
+                   help="with -o: print the events on stdout too")
     p.add_argument("--sink", action="append", default=[], metavar="KIND[:TARGET]",
                    help="also send records to a sink (repeatable): jsonl:FILE, "
                         "auditd:FILE, syslog[:unix:PATH|udp://HOST:PORT|tcp://HOST:PORT], "
                         "journald[:SOCKET]")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--ring-buffer", type=ring_size, metavar="SIZE",
+                   help="eBPF ring buffer size, a power of two (default 32M; it is "
+                        "mapped into the process twice, so it counts twice in its RSS)")
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="audit this process (repeatable); with no PATH, all it touches")
     p.add_argument("--children", dest="children", action="store_true", default=True,

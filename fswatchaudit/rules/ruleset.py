@@ -30,6 +30,17 @@ class Cond:
     value: Any
 
 
+_CONSUMER_ROWS: tuple[Field, ...] = ()
+
+
+def _consumer_rows() -> tuple[Field, ...]:
+    """The field table's rows the consumer evaluates (the table is data: read once)."""
+    global _CONSUMER_ROWS
+    if not _CONSUMER_ROWS:
+        _CONSUMER_ROWS = tuple(row for row in FIELDS.values() if row.where & Where.CONSUMER)
+    return _CONSUMER_ROWS
+
+
 @dataclass(frozen=True)
 class Compare:
     """A field comparison of a rule: `-C LEFT OP RIGHT` (see fields.COMPARANDS)."""
@@ -72,13 +83,12 @@ class Rule:
         init=False, repr=False, compare=False, default=())
     _conds: tuple[tuple[Field, Cond], ...] = field(init=False, repr=False, compare=False,
                                                    default=())
+    _text: str | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         tests: list[tuple[bool, Callable[[Rule, Event], bool]]] = []
         conds: list[tuple[Field, Cond]] = []
-        for row in FIELDS.values():
-            if not row.where & Where.CONSUMER:
-                continue
+        for row in _consumer_rows():
             if row.part is not None:
                 if row.test is not None and row.value_of is not None \
                         and row.value_of(self) is not None:
@@ -109,7 +119,15 @@ class Rule:
         return out
 
     def text(self) -> str:
-        """The normalised rule, in the form `rules check` prints and -l lists."""
+        """The normalised rule, in the form `rules check` prints and -l lists (worked
+        out once: a rule never changes)."""
+        text = self._text
+        if text is None:
+            text = self._make_text()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _make_text(self) -> str:
         if self.from_watch:
             out = ["-w", shlex.quote(self.target or "")]
             if self.perms != FIELDS["perm"].default:
@@ -144,8 +162,10 @@ class Rule:
         for is_object, test in self._tests:
             if (objects or not is_object) and not test(self, ev):
                 return False
-        return all(row.holds(ev, c.op, c.value) for row, c in self._conds) and all(
-            c.holds(ev) for c in self.compares if c.in_consumer)
+        conds = self._conds
+        if conds and not all(row.holds(ev, c.op, c.value) for row, c in conds):
+            return False
+        return not self.compares or all(c.holds(ev) for c in self.compares if c.in_consumer)
 
     def matches_object(self, ev: Event) -> bool:
         """Do the event's names (or inode) match this rule's object?"""
@@ -171,6 +191,7 @@ class RuleTable(dict[int, Rule]):
     def __init__(self, rules: Mapping[int, Rule] | Iterable[tuple[int, Rule]] = ()) -> None:
         super().__init__()
         self._ids: dict[tuple, int] = {}
+        self.version = 0                # changes with every change (for RuleIndex)
         self.update(rules)
 
     def find(self, identity: tuple) -> int | None:
@@ -188,6 +209,7 @@ class RuleTable(dict[int, Rule]):
 
     def __setitem__(self, rid: int, rule: Rule) -> None:
         old = self.get(rid)
+        self.version += 1
         super().__setitem__(rid, rule)
         if old is not None:
             self._unindex(rid, old)
@@ -196,6 +218,7 @@ class RuleTable(dict[int, Rule]):
 
     def __delitem__(self, rid: int) -> None:
         rule = self[rid]
+        self.version += 1
         super().__delitem__(rid)
         self._unindex(rid, rule)
 
@@ -208,6 +231,7 @@ class RuleTable(dict[int, Rule]):
 
     def popitem(self) -> tuple[int, Rule]:
         rid, rule = super().popitem()
+        self.version += 1
         self._unindex(rid, rule)
         return rid, rule
 
@@ -218,6 +242,7 @@ class RuleTable(dict[int, Rule]):
 
     def clear(self) -> None:
         super().clear()
+        self.version += 1
         self._ids.clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -231,8 +256,87 @@ class RuleTable(dict[int, Rule]):
     def copy(self) -> RuleTable:
         new = RuleTable()
         dict.update(new, self)
+        new.version = self.version
         new._ids = dict(self._ids)
         return new
+
+
+UNDER_CACHE_SIZE = 4096        # directories remembered by the rule index
+
+
+def _subtree_key(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+class RuleIndex:
+    """The rules by the object they name, so that finding the rules an event may
+    concern costs the same for 10 rules as for 10,000: path= rules by their path,
+    dir= rules by their directory (an event's path is looked up with each of its
+    ancestors), inode rules by inode number; rules naming no object are always
+    candidates.  Candidates are only that: Rule.matches decides."""
+
+    def __init__(self, rules: Mapping[int, Rule]) -> None:
+        self.exact: dict[str, list[tuple[int, Rule]]] = {}
+        self.subtree: dict[str, list[tuple[int, Rule]]] = {}
+        self.inode: dict[int, list[tuple[int, Rule]]] = {}
+        self.rest: list[tuple[int, Rule]] = []
+        self._under_cache: dict[str, tuple[tuple[int, Rule], ...]] = {}
+        for rid, rule in rules.items():
+            if rule.kind == "path" and rule.target is not None:
+                self.exact.setdefault(rule.target, []).append((rid, rule))
+            elif rule.kind == "dir" and rule.target is not None:
+                self.subtree.setdefault(_subtree_key(rule.target), []).append((rid, rule))
+            elif rule.kind == "inode" and rule.inode is not None:
+                self.inode.setdefault(rule.inode, []).append((rid, rule))
+            else:
+                self.rest.append((rid, rule))
+
+    def _under(self, directory: str) -> tuple[tuple[int, Rule], ...]:
+        """The dir= rules whose subtree holds the entries of ``directory`` (its own and
+        its ancestors'), remembered per directory: events come in runs per directory."""
+        hit = self._under_cache.get(directory)
+        if hit is None:
+            found: list[tuple[int, Rule]] = []
+            q = directory
+            while True:
+                found += self.subtree.get(q, ())
+                if q == "/":
+                    break
+                cut = q.rfind("/")
+                if cut < 0:
+                    break
+                q = q[:cut] or "/"
+            if len(self._under_cache) >= UNDER_CACHE_SIZE:
+                self._under_cache.clear()
+            hit = self._under_cache[directory] = tuple(found)
+        return hit
+
+    def _add_path(self, path: str, found: dict[int, Rule]) -> None:
+        hit = self.exact.get(path)
+        if hit:
+            found.update(hit)
+        if not self.subtree:
+            return
+        q = _subtree_key(path)
+        hit = self.subtree.get(q)          # the path is a watched directory itself
+        if hit:
+            found.update(hit)
+        cut = q.rfind("/")
+        if q != "/" and cut >= 0:
+            found.update(self._under(q[:cut] or "/"))
+
+    def candidates(self, ev: Event) -> list[Rule]:
+        """The rules that may select the event, in id order."""
+        found: dict[int, Rule] = dict(self.rest) if self.rest else {}
+        if ev.path:
+            self._add_path(ev.path, found)
+        if ev.path2:
+            self._add_path(ev.path2, found)
+        if self.inode and ev.ino is not None:
+            found.update(self.inode.get(ev.ino, ()))
+        if len(found) < 2:
+            return list(found.values())
+        return [found[rid] for rid in sorted(found)]
 
 
 class RuleSet:
@@ -245,6 +349,17 @@ class RuleSet:
     def __init__(self, rules: Mapping[int, Rule] | None = None, next_id: int = 1) -> None:
         self.rules = rules if rules is not None else RuleTable()
         self.next_id = next_id
+        self._index: RuleIndex | None = None
+        self._indexed: tuple[RuleTable | None, int] = (None, -1)
+
+    def index(self) -> RuleIndex:
+        """The index of the rules in force, rebuilt after any change."""
+        table = self._rules
+        if self._index is None or self._indexed[0] is not table \
+                or self._indexed[1] != table.version:
+            self._index = RuleIndex(table)
+            self._indexed = (table, table.version)
+        return self._index
 
     @property
     def rules(self) -> RuleTable:
@@ -296,8 +411,11 @@ class RuleSet:
 
     def apply(self, cmds: Iterable[Command]) -> list[str]:
         """Apply commands to a copy first so that one bad line applies nothing; returns
-        the -l listings produced.  Raises RuleError naming the failing rule."""
-        trial = self.copy()
+        the -l listings produced.  Raises RuleError naming the failing rule.
+        One command is atomic by itself (add and remove check before they change
+        anything), so it needs no copy: applying N commands one at a time is linear."""
+        cmds = list(cmds)
+        trial = self if len(cmds) == 1 else self.copy()
         listed: list[str] = []
         for cmd in cmds:
             try:
@@ -325,7 +443,7 @@ class RuleSet:
             rules = self.rules
             return [r for rid in ev.rule_ids
                     if (r := rules.get(rid)) is not None and r.matches(ev, objects=False)]
-        return [r for r in self.rules.values() if r.matches(ev)]
+        return [r for r in self.index().candidates(ev) if r.matches(ev)]
 
     def select(self, ev: Event) -> Event | None:
         """The one place that decides whether an event is reported and with which keys:
@@ -335,6 +453,10 @@ class RuleSet:
         matched = self.match(ev)
         if not matched and ev.scope_keys is None and self.rules:
             return None
+        if len(matched) == 1 and not ev.scope_keys:        # the common case, quickly
+            key = matched[0].key
+            ev.keys = [key] if key else []
+            return ev
         keys = {r.key for r in matched if r.key}
         keys.update(ev.scope_keys or ())
         ev.keys = sorted(keys)

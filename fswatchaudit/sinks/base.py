@@ -17,7 +17,9 @@ class Sink(Protocol):
     """Where records go.  ``write`` must not block on slow I/O for long; ``flush`` is
     called after each batch the consumer read (cheap: a sink with its own schedule, as
     the file sink's once a second, may leave the batch to it); ``close`` hands on
-    everything still held; ``stats`` are counters for status and summaries."""
+    everything still held; ``stats`` are counters for status and summaries.  A sink
+    may also take a batch in one call, ``write_many(records)``, which either takes
+    them all or raises before taking any."""
 
     name: str
 
@@ -52,6 +54,24 @@ class Fanout:
 
     def write(self, record: Record) -> None:
         self._each(lambda sink: sink.write(record))
+
+    def write_many(self, records: list[Record]) -> None:
+        """A batch to every sink: in one call where the sink takes batches
+        (``write_many``), else record by record.  A batch that fails is written again
+        record by record, so that what failed is counted per record."""
+        for sink in self.sinks:
+            many = getattr(sink, "write_many", None)
+            if many is not None:
+                try:
+                    many(records)
+                    continue
+                except Exception:       # noqa: BLE001 - counted below, per record
+                    pass
+            for record in records:
+                try:
+                    sink.write(record)
+                except Exception as exc:
+                    self._failed(sink, exc)
 
     def flush(self) -> None:
         self._each(lambda sink: sink.flush())

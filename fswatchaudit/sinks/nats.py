@@ -32,7 +32,6 @@ import asyncio
 import collections
 import errno
 import os
-import stat
 import struct
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 from .. import diag
 from ..events import Event, Record
+from ..privdir import open_private_dir
 from .encode import Encoder, MsgpackEncoder
 
 DEFAULT_PREFIX = "fswatchaudit"
@@ -84,26 +84,6 @@ def record_subject(prefix: str, host: str, record: Record) -> str:
 _POS = struct.Struct(">Q")
 _LEN = struct.Struct(">I")
 MAX_FRAME = 16 << 20
-
-
-def open_private_dir(path: str) -> int:
-    """The spool directory, created 0700 when missing; an existing one must be a real
-    directory (never a symlink) of this user that nobody else may write."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    problem = None
-    if st.st_uid != os.geteuid():
-        problem = f"owned by uid {st.st_uid}"
-    elif st.st_mode & 0o022:
-        problem = f"group or others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
-    if problem:
-        os.close(fd)
-        raise OSError(errno.EPERM, f"refusing spool directory {path}: {problem}")
-    return fd
 
 
 class Spool:

@@ -227,6 +227,36 @@ class RotatingFileSink:
                            "rules_digest": record.digest}
         self._enqueue(self.encoder.encode(record))
 
+    def write_many(self, records: list[Record]) -> None:
+        """Queue a batch: encoded first (a record that cannot be encoded raises before
+        anything is queued), then added under one lock."""
+        encode = self.encoder.encode
+        packed = []
+        for record in records:
+            if type(record) is RulesInForce:
+                self.header = {**self.header, "rules": list(record.rules),
+                               "rules_digest": record.digest}
+            packed.append(encode(record))
+        with self._lock:
+            if self._closed:
+                raise ValueError("log writer is closed")
+            room = self.memory_limit - self._buf_bytes
+            size = sum(map(len, packed))
+            if size > room:                     # keep what fits, count the rest
+                kept = []
+                for p in packed:
+                    if len(p) <= room:
+                        kept.append(p)
+                        room -= len(p)
+                    else:
+                        self.records_dropped += 1
+                packed = kept
+                size = sum(map(len, packed))
+            self._buf += packed
+            self._buf_bytes += size
+            if self._buf_bytes >= self.high_water:
+                self._wake.notify()
+
     def _enqueue(self, packed: bytes) -> None:
         with self._lock:
             if self._closed:

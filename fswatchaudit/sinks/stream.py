@@ -20,6 +20,12 @@ class StreamSink:
         self.stream.write(self.encoder.encode(record))
         self.records += 1
 
+    def write_many(self, records: list[Record]) -> None:
+        encode = self.encoder.encode
+        data = b"".join([encode(r) for r in records])     # all encoded before any write
+        self.stream.write(data)
+        self.records += len(records)
+
     def flush(self) -> None:
         self.stream.flush()
 

@@ -20,6 +20,7 @@ import os
 import stat
 import time
 from dataclasses import replace
+from typing import cast
 
 from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
@@ -46,6 +47,7 @@ from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
 DEFAULT_QUEUE_SIZE = 32 << 20   # bytes of ring buffer
+READ_BATCH = 4096               # records decoded per read: the consumer's memory bound
 # a watched map value: masks (self, child, subtree), rule bits (self, child, subtree, name)
 WatchValue = tuple[int, int, int, int, int, int, int]
 
@@ -64,11 +66,13 @@ class EbpfBackend(Backend):
         return loader.probe()
 
     def __init__(self, rules: RuleSet, queue_size: int | None = None,
-                 exclude_self: bool = True) -> None:
+                 exclude_self: bool = True,
+                 cache_dir: str | None = loader.objcache.CACHE_DIR) -> None:
         super().__init__(rules, queue_size)
+        self.cache_dir = cache_dir      # compiled programs; None: compile every time
         self.exclude_self = exclude_self
         self.ringbuf_pages = ring_pages(queue_size)
-        self.bpf = None
+        self.bpf: loader.objcache.Programs | None = None
         self.ring: RingReader | None = None
         self.decoder = Decoder(self.name)
         self.container = None
@@ -88,7 +92,8 @@ class EbpfBackend(Backend):
         dec.time_offset = time.time_ns() - time.monotonic_ns()
         specs = loader.syscall_specs(tfs)
         dec.tp_names, have_compat = loader.syscall_slots(specs)
-        self.bpf = bpf = loader.compile_program(loader.cflags(self.ringbuf_pages, have_compat))
+        flags = loader.cflags(self.ringbuf_pages, have_compat, self.cache_dir)
+        self.bpf = bpf = loader.load_programs(flags, tfs, self.cache_dir)
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
             self.specs[slot] = specs[name]
@@ -96,7 +101,8 @@ class EbpfBackend(Backend):
             specs[name].fill(leaf)
             spec_map[spec_map.Key(slot)] = leaf
         dec.mounts = mount_points()
-        self._sync_watches()
+        self._sync_watches()            # while the kernel verifies the programs
+        loader.attach_programs(bpf)
         self.ring = RingReader(bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE)
 
     # -- rules -> the watched map ------------------------------------------------------
@@ -169,7 +175,8 @@ class EbpfBackend(Backend):
         for rid, rule in self.rules.items():
             for key, val in self._rule_entries(rule, 1 << slots[rid]):
                 old = wanted.get(key, (0,) * len(val))
-                wanted[key] = tuple(a | b for a, b in zip(old, val, strict=True))
+                wanted[key] = cast(WatchValue, tuple(a | b for a, b in
+                                                     zip(old, val, strict=True)))
         table = self.bpf[b"watched"]
         for key, val in wanted.items():
             # file objects always: the kernel forgets a file's watch with its last link
@@ -335,7 +342,7 @@ class EbpfBackend(Backend):
     def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.ring is not None
         if self.ring.wait(timeout):
-            self.ring.consume(self.decoder.on_record)
+            self.ring.consume(self.decoder.on_record, READ_BATCH)
         out = self.decoder.take()
         if self.decoder.renamed_targets:
             # a watched file was created or replaced: mark its new inode

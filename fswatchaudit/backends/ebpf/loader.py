@@ -1,12 +1,12 @@
 """Loading the programs: what the host offers (probe), tracefs, kernel struct offsets
 from BTF turned into compiler flags, syscall numbers and per-syscall argument roles, and
-the compilation of probes.c with the C text generated from abi.py in front of it.
-
-Without kernel headers, bcc is pointed at the minimal include tree shipped in include/.
+the program text: probes.c with the C text generated from abi.py in front of it,
+compiled and loaded by objcache.py.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 from importlib import resources
@@ -14,7 +14,7 @@ from importlib import resources
 from ... import ops, syscalls
 from ...diag import get_logger
 from ..base import BackendUnavailable
-from . import abi
+from . import abi, objcache
 from .abi import KIND, MOVES, OFLAG, PERM_BITS, SyscallSpec
 from .btf import BTF, VMLINUX_BTF, BTFError
 
@@ -123,9 +123,7 @@ def ensure_tracefs() -> tuple[str | None, str]:
 def probe() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "needs root (CAP_BPF and CAP_PERFMON)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:   # found, not imported: it maps LLVM
         return False, "bcc is not importable (Debian package python3-bpfcc)"
     if not os.path.exists(VMLINUX_BTF):
         return False, f"no kernel BTF at {VMLINUX_BTF} (CONFIG_DEBUG_INFO_BTF)"
@@ -273,8 +271,32 @@ def cred_span(btf: BTF) -> list[str]:
     return [f"-DCRED_SPAN_START={start}", f"-DCRED_SPAN_LEN={end - start}"]
 
 
-def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
-    """-D flags: the running kernel's struct offsets and this run's sizes."""
+FLAGS_SUFFIX = ".flags"
+
+
+def cflags(ringbuf_pages: int, have_compat: bool,
+           cache_dir: str | None = objcache.CACHE_DIR) -> list[str]:
+    """-D flags: the running kernel's struct offsets and this run's sizes.  The
+    offsets are kept in the cache beside the compiled programs (reading BTF takes a
+    tenth of a second), keyed by the kernel's BTF and the text of the code that reads
+    them (this module and btf.py)."""
+    here = resources.files(__package__)
+    key = objcache.digest_of(b"flags", *objcache.kernel_identity(),
+                             here.joinpath("loader.py").read_bytes(),
+                             here.joinpath("btf.py").read_bytes())
+    cached = objcache.read_cached(cache_dir, key, FLAGS_SUFFIX) if cache_dir else None
+    if cached is not None and isinstance(cached.get("flags"), list):
+        flags = [str(f) for f in cached["flags"]]
+    else:
+        flags = kernel_flags()
+        if cache_dir:
+            objcache.write_cached(cache_dir, key, {"flags": flags}, FLAGS_SUFFIX)
+    return flags + [f"-DRINGBUF_PAGES={ringbuf_pages}",
+                    f"-DHAVE_COMPAT_TABLE={1 if have_compat else 0}"]
+
+
+def kernel_flags() -> list[str]:
+    """-D flags of the running kernel's struct offsets, read from its BTF."""
     machine = os.uname().machine
     try:
         btf = BTF()
@@ -297,8 +319,6 @@ def cflags(ringbuf_pages: int, have_compat: bool) -> list[str]:
         flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
-    flags += [f"-DRINGBUF_PAGES={ringbuf_pages}",
-              f"-DHAVE_COMPAT_TABLE={1 if have_compat else 0}"]
     return flags
 
 
@@ -308,12 +328,30 @@ def program_text() -> bytes:
     return abi.c_header().encode() + b'#line 1 "probes.c"\n' + src
 
 
-def compile_program(flags: list[str]):
-    from bcc import BPF
-    headers = f"/lib/modules/{os.uname().release}/build"
-    if not os.path.isdir(headers) and "BCC_KERNEL_SOURCE" not in os.environ:
-        os.environ["BCC_KERNEL_SOURCE"] = str(resources.files(__package__).joinpath("include"))
+def load_programs(flags: list[str], tfs: str, cache_dir: str | None = objcache.CACHE_DIR):
+    """The programs compiled (in a child process, or taken from the cache), their maps
+    created and the programs loading (``attach()`` waits for them and attaches); this
+    process never loads bcc or LLVM."""
     try:
-        return BPF(text=program_text(), cflags=flags)
-    except Exception as exc:
-        raise BackendUnavailable(f"the BPF programs did not load: {exc}") from None
+        obj, cached = objcache.compiled_object(program_text(), flags, cache_dir)
+        progs = objcache.Programs(obj, tfs)
+        progs.cached = cached
+        return progs
+    except (objcache.ObjectError, OSError) as exc:
+        raise not_loaded(exc) from None
+
+
+def attach_programs(progs: objcache.Programs) -> None:
+    try:
+        progs.attach()
+    except OSError as exc:
+        raise not_loaded(exc) from None
+
+
+def not_loaded(exc: Exception) -> BackendUnavailable:
+    """Why the programs did not load, with the end of the verifier's log if any."""
+    why = str(exc)
+    log_text = getattr(exc, "log", "")
+    if log_text:
+        why += "\n" + "\n".join(log_text.strip().splitlines()[-20:])
+    return BackendUnavailable(f"the BPF programs did not load: {why}")

@@ -11,6 +11,11 @@ write); from page 1 on, the producer position page, then the data area mapped tw
 a row so that a record wrapping around the end is contiguous.  Each record starts with
 an 8-byte header: u32 length with a busy and a discard bit, u32 page offset.
 
+The reader takes at most ``limit`` records per call and hands their space back as it
+goes: the consumer never holds more than one batch, and when it falls behind, the ring
+fills and the kernel counts what it cannot reserve (backpressure lands in the kernel's
+counted loss, not in this process's memory).
+
 Producers that send without waking the reader (BPF_RB_NO_WAKEUP, to spare the audited
 process a wakeup per record) are caught by wait(), which also looks every few ms.
 """
@@ -65,9 +70,11 @@ class RingReader:
             if self._poll.poll(min(left, POLL_INTERVAL)):
                 return True
 
-    def consume(self, handle: Callable[[memoryview, int, int], None]) -> int:
-        """Call handle(data, offset, length) for every committed record, in order, then
-        release their space to the kernel.  Returns how many records were handled."""
+    def consume(self, handle: Callable[[memoryview, int, int], None],
+                limit: int = 1 << 62) -> int:
+        """Call handle(data, offset, length) for the committed records in order, at most
+        ``limit`` of them, releasing their space to the kernel.  Returns how many
+        records were handled."""
         cons = self._cons.value
         mask = self.mask
         lens = self._len
@@ -78,6 +85,8 @@ class RingReader:
             if cons >= prod:
                 break
             while cons < prod:
+                if n >= limit:
+                    return n
                 off = cons & mask
                 hdr = lens[off >> 2]
                 if hdr & BUSY_BIT:
