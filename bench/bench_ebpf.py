@@ -25,6 +25,12 @@ included, until they have handed everything on); for the sinks, what each sent, 
 and still held at the end, and what the receivers stored.  Also the start-up time of
 the backend with 10 rules, measured in a fresh process.
 Run as root:  .venv/bin/python bench/bench_ebpf.py
+
+With --rules FILE (for instance bench/stig-like.rules) one more way runs, unwatched
+with that rules file loaded besides its watch, the watched way loads it too, and the
+start-up is measured with it: the cost of a realistic rule set, path-less syscall
+rules included, on a workload it does not select (the workload runs with the bench's
+own login uid, printed with the results).
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fswatchaudit.rules import RuleSet, watch_rule  # noqa: E402
+from fswatchaudit.rules import RuleSet, load, watch_rule  # noqa: E402
 from tests.linux_audit import Auditd, audit_status  # noqa: E402
 from tests.receivers import Journald, NatsServer, Rsyslog  # noqa: E402
 
@@ -116,31 +122,40 @@ def expected_events(workdir: str, rounds: int) -> set[tuple]:
     return out
 
 
-def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool) -> dict:
+def run_ebpf(exe: str, workdir: str, watch: str, rounds: int, check: bool,
+             rules_file: str | None = None) -> dict:
     from fswatchaudit.backends.ebpf import EbpfBackend
-    rs = RuleSet()
+    rs = load([rules_file]) if rules_file else RuleSet()
     rs.add(watch_rule(watch))
     be = EbpfBackend(rs)
     be.start()
     try:
         seen: collections.Counter = collections.Counter()
+        others = 0                  # events of other processes (a rules file's watches)
         cpu0 = cpu_seconds()
         work = Workload(exe, workdir, rounds)
+
+        def count(got: list) -> None:
+            nonlocal others
+            for ev in got:
+                if getattr(ev, "pid", None) == work.proc.pid:
+                    seen[(ev.op, ev.path, ev.path2)] += 1
+                else:
+                    others += 1
         while not os.waitid(os.P_PID, work.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-            for ev in be.read(0.05):
-                seen[(ev.op, ev.path, ev.path2)] += 1
+            count(be.read(0.05))
         timing = work.finish()
         while True:                       # what is still in the ring buffer
             got = be.read(0.2)
             if not got:
                 break
-            for ev in got:
-                seen[(ev.op, ev.path, ev.path2)] += 1
+            count(got)
         cpu = cpu_seconds() - cpu0
         lost = sum(be.lost().values())
     finally:
         be.close()
-    res = dict(timing, events=sum(seen.values()), lost=lost, consumer_cpu=cpu)
+    res = dict(timing, events=sum(seen.values()), others=others, lost=lost,
+               consumer_cpu=cpu)
     if check:
         want = expected_events(workdir, rounds)
         got = set(seen)
@@ -303,11 +318,11 @@ import json, os, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
 t0 = time.perf_counter()
 from fswatchaudit.backends.ebpf import EbpfBackend
-from fswatchaudit.rules import RuleSet, watch_rule
+from fswatchaudit.rules import RuleSet, load, watch_rule
 import bcc
 t1 = time.perf_counter()
 base = tempfile.mkdtemp(prefix="fswa-bench-start-")
-rs = RuleSet()
+rs = load(sys.argv[3:]) if sys.argv[3:] else RuleSet()
 for i in range(int(sys.argv[2])):
     os.mkdir(f"{base}/d{i}")
     rs.add(watch_rule(f"{base}/d{i}", key=f"k{i}"))
@@ -320,13 +335,16 @@ t4 = time.perf_counter()
 for i in range(int(sys.argv[2])):
     os.rmdir(f"{base}/d{i}")
 os.rmdir(base)
-print(json.dumps({"import": t1 - t0, "start": t3 - t2, "close": t4 - t3}))
+print(json.dumps({"import": t1 - t0, "start": t3 - t2, "close": t4 - t3,
+                  "rules": len(rs)}))
 """
 
 
-def measure_startup(nrules: int) -> dict:
+def measure_startup(nrules: int, rules_file: str | None = None) -> dict:
+    """Start-up in a fresh process with nrules directory watches (and the rules file)."""
     out = subprocess.run([sys.executable, "-c", STARTUP_CODE, os.path.dirname(HERE),
-                          str(nrules)], capture_output=True, text=True, check=True)
+                          str(nrules), *([rules_file] if rules_file else [])],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -341,12 +359,23 @@ def main() -> None:
     ap.add_argument("--no-sinks", action="store_true",
                     help="skip the run through every sink (and their receivers)")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    ap.add_argument("--rules", metavar="FILE",
+                    help="load this rules file in the eBPF runs and the start-up "
+                         "measurement (bench/stig-like.rules)")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="measure only the start-up time")
     ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other tools' BPF "
                          "tracing programs to be gone (default %(default)s)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the eBPF backend and auditctl need it")
+    if args.rules:
+        from fswatchaudit.rules import RuleError
+        try:
+            load([args.rules])
+        except RuleError as exc:
+            raise SystemExit(f"bench_ebpf: {exc}") from None
 
     tmp = tempfile.mkdtemp(prefix="fswa-bench-", dir="/tmp")
     workdir, elsewhere = os.path.join(tmp, "work"), os.path.join(tmp, "elsewhere")
@@ -357,10 +386,11 @@ def main() -> None:
     results: dict[str, list[dict]] = collections.defaultdict(list)
     rec: Receivers | None = None
     try:
-        startup = [measure_startup(10) for _ in range(args.repeat)]
-        aud = Auditd(tmp) if use_auditd else None
-        rec = None if args.no_sinks else Receivers(tmp)
-        for rep in range(args.repeat):
+        startup = [measure_startup(0 if args.rules else 10, args.rules)
+                   for _ in range(args.repeat)]
+        aud = Auditd(tmp) if use_auditd and not args.startup_only else None
+        rec = None if args.no_sinks or args.startup_only else Receivers(tmp)
+        for rep in range(0 if args.startup_only else args.repeat):
             def measured(run) -> dict:
                 foreign = wait_quiet(args.wait_quiet)
                 return dict(run(), foreign_progs=foreign)
@@ -368,8 +398,12 @@ def main() -> None:
                 lambda: Workload(exe, workdir, args.rounds).finish()))
             results["unwatched"].append(measured(
                 lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False)))
+            if args.rules:
+                results[f"unwatched + {os.path.basename(args.rules)}"].append(measured(
+                    lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False,
+                                     args.rules)))
             results["watched"].append(measured(
-                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True)))
+                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True, args.rules)))
             if rec is not None:
                 results["watched, log + jsonl + auditd files"].append(measured(
                     lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r,
@@ -391,17 +425,37 @@ def main() -> None:
     report(args, startup, results)
 
 
+def login_uid() -> str:
+    try:
+        with open("/proc/self/loginuid") as fh:
+            value = fh.read().strip()
+    except OSError:
+        return "unknown"
+    return "unset" if value == "4294967295" else value
+
+
 def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
+    st = [s["start"] for s in startup]
+    what = (f"the {startup[0]['rules']} rules of {args.rules}" if args.rules
+            else "10 rules")
+    print(f"start-up with {what} (compile + load + maps, fresh process): "
+          f"median {statistics.median(st):.3f} s (runs: "
+          + ", ".join(f"{s:.3f}" for s in st) + "); "
+          f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
+          f"close {statistics.median(s['close'] for s in startup):.3f} s")
+    if not results:
+        return
     base = statistics.median(r["ns"] for r in results["baseline"])
     base_cpu = statistics.median(r["workload_cpu"] for r in results["baseline"])
     nops = args.rounds * OPS_PER_ROUND
     print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
           f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
           f"median of {args.repeat} runs; kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs; workload login uid {login_uid()}"
+          + (f"; eBPF runs with {args.rules}" if args.rules else "") + "\n")
     print("| way | wall time | ratio | workload CPU | ratio | events delivered | events lost "
-          "| exactly once | consumer CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| exactly once | consumer CPU | other processes' events |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for way, runs in results.items():
         ns = statistics.median(r["ns"] for r in runs)
         wcpu = statistics.median(r["workload_cpu"] for r in runs)
@@ -418,19 +472,13 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
                 for r in runs))
         print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
               f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
-              f"{cell('consumer_cpu', '{:.2f} s')} |")
+              f"{cell('consumer_cpu', '{:.2f} s')} | {cell('others')} |")
     for way in ("watched, log + jsonl + auditd files", "watched, all sinks"):
         for r in results.get(way, []):
             print(f"\n{way}: sinks (sent / lost / still queued; what the receivers "
                   "stored): "
                   + "; ".join(f"{name} {sink_cell(st)}" for name, st in r["sinks"].items())
                   + "".join(f"; received: {k} {v}" for k, v in r["received"].items()))
-    st = [s["start"] for s in startup]
-    print(f"\nstart-up with 10 rules (compile + load + maps, fresh process): "
-          f"median {statistics.median(st):.3f} s (runs: "
-          + ", ".join(f"{s:.3f}" for s in st) + "); "
-          f"imports {statistics.median(s['import'] for s in startup):.3f} s; "
-          f"close {statistics.median(s['close'] for s in startup):.3f} s")
     foreign = sum(1 for runs in results.values() for r in runs if r.get("foreign_progs"))
     if foreign:
         print(f"\nWARNING: in {foreign} runs other tools' BPF tracing programs were loaded "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .ops import EXEC
 from .rules import FIELDS, Rule
+from .rules.fields import COMPARANDS
 
 # Event fields about the process and the syscall, in the README's column order.
 PROCESS_FIELDS = ("pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
@@ -39,6 +41,8 @@ class Capability:
     deep_trees: bool = False      # any depth below a watched directory
     notes: str = ""
     pathless_rules: bool = False  # audits -S syscalls on every object (rules without a path)
+    # fields no event carries that the backend evaluates for path-less rules (the kernel)
+    pathless_fields: frozenset[str] = frozenset()
 
 
 CAPABILITIES: dict[str, Capability] = {
@@ -52,7 +56,11 @@ CAPABILITIES: dict[str, Capability] = {
         # tested in tests/test_ebpf.py; a change more than 16 directory levels below a
         # watch that no judged directory shortens is counted as lost ("too_deep")
         hard_links=True, bind_mounts=True, mounts_below=True, later_mounts=True,
-        proc_fd=True, open_by_handle=True, deep_trees=False),
+        proc_fd=True, open_by_handle=True, deep_trees=False,
+        # tested in tests/test_pathless.py: the ids, pid, success and exit are compared
+        # in the kernel (abi.KERNEL_FIELDS), so rejected syscalls never reach user space
+        pathless_rules=True,
+        pathless_fields=frozenset(("suid", "fsuid", "egid", "sgid", "fsgid"))),
     "fanotify": Capability(
         needs="root (CAP_SYS_ADMIN), kernel >= 5.9 (FAN_REPORT_DFID_NAME)",
         fields=frozenset(("pid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
@@ -108,6 +116,7 @@ def markdown_table() -> str:
         ("open_by_handle_at for write", "open_by_handle"),
         ("any depth below a watched directory", "deep_trees"),
         ("filters in the kernel", "in_kernel_filter"),
+        ("syscall rules without a path (-S unlink -F auid>=1000)", "pathless_rules"),
     ]
     for label, attr in flags:
         rows.append((label, ["yes" if getattr(CAPABILITIES[n], attr) else "no"
@@ -122,17 +131,32 @@ def refusal(backend: str, rule: Rule) -> str | None:
     """Why ``backend`` cannot honour ``rule`` (None: it can).  A rule is refused rather
     than widened: a field is honoured only where the backend reports what it compares."""
     cap = CAPABILITIES[backend]
+    pathless = rule.kind == "syscall"
+    if pathless and not cap.pathless_rules:
+        return (f"the {backend} backend cannot audit syscalls on every object: give the "
+                "rule a -F path=, -F dir= or -F inode=")
     for cond in rule.conds:
         row = FIELDS[cond.name]
         if cond.name == "arch" and cond.value == "b64":
             continue                    # the machine's own table: every backend's
+        if pathless and cond.name in cap.pathless_fields:
+            continue
         if row.attr not in cap.fields:
             return (f"the {backend} backend cannot honour -F {cond.name}{cond.op}"
                     f"{cond.value}: it does not report {row.attr}")
         if row.attr == "result" and not cap.failures:
             return (f"the {backend} backend cannot honour -F {cond.name}: it does not see "
                     "failed operations")
-    if rule.kind == "syscall" and not cap.pathless_rules:
-        return (f"the {backend} backend cannot audit syscalls on every object: give the "
-                "rule a -F path=, -F dir= or -F inode=")
+    for cmp in rule.compares:
+        for name in (cmp.left, cmp.right):
+            side = COMPARANDS[name]
+            if not side.where:
+                return (f"the {backend} backend cannot honour -C {cmp.text()}: no backend "
+                        f"reports {side.attr} (the object's owner)")
+            if side.attr not in cap.fields and not (pathless and name in cap.pathless_fields):
+                return (f"the {backend} backend cannot honour -C {cmp.text()}: it does not "
+                        f"report {side.attr}")
+    if pathless and EXEC in rule.ops:
+        return (f"the {backend} backend sees executions at the exec itself, not as a "
+                "syscall: a rule on execve (or -S all) needs a -F path= or -F dir=")
     return None

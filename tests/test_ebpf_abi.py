@@ -195,11 +195,22 @@ def test_struct_syscall_spec_as_compiled(compiled):
     assert ctypes.sizeof(leaf) == abi.SPEC.size
     # a filled slot reads back as the table packs it
     spec = abi.SyscallSpec(dfd1=0, path1=1, flags=2, kind=abi.KIND.OPEN, perm=3, moves=1,
-                           fixed_flags=0o1101)
+                           fixed_flags=0o1101, pathless=1 << 63 | 5)
     value = leaf()
     spec.fill(value)
     assert bytes(value) == abi.SPEC.pack(0, 1, -1, -1, -1, 2, abi.KIND.OPEN, 3, 0, 1, 1,
-                                         0o1101)
+                                         0o1101, 1 << 63 | 5)
+
+
+def test_struct_kcond_as_compiled(compiled):
+    table = compiled[b"rule_filters"].Leaf      # the conditions of path-less rules
+    slot = dict(table._fields_)["slot"]         # struct slot_filter[PATHLESS_SLOTS]
+    assert slot._length_ == abi.PATHLESS_SLOTS
+    kcond = slot._type_._fields_[0][1]          # struct kcond[MAX_KCONDS]
+    assert kcond._length_ == abi.MAX_KCONDS
+    assert ctypes_layout(kcond._type_) == abi.offsets(abi.KCOND_FIELDS)
+    assert ctypes.sizeof(kcond._type_) == abi.KCOND.size
+    assert compiled[b"kvals"].sLeaf._fields_[0][1]._length_ == abi.KVALS > max(abi.KF)
 
 
 def test_counters_map_has_a_slot_per_counter(compiled):

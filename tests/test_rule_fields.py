@@ -124,7 +124,7 @@ def test_unknown_field_lists_the_table_and_suggests():
 
 def test_option_table_and_parse_state():
     assert set(parse.OPTIONS) == {"-w", "-W", "-a", "-A", "-d", "-l", "-D", "-p", "-k",
-                                  "-F", "-S", *parse.CONTROL_NOTES}
+                                  "-F", "-C", "-S", *parse.CONTROL_NOTES}
     st = parse.read_options(["-a", "always,exit", "-F", "dir=/srv", "-S", "open,fs-remove",
                              "-k", "k"])
     assert (st.action, st.key, st.fields, st.syscall_names) == \

@@ -1,6 +1,7 @@
 """auditctl's field filters on real processes (eBPF backend), and what each backend
 refuses instead of widening."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,58 @@ def test_backends_refuse_what_they_cannot_honour(backend, text, reason):
     assert reason in refusal(backend, rule(text))
     assert refusal(backend, rule("-w /srv -p wa")) is None
     assert refusal(backend, rule("-a always,exit -F arch=b64 -F dir=/srv")) is None
+
+
+def test_path_less_rules_on_ebpf_compare_kernel_only_credentials():
+    from fswatchaudit.backends.ebpf.abi import KERNEL_FIELDS
+    from fswatchaudit.capabilities import CAPABILITIES
+    assert CAPABILITIES["ebpf"].pathless_fields <= set(KERNEL_FIELDS)
+    pathless = rule("-a always,exit -S chmod -F suid=0 -F fsgid=0 -F auid>=1000 -k m")
+    assert refusal("ebpf", pathless) is None
+    # on a path rule the kernel does not compare them, and no event carries them
+    assert "does not report suid" in refusal("ebpf", rule("-a always,exit -F dir=/srv "
+                                                          "-F suid=0"))
+    assert "needs a -F path= or -F dir=" in refusal("ebpf", rule("-a always,exit -S all "
+                                                                 "-F auid>=1000"))
+
+
+def test_field_comparisons_parse_as_data_and_select_events():
+    r = rule("-a always,exit -F arch=b64 -S chmod -C uid!=euid -F euid=0 -k setuid")
+    assert [(c.left, c.op, c.right) for c in r.compares] == [("uid", "!=", "euid")]
+    assert r.text() == "-a always,exit -F arch=b64 -F euid=0 -C uid!=euid -S chmod -k setuid"
+    assert rules.parse_line(r.text()).rule == r
+    assert r.matches(ev(op="chmod", uid=1000, euid=0))
+    assert not r.matches(ev(op="chmod", uid=0, euid=0))
+    assert rule("-a always,exit -F dir=/srv -C auid=uid").matches(ev(uid=1000))
+    assert rule("-a always,exit -F dir=/srv -C auid!=uid") != rule("-a always,exit "
+                                                                   "-F dir=/srv -C auid=uid")
+    for text, message in [
+            ("-C uid!=gid", "a user id compares only with a user id"),
+            ("-C uid<euid", "does not take the operator '<'"),
+            ("-C uid!=eiud", "cannot compare 'eiud' (did you mean 'euid'?)"),
+            ("-C uid=uid", "compared with itself"),
+            ("-C uid", "expected NAME=NAME")]:
+        with pytest.raises(RuleError, match=re.escape(message)):
+            rule(f"-a always,exit -F dir=/srv {text}")
+    with pytest.raises(RuleError, match="cannot be combined with -F, -C or -S"):
+        rule("-w /srv -C uid!=euid")
+
+
+@pytest.mark.parametrize("backend, text, reason", [
+    ("ebpf", "-a always,exit -F dir=/home -F uid=0 -C auid!=obj_uid",
+     "no backend reports obj_uid"),
+    ("ebpf", "-a always,exit -F dir=/srv -C suid!=uid", "does not report suid"),
+    ("inotify", "-a always,exit -F dir=/srv -C uid!=euid", "does not report uid"),
+    ("fanotify", "-a always,exit -F dir=/srv -C egid!=gid", "does not report egid"),
+])
+def test_comparisons_a_backend_cannot_honour_are_refused(backend, text, reason):
+    assert reason in refusal(backend, rule(text))
+
+
+def test_comparisons_backends_honour():
+    assert refusal("fanotify", rule("-a always,exit -F dir=/srv -C uid!=euid")) is None
+    assert refusal("ebpf", rule("-a always,exit -S chmod -C suid!=uid -C fsgid=egid")) \
+        is None
 
 
 @pytest.fixture

@@ -183,7 +183,10 @@ def run_trace(args: argparse.Namespace, command: list[str] | None = None) -> int
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    what = f"{len(rules)} paths"
+    every_object = sum(1 for r in rules if r.kind == "syscall")
+    what = f"{len(rules) - every_object} paths"
+    if every_object:
+        what += f", {every_object} syscall rules on every object"
     if command is not None or args.pid:
         what += f" and {len(args.pid) + (command is not None)} process trees"
     where = "" if printing(args) else f" (events to {args.output} only; --print to show them)"

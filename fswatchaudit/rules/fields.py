@@ -336,6 +336,59 @@ ROWS: tuple[Field, ...] = (
 FIELDS: dict[str, Field] = {row.name: row for row in ROWS}
 
 
+# -- field comparisons: `-C NAME OP NAME` -------------------------------------------------
+
+@dataclass(frozen=True)
+class Comparand:
+    """One side of `-C NAME OP NAME`, auditctl's comparison of two fields of one event
+    (``-C uid!=euid``, ``-C auid!=obj_uid``): ids of one kind compare, users with users
+    and groups with groups.  ``attr`` is the Event attribute (or, for those no event
+    carries, the credential a kernel backend reads); ``where`` says where it is known."""
+    name: str
+    kind: str                           # "user" or "group"
+    attr: str
+    where: Where
+
+
+COMPARANDS: dict[str, Comparand] = {c.name: c for c in (
+    Comparand("uid", "user", "uid", BOTH),
+    Comparand("euid", "user", "euid", BOTH),
+    Comparand("suid", "user", "suid", Where.KERNEL),
+    Comparand("fsuid", "user", "fsuid", Where.KERNEL),
+    Comparand("auid", "user", "loginuid", BOTH),
+    Comparand("loginuid", "user", "loginuid", BOTH),
+    # the object's owner: no backend reports it, so a rule with it is refused
+    Comparand("obj_uid", "user", "obj_uid", Where.NOWHERE),
+    Comparand("gid", "group", "gid", BOTH),
+    Comparand("egid", "group", "egid", Where.KERNEL),
+    Comparand("sgid", "group", "sgid", Where.KERNEL),
+    Comparand("fsgid", "group", "fsgid", Where.KERNEL),
+    Comparand("obj_gid", "group", "obj_gid", Where.NOWHERE),
+)}
+COMPARISON_OPERATORS = NE_EQ
+
+
+def parse_comparison(text: str) -> tuple[str, str, str]:
+    """``NAME OP NAME`` of one -C argument -> (left, op, right)."""
+    parts = split_field(text)
+    if parts is None:
+        raise BadValue(f"bad comparison {text!r}: expected NAME=NAME or NAME!=NAME")
+    left, op, right = parts
+    for name in (left, right):
+        if name not in COMPARANDS:
+            raise BadValue(f"-C cannot compare {name!r}{suggest(name, COMPARANDS)} "
+                           f"(it compares: {', '.join(COMPARANDS)})")
+    if op not in COMPARISON_OPERATORS:
+        raise BadValue(f"-C does not take the operator {op!r} (it takes: "
+                       f"{operators_text(COMPARISON_OPERATORS)})")
+    if COMPARANDS[left].kind != COMPARANDS[right].kind:
+        raise BadValue(f"-C {text}: a user id compares only with a user id, a group id "
+                       "with a group id")
+    if left == right:
+        raise BadValue(f"-C {text}: a field compared with itself")
+    return left, op, right
+
+
 def field_names() -> str:
     return ", ".join(FIELDS)
 

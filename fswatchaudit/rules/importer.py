@@ -63,8 +63,6 @@ def _reason(text: str, exc: RuleError) -> str:
         if lists & {"never", "exclude", "user", "task", "filesystem", "io_uring"}:
             return (f"the list/action {tokens[1]!r} is not supported: this product only "
                     "reports what always,exit rules select (no exclusions or other lists)")
-    if "-C" in tokens:
-        return "-C (comparing two fields of one event) is not supported"
     return exc.reason
 
 

@@ -19,11 +19,12 @@ from .fields import (
     absolute_path,
     field_names,
     operators_text,
+    parse_comparison,
     parse_perms,
     split_field,
     suggest,
 )
-from .ruleset import Command, Cond, Rule, RuleError, RuleSet
+from .ruleset import Command, Compare, Cond, Rule, RuleError, RuleSet
 
 ARG_FIELDS = {"a1": 1, "a2": 2}
 
@@ -43,6 +44,7 @@ class ParseState:
     # (auid>=1000 -F auid!=unset), a rule part only once
     fields: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     syscall_names: list[str] = field(default_factory=list)            # -S, as written
+    compares: list[Compare] = field(default_factory=list)             # -C
     note: str | None = None                                           # a control line
 
     def error(self, message: str) -> RuleError:
@@ -104,6 +106,14 @@ def _field(st: ParseState, opt: str, value: str) -> None:
     st.fields.setdefault(name, []).append((op, text))
 
 
+def _compare(st: ParseState, opt: str, value: str) -> None:
+    try:
+        left, op, right = parse_comparison(value)
+    except BadValue as exc:
+        raise st.error(str(exc)) from None
+    st.compares.append(Compare(left, op, right))
+
+
 def _syscall(st: ParseState, opt: str, value: str) -> None:
     for name in value.split(","):
         if not name:
@@ -157,6 +167,7 @@ OPTIONS: dict[str, Option] = {
     "-p": Option(_perm, True, once="perms"),
     "-k": Option(_key, True, once="key"),
     "-F": Option(_field, True),
+    "-C": Option(_compare, True),
     "-S": Option(_syscall, True),
     **{opt: Option(_control, opt in ("-b", "--backlog_wait_time", "-f", "-e", "-r"),
                    action="control") for opt in CONTROL_NOTES},
@@ -209,8 +220,8 @@ def _is_dir(path: str) -> bool:
 
 
 def _watch_rule(st: ParseState, watch: str) -> Rule:
-    if st.fields or st.syscall_names:
-        raise st.error("-w/-W cannot be combined with -F or -S")
+    if st.fields or st.syscall_names or st.compares:
+        raise st.error("-w/-W cannot be combined with -F, -C or -S")
     host = os.path.join(st.root, watch.lstrip("/"))
     return Rule(kind="dir" if _is_dir(host) else "path", target=watch,
                 perms=st.perms or FIELDS["perm"].default, key=st.key, from_watch=True)
@@ -273,7 +284,8 @@ def _syscall_rule(st: ParseState) -> Rule:
             op_set |= o
         calls, ops = frozenset(call_set), frozenset(op_set)
     return Rule(kind=kind, syscalls=calls, ops=ops, syscall_names=tuple(dict.fromkeys(names)),
-                conds=tuple(conds), **parts)  # type: ignore[arg-type]
+                conds=tuple(conds), compares=tuple(dict.fromkeys(st.compares)),
+                **parts)  # type: ignore[arg-type]
 
 
 def build(st: ParseState) -> Command:

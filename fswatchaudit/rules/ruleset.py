@@ -11,7 +11,7 @@ from typing import Any
 from .. import syscalls as tables
 from ..errors import LocatedError
 from ..events import Event
-from .fields import FIELDS, Field, Where, rule_parts
+from .fields import COMPARANDS, FIELDS, OPERATORS, Field, Where, rule_parts
 
 # The rule parts that name the watched object (the rest: operation, permission class,
 # syscalls, comparisons).
@@ -42,6 +42,27 @@ def _consumer_rows() -> tuple[Field, ...]:
 
 
 @dataclass(frozen=True)
+class Compare:
+    """A field comparison of a rule: `-C LEFT OP RIGHT` (see fields.COMPARANDS)."""
+    left: str
+    op: str
+    right: str
+
+    def text(self) -> str:
+        return f"{self.left}{self.op}{self.right}"
+
+    @property
+    def in_consumer(self) -> bool:
+        """Can the consumer evaluate it (both sides are on every event)?"""
+        return all(COMPARANDS[n].where & Where.CONSUMER for n in (self.left, self.right))
+
+    def holds(self, ev: Event) -> bool:
+        left = getattr(ev, COMPARANDS[self.left].attr)
+        right = getattr(ev, COMPARANDS[self.right].attr)
+        return left is not None and right is not None and OPERATORS[self.op](left, right)
+
+
+@dataclass(frozen=True)
 class Rule:
     """One watch.  kind is "path" (one file or entry), "dir" (subtree) or "inode"."""
     kind: str
@@ -55,6 +76,7 @@ class Rule:
     syscall_names: tuple[str, ...] = ()      # as written, for the normalised text
     from_watch: bool = False                 # written as -w
     conds: tuple[Cond, ...] = ()             # comparison fields, in table order
+    compares: tuple[Compare, ...] = ()       # -C field comparisons, as written
     # What Rule.matches evaluates, from the field table (not part of the rule's value):
     # (is it a test of the rule's object, the test).
     _tests: tuple[tuple[bool, Callable[[Rule, Event], bool]], ...] = field(
@@ -79,7 +101,7 @@ class Rule:
     def identity(self) -> tuple:
         """What makes two rules the same rule (for duplicates and -d)."""
         return (self.kind, *(getattr(self, part) for part in rule_parts()), self.ops,
-                self.syscalls, self.conds)
+                self.syscalls, self.conds, self.compares)
 
     def field_texts(self) -> list[str]:
         """The -F arguments of this rule, in table order."""
@@ -114,6 +136,8 @@ class Rule:
             out = ["-a", "always,exit"]
             for f in self.field_texts():
                 out += ["-F", f]
+            for c in self.compares:
+                out += ["-C", c.text()]
             if self.syscall_names:
                 out += ["-S", ",".join(self.syscall_names)]
         if self.key:
@@ -139,7 +163,9 @@ class Rule:
             if (objects or not is_object) and not test(self, ev):
                 return False
         conds = self._conds
-        return not conds or all(row.holds(ev, c.op, c.value) for row, c in conds)
+        if conds and not all(row.holds(ev, c.op, c.value) for row, c in conds):
+            return False
+        return not self.compares or all(c.holds(ev) for c in self.compares if c.in_consumer)
 
     def matches_object(self, ev: Event) -> bool:
         """Do the event's names (or inode) match this rule's object?"""

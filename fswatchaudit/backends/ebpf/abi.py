@@ -66,6 +66,9 @@ COMPAT_BASE = MAX_SYSCALL_NR    # syscall_spec slot of 32-bit syscall 0 (ia32 em
 SPEC_SLOTS = 2 * COMPAT_BASE
 RULE_SLOTS = 64             # bits of event.rules: one per rule; rules beyond the last
 SHARED_SLOT = RULE_SLOTS - 1    # slot share it, and user space matches them by path
+MAX_KCONDS = 4              # conditions of one path-less rule evaluated in the kernel
+PATHLESS_SLOTS = 16         # rule slots (the first) whose kernel conditions are kept
+KVALS = 16                  # values a condition can compare (KF_*), a power of two
 # Failed syscalls are judged by their names in the kernel first: FNV-1a (64 bit) hashes
 # of watched objects' absolute paths, computed by user space (path_hash) and over the
 # first FAIL_SCAN bytes of a path argument by the BPF program.
@@ -77,7 +80,8 @@ DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "CREATED_FLAG_
            "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME", "URING_NAMED",
            "URING_OPENED", "URING_FLAGS_SHIFT", "IORING_OP_OPENAT", "IORING_OP_OPENAT2",
            "IORING_OP_RENAMEAT", "IORING_OP_UNLINKAT", "IORING_OP_MKDIRAT",
-           "IORING_OP_SYMLINKAT", "IORING_OP_LINKAT")
+           "IORING_OP_SYMLINKAT", "IORING_OP_LINKAT", "RULE_SLOTS", "MAX_KCONDS",
+           "PATHLESS_SLOTS", "KVALS")
 
 
 def path_hash(path: bytes) -> int:
@@ -152,7 +156,46 @@ class OFLAG(IntEnum):
     TRUNC = 0o1000
 
 
-GROUPS: tuple[type[IntEnum], ...] = (EV, CNT, PERM, KIND, MOVES, GEN, AUDIT, OFLAG)
+class KF(IntEnum):
+    """what a kernel condition of a path-less rule compares (struct kcond.field)"""
+    NONE = 0                # always 0: an unused condition
+    LOGINUID = 1
+    UID = 2
+    EUID = 3
+    SUID = 4
+    FSUID = 5
+    GID = 6
+    EGID = 7
+    SGID = 8
+    FSGID = 9
+    PID = 10                # tgid
+    PPID = 11
+    SUCCESS = 12            # 1 when the syscall returned >= 0
+    EXIT = 13               # the return value (-errno on failure)
+
+
+class REL(IntEnum):
+    """struct kcond.rel: the outcomes of comparing the value with the condition's that
+    satisfy it (auditctl's operators: = is EQ, != is LT|GT, >= is GT|EQ ...)"""
+    LT = 1
+    EQ = 2
+    GT = 4
+    ANY = 7                 # an unused condition
+
+
+# Rule fields (rules/fields.py) and -C comparands the kernel evaluates for path-less
+# rules, and the value each one is; the operators (REL bits).
+KERNEL_FIELDS: dict[str, KF] = {
+    "auid": KF.LOGINUID, "loginuid": KF.LOGINUID, "uid": KF.UID, "euid": KF.EUID,
+    "suid": KF.SUID, "fsuid": KF.FSUID, "gid": KF.GID, "egid": KF.EGID, "sgid": KF.SGID,
+    "fsgid": KF.FSGID, "pid": KF.PID, "ppid": KF.PPID, "success": KF.SUCCESS,
+    "exit": KF.EXIT}
+KERNEL_OPS: dict[str, int] = {
+    "=": REL.EQ, "!=": REL.LT | REL.GT, "<": REL.LT, "<=": REL.LT | REL.EQ,
+    ">": REL.GT, ">=": REL.GT | REL.EQ}
+
+GROUPS: tuple[type[IntEnum], ...] = (EV, CNT, PERM, KIND, MOVES, GEN, AUDIT, OFLAG, KF,
+                                     REL)
 NCOUNTERS = len(CNT)
 PERM_BITS = {p.name.lower(): int(p) for p in PERM}      # "r" -> PERM.R ...
 
@@ -191,6 +234,17 @@ EVENT_HEADER_SIZE = HEADER.size
 # the decoded header, a named tuple of the table's field names
 Header = namedtuple("Header", [f.name for f in EVENT_FIELDS if not f.is_pad])  # type: ignore[misc]
 
+# ---- struct kcond: one condition of a path-less rule (rule_filters map) -------------
+KCOND_FIELDS: tuple[Field, ...] = (
+    Field("field", "u8", "B", comment="KF_*"),
+    Field("rel", "u8", "B", comment="REL_* outcomes that satisfy it"),
+    Field("other", "u8", "B", comment="KF_*: compared with value + this (-C)"),
+    Field("pad", "u8", "5x", 5),
+    Field("value", "s64", "q"),
+)
+KCOND = struct.Struct("<" + "".join(f.code for f in KCOND_FIELDS))
+
+
 # ---- struct syscall_spec: syscall number -> which arguments are what -----------------
 SPEC_FIELDS: tuple[Field, ...] = (
     Field("dfd1", "s16", "h", comment="argument index; -1: none"),
@@ -206,6 +260,7 @@ SPEC_FIELDS: tuple[Field, ...] = (
     Field("moves", "u8", "B", comment="MOVES_*"),
     Field("pad", "u8", "7x", 7),
     Field("fixed_flags", "u64", "Q", comment="creat(): the flags it implies"),
+    Field("pathless", "u64", "Q", comment="rule slots of path-less rules on it"),
 )
 SPEC = struct.Struct("<" + "".join(f.code for f in SPEC_FIELDS))
 
@@ -225,6 +280,7 @@ class SyscallSpec:
     active: int = 1
     moves: int = MOVES.NEVER
     fixed_flags: int = 0
+    pathless: int = 0
 
     def fill(self, leaf) -> None:
         """Set the members of a bcc leaf (ctypes struct syscall_spec) by name."""
@@ -271,6 +327,9 @@ def c_header() -> str:
     lines += _c_struct("syscall_spec", SPEC_FIELDS)
     lines.append(f"_Static_assert(sizeof(struct syscall_spec) == {SPEC.size}, "
                  '"abi.py: struct syscall_spec size");')
+    lines += _c_struct("kcond", KCOND_FIELDS)
+    lines.append(f"_Static_assert(sizeof(struct kcond) == {KCOND.size}, "
+                 '"abi.py: struct kcond size");')
     lines.append("/* ---- end of generated text ---- */")
     return "\n".join(lines) + "\n"
 

@@ -19,13 +19,31 @@ import mmap
 import os
 import stat
 import time
+from dataclasses import replace
 from typing import cast
 
 from ...events import Event, ProcessState
 from ...rules import Rule, RuleError, RuleSet
+from ...rules.fields import FIELDS, Where
 from ..base import Backend, BackendUnavailable
 from . import loader
-from .abi import AUDIT, CNT, GEN, PERM_BITS, SHARED_SLOT, kernel_dev, path_hash
+from .abi import (
+    AUDIT,
+    CNT,
+    COMPAT_BASE,
+    GEN,
+    KERNEL_FIELDS,
+    KERNEL_OPS,
+    KF,
+    MAX_KCONDS,
+    PATHLESS_SLOTS,
+    PERM_BITS,
+    REL,
+    SHARED_SLOT,
+    SyscallSpec,
+    kernel_dev,
+    path_hash,
+)
 from .decode import Decoder, mount_points
 from .ringbuf import RingReader
 
@@ -79,6 +97,8 @@ class EbpfBackend(Backend):
         self.slots: dict[int, int] = {}         # rule id -> its bit in event.rules
         self.name_hashes: set[int] = set()      # watched_prefix
         self.ancestors: set[tuple[int, int]] = set()    # watch_ancestor
+        self.specs: dict[int, SyscallSpec] = {}     # syscall_spec slot -> its value
+        self.filters: list[tuple] = []          # rule_filters as last written
 
     # -- loading -----------------------------------------------------------------
     def start(self) -> None:
@@ -95,6 +115,7 @@ class EbpfBackend(Backend):
         self.bpf = bpf = loader.load_programs(flags, tfs, self.cache_dir)
         spec_map = bpf[b"syscall_spec"]
         for slot, name in dec.tp_names.items():
+            self.specs[slot] = specs[name]
             leaf = spec_map.Leaf()
             specs[name].fill(leaf)
             spec_map[spec_map.Key(slot)] = leaf
@@ -113,6 +134,8 @@ class EbpfBackend(Backend):
         (self, child, subtree) and the rule slot bits behind them (self, child,
         subtree, entry by name); ``bit`` is the rule's slot bit."""
         mask = sum(PERM_BITS[p] for p in rule.perms)
+        if rule.kind == "syscall":
+            return []                   # every object: syscall_spec.pathless instead
         if rule.kind == "inode":
             return [((kernel_dev(rule.dev or 0), rule.inode or 0),
                      (mask, 0, 0, bit, 0, 0, 0))]
@@ -152,7 +175,9 @@ class EbpfBackend(Backend):
         self.slots = {rid: s for rid, s in self.slots.items() if rid in ids}
         used = set(self.slots.values())
         free = (s for s in range(SHARED_SLOT) if s not in used)
-        for rid in sorted(ids - set(self.slots)):
+        # path-less rules first: their kernel conditions need a slot of their own
+        for rid in sorted(ids - set(self.slots),
+                          key=lambda rid: (self.rules.rules[rid].kind != "syscall", rid)):
             self.slots[rid] = next(free, SHARED_SLOT)
         slot_rules: dict[int, list[tuple[int, Rule]]] = {}
         for rid, rule in self.rules.items():
@@ -194,6 +219,7 @@ class EbpfBackend(Backend):
             gens[gkey] = gens.Leaf(gens[gkey].value + 1)     # the kernel's verdicts expire
         self.watch_values = wanted
         self._sync_names()
+        self._sync_pathless(slots)
         self._set_config()
 
     # -- names, for failed syscalls (no inode changed: probes.c failed_event) -----------
@@ -254,6 +280,71 @@ class EbpfBackend(Backend):
                 except KeyError:
                     pass
         self.name_hashes, self.ancestors = hashes, ancestors
+
+    # -- path-less rules -> syscall_spec.pathless and rule_filters -----------------------
+    @staticmethod
+    def kernel_conds(rule: Rule) -> list[tuple[int, int, int, int]]:
+        """The (KF_*, REL_* bits, value, other KF_*) conditions of a path-less rule
+        evaluated in the kernel: its -F fields and -C comparisons on what the kernel
+        reads, those no event carries first, at most MAX_KCONDS; the consumer
+        evaluates every other one."""
+        conds = [(c.name in FIELDS and not FIELDS[c.name].where & Where.CONSUMER,
+                  (int(KERNEL_FIELDS[c.name]), KERNEL_OPS[c.op], int(c.value), 0))
+                 for c in rule.conds if c.name in KERNEL_FIELDS]
+        conds += [(not c.in_consumer,
+                   (int(KERNEL_FIELDS[c.left]), KERNEL_OPS[c.op], 0,
+                    int(KERNEL_FIELDS[c.right])))
+                  for c in rule.compares
+                  if c.left in KERNEL_FIELDS and c.right in KERNEL_FIELDS]
+        conds.sort(key=lambda kc: not kc[0])
+        if any(kernel_only for kernel_only, _ in conds[MAX_KCONDS:]):
+            raise RuleError(f"{rule.text()}: more than {MAX_KCONDS} conditions on "
+                            "credentials only the kernel sees")
+        return [kc for _, kc in conds[:MAX_KCONDS]]
+
+    def _sync_pathless(self, slots: dict[int, int]) -> None:
+        """Mark each followed syscall with the slots of the path-less rules on it, and
+        put each rule's kernel conditions in its slot."""
+        assert self.bpf is not None
+        masks = dict.fromkeys(self.specs, 0)
+        conds: list[list[tuple[int, int, int, int]]] = [[] for _ in range(PATHLESS_SLOTS)]
+        for rid, rule in self.rules.items():
+            if rule.kind != "syscall":
+                continue
+            slot = slots[rid]
+            if slot < PATHLESS_SLOTS:
+                conds[slot] = self.kernel_conds(rule)
+            elif any(not FIELDS[c.name].where & Where.CONSUMER for c in rule.conds) or any(
+                    not c.in_consumer for c in rule.compares):
+                raise RuleError(f"{rule.text()}: the kernel keeps the conditions of "
+                                f"{PATHLESS_SLOTS} path-less rules, and only it sees "
+                                "this rule's (suid, fsuid, egid, sgid, fsgid)")
+            b32 = any(c.name == "arch" and c.value == "b32" for c in rule.conds)
+            for spec_slot, name in self.decoder.tp_names.items():
+                if (spec_slot >= COMPAT_BASE) == b32 and (
+                        not rule.syscalls or name in rule.syscalls):
+                    masks[spec_slot] |= 1 << slot
+        # the slots beyond pass everything in the kernel (user space decides)
+        filters = [tuple(c) for c in conds]
+        if filters != self.filters:
+            table = self.bpf[b"rule_filters"]
+            leaf = table.Leaf()
+            leaf.needs = sum({1 << kc[0] | 1 << kc[3] for c in filters for kc in c})
+            for i, slot_conds in enumerate(filters):
+                for j in range(MAX_KCONDS):
+                    k = leaf.slot[i].c[j]
+                    k.field, k.rel, k.value, k.other = (
+                        slot_conds[j] if j < len(slot_conds) else (KF.NONE, REL.ANY, 0, 0))
+            table[table.Key(0)] = leaf
+            self.filters = filters
+        spec_map = self.bpf[b"syscall_spec"]
+        for spec_slot, mask in masks.items():
+            spec = self.specs[spec_slot]
+            if spec.pathless != mask:
+                self.specs[spec_slot] = spec = replace(spec, pathless=mask)
+                leaf = spec_map.Leaf()
+                spec.fill(leaf)
+                spec_map[spec_map.Key(spec_slot)] = leaf
 
     def _set_config(self, **changes: int) -> None:
         assert self.bpf is not None

@@ -204,8 +204,10 @@ class Decoder:
             ev.result = None
         elif h.tp_id >= COMPAT_BASE and kind != EV.EXEC:
             ev.arch = "b32"         # a 32-bit syscall, judged through its own table
-        if kind != EV.FAILED:       # no inode changed: names decide
+        if kind != EV.FAILED:
             ev.rule_ids = self.rule_ids(ev, h.rules, h.name_rules)
+        else:                       # no inode changed: names decide
+            ev.rule_ids = self.failed_rule_ids(ev, h.rules)
         if self.path_targets and op in NEW_NAME_OPS and (
                 path in self.path_targets or path2 in self.path_targets):
             self.renamed_targets = True
@@ -229,6 +231,17 @@ class Decoder:
             confirmed = bool(rules & low) and slot != SHARED_SLOT
             for rid, rule in self.slot_rules.get(slot, ()):
                 if confirmed or rule.matches_object(ev):
+                    out.append(rid)
+        return tuple(sorted(out))
+
+    def failed_rule_ids(self, ev: Event, pathless: int) -> tuple[int, ...]:
+        """The rules of a failed attempt: those whose objects its names match, and the
+        path-less rules whose kernel conditions it met (their slots in ``pathless``)."""
+        out: list[int] = []
+        for slot, rules in self.slot_rules.items():
+            chosen = bool(pathless >> slot & 1)
+            for rid, rule in rules:
+                if chosen if rule.kind == "syscall" else rule.matches_object(ev):
                     out.append(rid)
         return tuple(sorted(out))
 

@@ -33,6 +33,8 @@ OFFSETS = {
     "OFF_TASK_NSPROXY": "task_struct.nsproxy", "OFF_NSPROXY_MNT_NS": "nsproxy.mnt_ns",
     "OFF_MNT_NS_INUM": "mnt_namespace.ns.inum",
     "OFF_CRED_UID": "cred.uid", "OFF_CRED_EUID": "cred.euid", "OFF_CRED_GID": "cred.gid",
+    "OFF_CRED_SUID": "cred.suid", "OFF_CRED_FSUID": "cred.fsuid", "OFF_CRED_EGID": "cred.egid",
+    "OFF_CRED_SGID": "cred.sgid", "OFF_CRED_FSGID": "cred.fsgid",
     "OFF_FS_PWD": "fs_struct.pwd", "OFF_FS_ROOT": "fs_struct.root",
     "OFF_PATH_MNT": "path.mnt", "OFF_PATH_DENTRY": "path.dentry",
     "OFF_FILES_FDT": "files_struct.fdt", "OFF_FDTABLE_FD": "fdtable.fd",
@@ -272,6 +274,18 @@ def sb_mount_flags(btf: BTF) -> list[str]:
         return []
 
 
+CRED_IDS = ("uid", "gid", "suid", "sgid", "euid", "egid", "fsuid", "fsgid")
+
+
+def cred_span(btf: BTF) -> list[str]:
+    """Where struct cred's eight ids lie, for one read of them all."""
+    offs = [btf.offset(f"cred.{name}") for name in CRED_IDS]
+    start, end = min(offs), max(offs) + 4
+    if end - start > 64:
+        raise BTFError(f"struct cred's ids span {end - start} bytes")
+    return [f"-DCRED_SPAN_START={start}", f"-DCRED_SPAN_LEN={end - start}"]
+
+
 FLAGS_SUFFIX = ".flags"
 
 
@@ -316,6 +330,7 @@ def kernel_flags() -> list[str]:
             flags += [f"-DCREGS_SPAN_START={min(offs)}",
                       f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
         flags.append(f"-DSIZEOF_UPID={btf.size('upid')}")
+        flags += cred_span(btf)
         flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None

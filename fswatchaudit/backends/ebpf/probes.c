@@ -1132,6 +1132,92 @@ RAW_TRACEPOINT_PROBE(inode_set_ctime_to_ts) { return on_ctime(ctx); }
 RAW_TRACEPOINT_PROBE(ctime_ns_xchg) { return on_ctime(ctx); }
 RAW_TRACEPOINT_PROBE(ctime_xchg_skip) { return on_ctime(ctx); }
 
+/* ---- path-less rules: syscall rules on every object ------------------------------- */
+/* A path-less rule (-S unlink -F auid>=1000, no path) has its rule slot bit in the
+ * syscall_spec.pathless mask of each syscall it names; its conditions on what the kernel
+ * knows here (ids, pid, success, exit; KERNEL_FIELDS in abi.py) are in rule_filters, at
+ * most MAX_KCONDS per rule, so a syscall they reject never reaches the ring.  The rest
+ * (exe, comm...) user space evaluates.  Path-less rules get the first rule slots; the
+ * first PATHLESS_SLOTS of them are filtered here.  One map lookup for all rules, one
+ * read of the credentials, and branch-free comparisons for only the slots the syscall
+ * is marked with keep both the run time and the verifier's work small. */
+struct slot_filter {
+    struct kcond c[MAX_KCONDS];     /* unused: REL_ANY */
+};
+struct rule_filter_table {
+    u64 needs;                      /* bit KF_*: a condition compares it */
+    struct slot_filter slot[PATHLESS_SLOTS];
+};
+BPF_ARRAY(rule_filters, struct rule_filter_table, 1);
+
+/* what the conditions compare, per CPU (indexed by KF_*) */
+struct kvalues {
+    s64 v[KVALS];
+};
+BPF_PERCPU_ARRAY(kvals, struct kvalues, 1);
+
+/* The path-less rules (slot bits) whose kernel conditions the ending syscall meets. */
+static __always_inline u64 pathless_rules(struct syscall_spec *spec, s64 ret)
+{
+    u64 mask = spec->pathless;
+    if (!mask)
+        return 0;
+    u32 zero = 0;
+    struct rule_filter_table *f = rule_filters.lookup(&zero);
+    struct kvalues *kv = kvals.lookup(&zero);
+    if (!f || !kv)
+        return 0;
+    void *task = (void *)bpf_get_current_task();
+    void *cred = read_ptr(task, OFF_TASK_CRED);
+    /* the eight ids of struct cred lie within CRED_SPAN_LEN bytes: one read */
+    u32 ids[CRED_SPAN_LEN / 4] = {};
+    bpf_probe_read_kernel(ids, sizeof(ids), (char *)cred + CRED_SPAN_START);
+#define CRED_ID(off) ids[((off) - CRED_SPAN_START) / 4]
+    kv->v[KF_NONE] = 0;
+    kv->v[KF_LOGINUID] = read_u32(task, OFF_TASK_LOGINUID);
+    kv->v[KF_UID] = CRED_ID(OFF_CRED_UID);
+    kv->v[KF_EUID] = CRED_ID(OFF_CRED_EUID);
+    kv->v[KF_SUID] = CRED_ID(OFF_CRED_SUID);
+    kv->v[KF_FSUID] = CRED_ID(OFF_CRED_FSUID);
+    kv->v[KF_GID] = CRED_ID(OFF_CRED_GID);
+    kv->v[KF_EGID] = CRED_ID(OFF_CRED_EGID);
+    kv->v[KF_SGID] = CRED_ID(OFF_CRED_SGID);
+    kv->v[KF_FSGID] = CRED_ID(OFF_CRED_FSGID);
+#undef CRED_ID
+    kv->v[KF_PID] = bpf_get_current_pid_tgid() >> 32;
+    kv->v[KF_PPID] = 0;
+    if (f->needs & (1 << KF_PPID)) {
+        void *parent = read_ptr(task, OFF_TASK_REAL_PARENT);
+        kv->v[KF_PPID] = parent ? read_u32(parent, OFF_TASK_TGID) : 0;
+    }
+    kv->v[KF_SUCCESS] = ret >= 0;
+    kv->v[KF_EXIT] = ret;
+    /* slots from PATHLESS_SLOTS on pass unfiltered (user space evaluates them) */
+    u64 out = mask & ~((1ULL << PATHLESS_SLOTS) - 1);
+    for (u32 i = 0; i < PATHLESS_SLOTS; i++) {
+        u64 rest = mask >> i;
+        if (!rest)
+            break;
+        if (!(rest & 1))
+            continue;
+        u64 ok = 1;
+        for (u32 j = 0; j < MAX_KCONDS; j++) {
+            struct kcond *k = &f->slot[i].c[j];
+            /* the outcome as a REL_* bit, without branches: values are ids and
+             * return values, so the difference cannot overflow.  The other side is
+             * value plus another field (-C uid!=euid) or plus KF_NONE's 0. */
+            u64 d = kv->v[k->field & (KVALS - 1)] -
+                    (k->value + kv->v[k->other & (KVALS - 1)]);
+            u64 lt = d >> 63;
+            u64 eq = ((d | -d) >> 63) ^ 1;
+            u64 rel = lt | (eq << 1) | ((1 - lt - eq) << 2);
+            ok &= ((k->rel & rel) + 0xff) >> 8;
+        }
+        out |= ok << i;
+    }
+    return out;
+}
+
 /* ---- syscall exit: decide and report ---------------------------------------------- */
 static __always_inline u8 open_perm(u64 flags, u8 created)
 {
@@ -1345,7 +1431,7 @@ static __always_inline struct event *failed_event(struct config *cfg, int all_pa
 
 /* A successful open: the opened file decides, and the record names it. */
 static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, u64 flags,
-                                        int all_paths)
+                                        u64 any_object, u64 pathless)
 {
     void *file = fd_file(ret);
     if (!file)
@@ -1363,13 +1449,13 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     }
     u8 need = open_perm(flags, created);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & need) && !all_paths)
+    if (!(watched_perms(dentry, mnt, &m) & need) && !any_object)
         return;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret,
                                     flags | ((u64)created << CREATED_FLAG_SHIFT));
     if (!e)
         return;
-    e->rules = m.rules;
+    e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
@@ -1443,22 +1529,20 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
  * them (the record's inode when its arguments name none). */
 static __always_inline struct event *changed_event(struct syscall_spec *spec,
                                                    struct pending *pc, s64 ret, u64 flags,
-                                                   int all_paths, void **first)
+                                                   int all_paths, u64 any_object,
+                                                   u64 pathless, void **first)
 {
     /* judged when they changed; new inodes (named since) now */
     u8 perms = pc->perms;
     struct match m = {};
     m.rules = pc->rules;
     m.names = pc->names;
-    void *removed = NULL;
     for (int i = 0; i < MAX_TOUCHED; i++) {
         if (i < pc->ntouched) {
             void *inode = (void *)pc->touched[i];
             void *dentry = inode_dentry(inode);
             if (!*first)
                 *first = inode;
-            if (!dentry && !removed && spec->path2 < 0)
-                removed = inode;
             if (!(pc->judged & (1 << i))) {
                 u64 g = object_perms(inode, dentry, &m, 0);
                 perms |= g;
@@ -1468,7 +1552,7 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
             forget_if_gone(inode);
         }
     }
-    if (!all_paths && !(perms & spec->perm))
+    if (!any_object && !(perms & spec->perm))
         return NULL;
     if (all_paths && !*first)
         return NULL;
@@ -1479,7 +1563,7 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
     }
     struct event *e = syscall_event(EV_SYSCALL, pc, ret, flags);
     if (e) {
-        e->rules = m.rules;
+        e->rules = m.rules | pathless;
         e->name_rules = m.names;
     }
     return e;
@@ -1547,19 +1631,29 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (!cfg)
         return 0;
     u64 flags = syscall_flags(spec, &pc);
+    u64 pathless = pathless_rules(spec, ret);
+    /* reported whatever object it is on: a per-process audit of all paths, or a
+     * path-less rule (computed without a branch: one verifier state, not two) */
+    u64 any_object = (u64)all_paths | ((pathless | -pathless) >> 63);
 
     if (ret >= 0 && spec->kind == KIND_OPEN) {
-        report_open(ctx, &pc, ret, flags, all_paths);
+        report_open(ctx, &pc, ret, flags, any_object, pathless);
         return 0;
     }
     struct event *e;
     void *first = NULL;
-    if (ret >= 0 && pc.ntouched)
-        e = changed_event(spec, &pc, ret, flags, all_paths, &first);
-    else    /* a failure, or a success that changed no inode (a removexattr of an
-             * absent attribute, a truncate to the same size, a rename of two links to
-             * one inode): judged by its names (Linux audit reports both) */
+    if (ret >= 0 && pc.ntouched) {
+        e = changed_event(spec, &pc, ret, flags, all_paths, any_object, pathless, &first);
+    } else {
+        /* a failure, or a success that changed no inode (a removexattr of an absent
+         * attribute, a truncate to the same size, a rename of two links to one inode):
+         * judged by its names (Linux audit reports both), or by a path-less rule */
         e = failed_event(cfg, all_paths, spec, &pc, ret, flags);
+        if (!e && pathless)
+            e = syscall_event(EV_FAILED, &pc, ret, flags);
+        if (e)
+            e->rules = pathless;
+    }
     if (e)
         report_paths(ctx, e, spec, &pc, first);
     return 0;
