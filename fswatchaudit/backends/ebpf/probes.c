@@ -106,6 +106,8 @@ struct pending {
     u64 names;
 };
 BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
+/* ending: the copy sys_exit works on (per CPU: the BPF stack has no room for it) */
+BPF_PERCPU_ARRAY(ending, struct pending, 1);
 
 /* dir_cache: directory (dev, ino) -> what the watches grant to its direct entries, from
  * a walk up to its filesystem's root.  An entry holds while both generations in gens
@@ -1234,7 +1236,7 @@ static __always_inline u8 open_perm(u64 flags, u8 created)
 /* The followed syscall ending in this thread: its spec, and a copy of what was
  * remembered at its entry (the thread's entry is freed for the next syscall). */
 static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracepoint_args *ctx,
-                                                           struct pending *pc)
+                                                           struct pending **out)
 {
     int compat;
     s32 slot = spec_slot(read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR), &compat);
@@ -1249,9 +1251,14 @@ static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracep
     if (!p || !p->active)
         return NULL;
     p->active = 0;
+    u32 zero = 0;
+    struct pending *pc = ending.lookup(&zero);
+    if (!pc)
+        return NULL;
     *pc = *p;
     if (pc->tp_id != nr)
         return NULL;
+    *out = pc;
     return spec;
 }
 
@@ -1613,9 +1620,9 @@ static __always_inline void report_paths(void *ctx, struct event *e,
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     /* every syscall ends here: leave at once unless it is one we follow */
-    struct pending pc;
+    struct pending *pc = NULL;
     struct syscall_spec *spec = ending_syscall(ctx, &pc);
-    if (!spec)
+    if (!spec || !pc)
         return 0;
     s64 ret = (s64)ctx->args[1];
     if (spec->kind == KIND_MOUNT) {
@@ -1624,38 +1631,38 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         return 0;
     }
     if (ret >= 0 && spec->moves)
-        note_moves(&pc, spec);
+        note_moves(pc, spec);
     u32 tgid;
     int all_paths;
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    u64 flags = syscall_flags(spec, &pc);
+    u64 flags = syscall_flags(spec, pc);
     u64 pathless = pathless_rules(spec, ret);
     /* reported whatever object it is on: a per-process audit of all paths, or a
      * path-less rule (computed without a branch: one verifier state, not two) */
     u64 any_object = (u64)all_paths | ((pathless | -pathless) >> 63);
 
     if (ret >= 0 && spec->kind == KIND_OPEN) {
-        report_open(ctx, &pc, ret, flags, any_object, pathless);
+        report_open(ctx, pc, ret, flags, any_object, pathless);
         return 0;
     }
     struct event *e;
     void *first = NULL;
-    if (ret >= 0 && pc.ntouched) {
-        e = changed_event(spec, &pc, ret, flags, all_paths, any_object, pathless, &first);
+    if (ret >= 0 && pc->ntouched) {
+        e = changed_event(spec, pc, ret, flags, all_paths, any_object, pathless, &first);
     } else {
         /* a failure, or a success that changed no inode (a removexattr of an absent
          * attribute, a truncate to the same size, a rename of two links to one inode):
          * judged by its names (Linux audit reports both), or by a path-less rule */
-        e = failed_event(cfg, all_paths, spec, &pc, ret, flags);
+        e = failed_event(cfg, all_paths, spec, pc, ret, flags);
         if (!e && pathless)
-            e = syscall_event(EV_FAILED, &pc, ret, flags);
+            e = syscall_event(EV_FAILED, pc, ret, flags);
         if (e)
             e->rules = pathless;
     }
     if (e)
-        report_paths(ctx, e, spec, &pc, first);
+        report_paths(ctx, e, spec, pc, first);
     return 0;
 }
 
