@@ -45,9 +45,14 @@ class Container:
         return os.path.join(self.root, path.lstrip("/"))
 
 
+def _names_a_pid(spec: str) -> bool:
+    return spec.isdigit() and len(spec) < 12
+
+
 def resolve_container(spec: str) -> Container:
-    """A container from a pid or a Docker/containerd/Podman id (full or 12+ hex prefix)."""
-    if spec.isdigit():
+    """A container from a pid or a Docker/containerd/Podman id (full or 12+ hex prefix;
+    an id can be all digits, a pid has at most 7: pid_max <= 2^22)."""
+    if _names_a_pid(spec):
         pid = int(spec)
         if not os.path.exists(f"/proc/{pid}"):
             raise ScopeError(f"no process {pid}: name a container by a pid inside it "
@@ -68,6 +73,6 @@ def resolve_container(spec: str) -> Container:
     if mntns is None:
         raise ScopeError(f"cannot read the mount namespace of process {pid}")
     cgroup = _cgroup(pid)
-    cid = spec if not spec.isdigit() else f"mnt:{mntns}"
+    cid = f"mnt:{mntns}" if _names_a_pid(spec) else spec
     return Container(pid=pid, mntns=mntns, pidns=ns_inode(pid, "pid"), cgroup=cgroup,
                      id=cid)
