@@ -524,6 +524,24 @@ def test_write_and_chmod_through_a_hard_link_in_an_unwatched_directory(tree):
         be.close()
 
 
+def test_a_file_with_more_names_than_the_kernel_judges_is_reported_or_counted(tree):
+    """The kernel judges a changed file by its first 4 names (the newest links first);
+    a watched name beyond them is not judged, and that is counted, never silent."""
+    w, o = tree
+    target = f"{w}/secret"
+    open(target, "w").close()
+    for n in range(5):                            # newer names, all unwatched
+        os.link(target, f"{o}/alias{n}")
+    be = backend_for(watch_rule(w, perms="wa", key="s"))
+    try:
+        py("import os\nos.chmod('alias0', 0o600)", o)
+        got = drain(be)
+        # newest names first: the watched one is the sixth, so it is counted
+        assert got == [] and be.lost().get("too_many_names") == 1, (got, be.lost())
+    finally:
+        be.close()
+
+
 def test_create_and_chmod_through_a_bind_mount_of_a_watched_directory(tree):
     w, o = tree
     open(f"{w}/f", "w").close()

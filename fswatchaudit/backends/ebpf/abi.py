@@ -111,6 +111,7 @@ class CNT(IntEnum):
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
     TOO_DEEP = 5            # objects judged without their ancestors beyond WATCH_DEPTH
+    TOO_MANY_NAMES = 6      # changed files judged by their first MAX_ALIASES names only
 
 
 class PERM(IntEnum):

@@ -455,6 +455,9 @@ class EbpfBackend(Backend):
         deep = self._counter(CNT.TOO_DEEP)
         if deep:        # directories deeper than the kernel's walk below any cached one
             out["too_deep"] = deep
+        names = self._counter(CNT.TOO_MANY_NAMES)
+        if names:       # a file with more links than the kernel judges, none watched
+            out["too_many_names"] = names
         return out
 
     def close(self) -> None:

@@ -583,6 +583,10 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
         if (!aliases)
             break;
     }
+    /* names beyond MAX_ALIASES were not judged: not silently (counted when the ones
+     * judged granted nothing, so a watched later name may have been missed) */
+    if (aliases && node && !perms)
+        count(CNT_TOO_MANY_NAMES);
     return perms;
 }
 
