@@ -8,10 +8,8 @@ import time
 from typing import Any
 
 from . import backends, diag
-from .auditor import Auditor
 from .backends.base import Backend
 from .rules import RuleError, RuleSet
-from .sinks.base import Sink
 
 
 def open_backend(name: str, rules: RuleSet, queue_size: int | None = None,
@@ -62,8 +60,3 @@ def log_header(backend: str, rules: RuleSet, **extra: object) -> dict[str, Any]:
             "backend": backend, "rules_digest": rules.digest(), "rules": rules.texts(),
             **extra}
 
-
-def make_auditor(backend: Backend, rules: RuleSet, sinks: list[Sink],
-                 **options: Any) -> Auditor:
-    """The consumer over a started backend, feeding ``sinks``."""
-    return Auditor(backend, rules, sinks, **options)
