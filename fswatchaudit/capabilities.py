@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ops import EXEC
 from .rules import FIELDS, Rule
 from .rules.fields import COMPARANDS
 
@@ -16,6 +15,7 @@ from .rules.fields import COMPARANDS
 PROCESS_FIELDS = ("pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe")
 SYSCALL_FIELDS = ("syscall", "result")
 INODE_FIELDS = ("dev", "ino")
+OWNER_FIELDS = ("ouid", "ogid")     # the object's owner and group (-C auid!=obj_uid)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ CAPABILITIES: dict[str, Capability] = {
         needs="root (CAP_BPF+CAP_PERFMON), bcc, BTF, kernel >= 6.13 (timestamp tracepoints)",
         # open_flags and arch: the flags of opens and 32-bit syscalls, for -F a2& and arch
         fields=frozenset(PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS
-                         + ("open_flags", "arch")),
+                         + OWNER_FIELDS + ("open_flags", "arch")),
         attr_kind=True, truncate=True, exec=True, read_opens=True, failures=True,
         rename_both_sides=True, link_source=True, io_uring=True, in_kernel_filter=True,
         # tested in tests/test_ebpf.py; a change more than 16 directory levels below a
@@ -96,7 +96,7 @@ def markdown_table() -> str:
     """The backend comparison table for the README."""
     names = list(CAPABILITIES)
     rows = [("needs", [CAPABILITIES[n].needs for n in names])]
-    for f in PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS:
+    for f in PROCESS_FIELDS + SYSCALL_FIELDS + INODE_FIELDS + OWNER_FIELDS:
         rows.append((f"`{f}`", ["yes" if f in CAPABILITIES[n].fields else "no"
                                 for n in names]))
     flags = [
@@ -156,7 +156,4 @@ def refusal(backend: str, rule: Rule) -> str | None:
             if side.attr not in cap.fields and not (pathless and name in cap.pathless_fields):
                 return (f"the {backend} backend cannot honour -C {cmp.text()}: it does not "
                         f"report {side.attr}")
-    if pathless and EXEC in rule.ops:
-        return (f"the {backend} backend sees executions at the exec itself, not as a "
-                "syscall: a rule on execve (or -S all) needs a -F path= or -F dir=")
     return None

@@ -25,7 +25,7 @@ SCHEMA_KEYS = (
     "pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "keys",
     "backend",
     # additions after the first schema
-    "access", "stale", "container", "merged", "inferred",
+    "access", "stale", "container", "merged", "inferred", "ouid", "ogid",
 )
 
 
@@ -50,6 +50,8 @@ class Event:
     path2: str | None = None         # rename: the new path; link: the new name
     dev: int | None = None           # st_dev of the inode (Linux encoding)
     ino: int | None = None
+    ouid: int | None = None          # the object's owner and group (Linux audit's PATH
+    ogid: int | None = None          # record's ouid, ogid), where the backend knows them
     pid: int | None = None           # tgid
     tid: int | None = None
     ppid: int | None = None
@@ -105,8 +107,8 @@ class Event:
 # The type of every key a record read back may hold (a damaged log must not pass).
 _STR_KEYS = ("op", "syscall", "path", "path2", "comm", "exe", "backend", "access", "cwd",
              "reason")
-_INT_KEYS = ("seq", "time", "result", "dev", "ino", "pid", "tid", "ppid", "uid", "euid",
-             "gid", "loginuid", "start_time", "nspid")
+_INT_KEYS = ("seq", "time", "result", "dev", "ino", "ouid", "ogid", "pid", "tid", "ppid",
+             "uid", "euid", "gid", "loginuid", "start_time", "nspid")
 KEY_TYPES: dict[str, type] = {**{k: str for k in _STR_KEYS}, **{k: int for k in _INT_KEYS},
                               "aliases": list, "keys": list, "stale": bool,
                               "container": dict}

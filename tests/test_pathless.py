@@ -296,10 +296,100 @@ def test_trace_with_path_less_rules_and_the_other_backends_refusing(tmp_path):
         assert "Traceback" not in out.stderr
 
 
-def test_exec_in_a_path_less_rule_is_refused():
-    from fswatchaudit.backends.ebpf import EbpfBackend
-    from fswatchaudit.rules import RuleError
-    rs = RuleSet()
-    rs.add(parse_line("-a always,exit -S execve -F auid>=1000 -k exec").rule)
-    with pytest.raises(RuleError, match="sees executions at the exec itself"):
-        EbpfBackend(rs).refuse_unhonoured(rs)
+def test_path_less_exec_rules_successes_and_failures(where):
+    """execve with no path, as the STIG sets write it: a success is told with the
+    program's path and the credentials it runs with, a failure with its errno and the
+    name it was given; both filtered by the rules' kernel conditions."""
+    d = where
+    prog = f"{d}/prog"
+    shutil.copy("/usr/bin/true", prog)
+    os.chmod(prog, 0o755)
+    be = backend_for(f"-a always,exit -S execve -F auid={PERSON} -F success=1 -k exec-ok",
+                     f"-a always,exit -S execve -F auid={PERSON} -F success=0 -k exec-failed")
+    try:
+        run = (f"import subprocess; subprocess.run(['{prog}'], check=True)\n"
+               "try:\n"
+               f"    subprocess.run(['{d}/missing'])\n"
+               "except FileNotFoundError:\n"
+               "    pass\n")
+        child(run, loginuid=SYSTEM)                 # not the rules' login uid
+        child(run, loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.op, e.syscall, e.path, e.result, e.loginuid, e.keys) for e in got] == [
+            ("exec", "execve", prog, 0, PERSON, ["exec-ok"]),
+            ("exec", "execve", f"{d}/missing", -2, PERSON, ["exec-failed"])]
+        assert got[0].exe == prog
+    finally:
+        be.close()
+
+
+def test_path_less_exec_rule_on_set_user_id_programs(tmp_path):
+    """`-S execve -C uid!=euid -F euid=0` (the STIG's privilege escalation rule): only
+    a set-user-ID root program run by another user is reported."""
+    d = tempfile.mkdtemp(prefix="fswa-setuid-", dir="/tmp")
+    try:
+        os.chmod(d, 0o755)
+        setuid, plain = f"{d}/setuid-true", f"{d}/plain-true"
+        for p in (setuid, plain):
+            shutil.copy("/usr/bin/true", p)
+        os.chmod(setuid, 0o4755)
+        os.chmod(plain, 0o755)
+        be = backend_for("-a always,exit -S execve -C uid!=euid -F euid=0 "
+                         f"-F auid={PERSON} -k setuid")
+        try:
+            run = (f"import subprocess; subprocess.run(['{setuid}'], check=True); "
+                   f"subprocess.run(['{plain}'], check=True)")
+            child(run, loginuid=PERSON)                           # root: uid == euid
+            child(run, loginuid=PERSON, resuid=(NOBODY, NOBODY, NOBODY))
+            got = mine(drain(be), d)
+            assert [(e.path, e.uid, e.euid, e.keys) for e in got] == [
+                (setuid, NOBODY, 0, ["setuid"])]
+        finally:
+            be.close()
+    finally:
+        shutil.rmtree(d)
+
+
+def test_object_owner_comparison_power_abuse_rule(where):
+    """`-F dir=... -F uid=0 -C auid!=obj_uid` (Linux audit's power-abuse rule): root,
+    logged in as a person, touching files that person does not own.  The kernel reports
+    each object's owner and group (ouid, ogid)."""
+    d = where
+    own, other = f"{d}/own", f"{d}/other"
+    for p, owner in ((own, PERSON), (other, NOBODY)):
+        open(p, "w").close()
+        os.chown(p, owner, owner)
+    be = backend_for(f"-a always,exit -F dir={d} -F uid=0 -F auid={PERSON} "
+                     "-C auid!=obj_uid -F perm=wa -k power-abuse")
+    try:
+        child(f"os.chmod('{own}', 0o600); os.chmod('{other}', 0o600)", loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.op, e.path, e.ouid, e.ogid, e.keys) for e in got] == [
+            ("chmod", other, NOBODY, NOBODY, ["power-abuse"])]
+    finally:
+        be.close()
+
+
+def test_failed_exec_of_a_watched_program_is_reported(where):
+    """`-w DIR -p x`: an exec refused (no x bit) or of a missing name in DIR is reported
+    with its errno, as Linux audit's watch reports it; outside DIR it is not sent."""
+    d = where
+    os.mkdir(f"{d}/bin")
+    open(f"{d}/bin/noexec", "w").close()
+    open(f"{d}/outside", "w").close()
+    be = backend_for(f"-w {d}/bin -p x -k run")
+    try:
+        before = be.submitted()
+        for name in ("outside", "missing-outside"):
+            child(f"import subprocess\ntry:\n    subprocess.run(['{d}/{name}'])\n"
+                  "except OSError:\n    pass\n")
+        assert be.submitted() == before             # judged by name in the kernel
+        for name in ("bin/noexec", "bin/missing"):
+            child(f"import subprocess\ntry:\n    subprocess.run(['{d}/{name}'])\n"
+                  "except OSError:\n    pass\n")
+        got = mine(drain(be), d)
+        assert [(e.op, e.syscall, e.path, e.result, e.keys) for e in got] == [
+            ("exec", "execve", f"{d}/bin/noexec", -13, ["run"]),
+            ("exec", "execve", f"{d}/bin/missing", -2, ["run"])]
+    finally:
+        be.close()

@@ -99,8 +99,8 @@ def test_path_less_rules_on_ebpf_compare_kernel_only_credentials():
     # on a path rule the kernel does not compare them, and no event carries them
     assert "does not report suid" in refusal("ebpf", rule("-a always,exit -F dir=/srv "
                                                           "-F suid=0"))
-    assert "needs a -F path= or -F dir=" in refusal("ebpf", rule("-a always,exit -S all "
-                                                                 "-F auid>=1000"))
+    # every file syscall, execve included (told at the exec, tests/test_pathless.py)
+    assert refusal("ebpf", rule("-a always,exit -S all -F auid>=1000")) is None
 
 
 def test_field_comparisons_parse_as_data_and_select_events():
@@ -126,8 +126,8 @@ def test_field_comparisons_parse_as_data_and_select_events():
 
 
 @pytest.mark.parametrize("backend, text, reason", [
-    ("ebpf", "-a always,exit -F dir=/home -F uid=0 -C auid!=obj_uid",
-     "no backend reports obj_uid"),
+    ("fanotify", "-a always,exit -F dir=/home -F uid=0 -C auid!=obj_uid",
+     "does not report ouid"),
     ("ebpf", "-a always,exit -F dir=/srv -C suid!=uid", "does not report suid"),
     ("inotify", "-a always,exit -F dir=/srv -C uid!=euid", "does not report uid"),
     ("fanotify", "-a always,exit -F dir=/srv -C egid!=gid", "does not report egid"),
@@ -140,6 +140,13 @@ def test_comparisons_backends_honour():
     assert refusal("fanotify", rule("-a always,exit -F dir=/srv -C uid!=euid")) is None
     assert refusal("ebpf", rule("-a always,exit -S chmod -C suid!=uid -C fsgid=egid")) \
         is None
+    # the object's owner: the eBPF backend reports it (ouid, ogid)
+    assert refusal("ebpf", rule("-a always,exit -F dir=/home -F uid=0 -C auid!=obj_uid")) \
+        is None
+    r = rule("-a always,exit -F dir=/srv -C auid!=obj_uid")
+    assert r.matches(ev(loginuid=1000, ouid=1001))
+    assert not r.matches(ev(loginuid=1000, ouid=1000))
+    assert not r.matches(ev(loginuid=1000))             # owner unknown: not selected
 
 
 @pytest.fixture

@@ -357,13 +357,13 @@ COMPARANDS: dict[str, Comparand] = {c.name: c for c in (
     Comparand("fsuid", "user", "fsuid", Where.KERNEL),
     Comparand("auid", "user", "loginuid", BOTH),
     Comparand("loginuid", "user", "loginuid", BOTH),
-    # the object's owner: no backend reports it, so a rule with it is refused
-    Comparand("obj_uid", "user", "obj_uid", Where.NOWHERE),
+    # the object's owner (the eBPF backend reports it; the others refuse rules with it)
+    Comparand("obj_uid", "user", "ouid", Where.CONSUMER),
     Comparand("gid", "group", "gid", BOTH),
     Comparand("egid", "group", "egid", Where.KERNEL),
     Comparand("sgid", "group", "sgid", Where.KERNEL),
     Comparand("fsgid", "group", "fsgid", Where.KERNEL),
-    Comparand("obj_gid", "group", "obj_gid", Where.NOWHERE),
+    Comparand("obj_gid", "group", "ogid", Where.CONSUMER),
 )}
 COMPARISON_OPERATORS = NE_EQ
 

@@ -96,6 +96,10 @@ def format_event(ev: Event) -> bytes:
             path.append(f"inode={ev.ino}")
         if item == 0 and ev.dev is not None:
             path.append(f"dev={os.major(ev.dev):02x}:{os.minor(ev.dev):02x}")
+        if item == 0 and ev.ouid is not None:
+            path.append(f"ouid={ev.ouid}")
+        if item == 0 and ev.ogid is not None:
+            path.append(f"ogid={ev.ogid}")
         path.append(f"nametype={kinds[min(item, len(kinds) - 1)]}")
         lines.append(f"type=PATH {stamp} " + " ".join(path))
     lines.append(f"type=EOE {stamp}")

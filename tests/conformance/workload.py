@@ -107,7 +107,7 @@ STEPS = [
          [E(ops.CREATE, "{W}/sub/.f3.tmp", syscall="openat"),
           E(ops.RENAME, "{W}/sub/.f3.tmp", "{W}/sub/f3", syscall="rename")]),
     Step("exec", "import subprocess; subprocess.run(['./prog'], check=True)",
-         [E(ops.EXEC, "{W}/prog", child=True)]),
+         [E(ops.EXEC, "{W}/prog", child=True, syscall="execve")]),
     Step("EACCES by an unprivileged user",
          "import errno\ntry:\n    open('locked/f', 'w')\nexcept PermissionError:\n    pass\n"
          "else:\n    raise SystemExit('expected EACCES')",

@@ -47,6 +47,7 @@ COMM_LEN = 16               # task comm length
 DATA_SIZE = 16384           # string area of one record (a power of two)
 PATH_SLOT = 4096            # PATH_MAX: room kept after DATA_SIZE for one more string
 EXE_AS_BEFORE = 0xFFFF      # event.n_exe: the program this process's last record named
+NO_ID = 0xFFFFFFFF          # event.ouid/ogid: no inode, so no owner (never a real id)
 CREATED_FLAG_SHIFT = 32     # event.flags of an open: this bit says the file was created
 URING_NEW_ENTRY = 1         # event.flags of EV_URING: dev/ino are of a new entry of the dir
 URING_NAMED = 2             # ... names and dirfds from the request, as a syscall's arguments
@@ -75,7 +76,8 @@ KVALS = 16                  # values a condition can compare (KF_*), a power of 
 FAIL_SCAN = 256
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
-DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "CREATED_FLAG_SHIFT",
+DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "NO_ID",
+           "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
            "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME", "URING_NAMED",
            "URING_OPENED", "URING_FLAGS_SHIFT", "IORING_OP_OPENAT", "IORING_OP_OPENAT2",
@@ -127,6 +129,7 @@ class KIND(IntEnum):
     PLAIN = 0               # path or fd arguments; reported if a changed inode is watched
     OPEN = 1                # returns an fd: the opened file decides
     MOUNT = 2               # makes a filesystem reachable: directory verdicts expire
+    EXEC = 3                # execve: a success is told at sched_process_exec
 
 
 class MOVES(IntEnum):
@@ -220,6 +223,8 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("gid", "u32", "I"),
     Field("loginuid", "u32", "I"),
     Field("nspid", "u32", "I", comment="pid in the task's own pid namespace"),
+    Field("ouid", "u32", "I", comment="the object's owner (inode.i_uid); NO_ID: unknown"),
+    Field("ogid", "u32", "I", comment="the object's group (inode.i_gid)"),
     Field("n_base1", "u16", "H", comment="path components of the first base"),
     Field("n_base2", "u16", "H"),
     Field("n_exe", "u16", "H", comment="or EXE_AS_BEFORE"),

@@ -21,6 +21,7 @@ from .abi import (
     EXE_AS_BEFORE,
     HEADER,
     IORING_OP_UNLINKAT,
+    NO_ID,
     OFLAG,
     SHARED_SLOT,
     URING_FLAGS_SHIFT,
@@ -154,7 +155,8 @@ class Decoder:
         access = None
         open_flags = None
         if kind == EV.EXEC:
-            op, syscall = ops.EXEC, None
+            # the execve or execveat that ran it (None: it began before the trace)
+            op = ops.EXEC
         elif kind == EV.URING:
             op, syscall = IORING_OPS.get(h.tp_id, ops.ATTR), None
             req_flags = flags >> URING_FLAGS_SHIFT
@@ -197,12 +199,14 @@ class Decoder:
                    time=self.time_offset + h.ktime, syscall=syscall,
                    result=0 if kind == EV.EXEC or ret >= 0 else ret,
                    dev=user_dev(h.dev) if h.dev else None, ino=h.ino or None,
+                   ouid=None if h.ouid == NO_ID else h.ouid,
+                   ogid=None if h.ogid == NO_ID else h.ogid,
                    pid=pid, tid=h.tid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,
                    loginuid=h.loginuid, comm=comm_text, exe=exe, access=access,
                    open_flags=open_flags)
         if kind == EV.URING:
             ev.result = None
-        elif h.tp_id >= COMPAT_BASE and kind != EV.EXEC:
+        elif h.tp_id >= COMPAT_BASE:
             ev.arch = "b32"         # a 32-bit syscall, judged through its own table
         if kind != EV.FAILED:
             ev.rule_ids = self.rule_ids(ev, h.rules, h.name_rules)

@@ -43,6 +43,7 @@ OFFSETS = {
     "OFF_DENTRY_D_NAME": "dentry.d_name", "OFF_QSTR_NAME": "qstr.name",
     "OFF_DENTRY_D_INODE": "dentry.d_inode", "OFF_DENTRY_D_ALIAS": "dentry.d_u",
     "OFF_INODE_I_INO": "inode.i_ino", "OFF_INODE_I_SB": "inode.i_sb",
+    "OFF_INODE_I_UID": "inode.i_uid", "OFF_INODE_I_GID": "inode.i_gid",
     "OFF_INODE_I_MODE": "inode.i_mode", "OFF_INODE_I_NLINK": "inode.i_nlink",
     "OFF_INODE_I_DENTRY": "inode.i_dentry",
     "OFF_SB_S_DEV": "super_block.s_dev", "OFF_MOUNT_MNT": "mount.mnt",
@@ -175,14 +176,19 @@ def syscall_specs(tfs: str) -> dict[str, SyscallSpec]:
     """Per followed syscall this kernel has: which arguments are what (syscall_spec)."""
     specs = {}
     for name, sc_ops in syscalls.SYSCALL_OPS.items():
-        if ops.EXEC in sc_ops:
-            continue            # executions are seen at sched_process_exec
         args = syscall_args(tfs, name)
         if args is None:
             continue
 
         def idx(*names: str, args: list[str] = args) -> int:
             return next((args.index(n) for n in names if n in args), -1)
+        if ops.EXEC in sc_ops:
+            # a success is reported at sched_process_exec (the program file decides);
+            # a failure is judged by its name at sys_exit, as other syscalls' are
+            specs[name] = SyscallSpec(dfd1=idx("fd"), path1=idx("filename"),
+                                      flags=idx("flags"), kind=KIND.EXEC,
+                                      perm=PERM_BITS["x"])
+            continue
         dfd1, path1 = idx(*DFD_NAMES), idx(*PATH_NAMES)
         dfd2, path2 = idx("newdfd"), idx("newname")
         if name in ("symlink", "symlinkat"):   # oldname is the link's text, not a path

@@ -785,6 +785,7 @@ static __always_inline struct event *new_event(u32 kind)
     e->loginuid = read_u32(task, OFF_TASK_LOGINUID);
     e->mntns = task_mntns(task);
     e->nspid = task_nspid(task);
+    e->ouid = e->ogid = NO_ID;
     e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = 0;
     e->data_len = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
@@ -840,6 +841,8 @@ static __always_inline void set_inode(struct event *e, void *inode)
     void *sb = read_ptr(inode, OFF_INODE_I_SB);
     e->dev = read_u32(sb, OFF_SB_S_DEV);
     e->ino = read_u64(inode, OFF_INODE_I_INO);
+    e->ouid = read_u32(inode, OFF_INODE_I_UID);
+    e->ogid = read_u32(inode, OFF_INODE_I_GID);
 }
 
 /* ---- syscall enter: remember the arguments ----------------------------------------
@@ -1634,6 +1637,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             bump_kernel_gen();
         return 0;
     }
+    if (ret >= 0 && spec->kind == KIND_EXEC)
+        return 0;               /* reported at sched_process_exec */
     if (ret >= 0 && spec->moves)
         note_moves(pc, spec);
     u32 tgid;
@@ -1671,12 +1676,30 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 }
 
 /* ---- exec: the program file decides ----------------------------------------------- */
+/* A successful execve or execveat, told here with the new program's file and the
+ * credentials it runs with (a set-user-ID program's euid, as Linux audit's record has
+ * them); path-less rules on execve are judged here too.  A failed one ends in
+ * sys_exit and is judged by its name there.  The syscall's entry is found by the
+ * thread id it had before the exec (a thread other than the leader takes the
+ * leader's id). */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
     void *bprm = (void *)ctx->args[2];
+    u32 old_tid = (u32)ctx->args[1];
     void *file = read_ptr(bprm, OFF_BINPRM_FILE);
     if (!file)
         return 0;
+    u64 pathless = 0;
+    u32 tp_id = 0;
+    struct pending *p = pending.lookup(&old_tid);
+    if (p && p->active) {
+        tp_id = p->tp_id;
+        struct syscall_spec *spec = syscall_spec.lookup(&tp_id);
+        if (spec && spec->kind == KIND_EXEC)
+            pathless = pathless_rules(spec, 0);
+        if (old_tid != (u32)bpf_get_current_pid_tgid())
+            pending.delete(&old_tid);   /* that thread id is gone */
+    }
     u32 tgid;
     int all_paths;
     struct config *cfg = current_scope(&tgid, &all_paths);
@@ -1685,12 +1708,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths)
+    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths && !pathless)
         return 0;
     struct event *e = new_event(EV_EXEC);
     if (!e)
         return 0;
-    e->rules = m.rules;
+    e->tp_id = tp_id;
+    e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
