@@ -270,6 +270,37 @@ def test_rules_beyond_the_kernel_slots_are_filtered_by_the_consumer(where):
         be.close()
 
 
+def test_a_whole_set_with_one_condition_is_filtered_in_the_kernel(where):
+    """More path-less rules than the kernel keeps conditions for, all with the same
+    conditions (as the STIG and OSPP sets write `-F auid>=1000 -F auid!=unset` on
+    many syscall lists): they share a slot, so the kernel still filters every one,
+    and each event gets the keys of its own rules only."""
+    from fswatchaudit.backends.ebpf.abi import PATHLESS_SLOTS
+    d = where
+    names = ["chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat",
+             "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
+             "rmdir", "link", "linkat", "symlink", "symlinkat", "truncate", "ftruncate",
+             "setxattr", "lsetxattr", "fsetxattr"]
+    assert len(names) > PATHLESS_SLOTS
+    be = backend_for(*(f"-a always,exit -S {n} -F auid>={PERSON} -F auid!=unset -k {n}"
+                       for n in names))
+    try:
+        assert len(set(be.slots.values())) == 1
+        open(f"{d}/f", "w").close()
+        before = be.submitted()
+        child(f"os.chmod('{d}/f', 0o600); os.mkdir('{d}/s'); os.rmdir('{d}/s')",
+              loginuid=SYSTEM)
+        assert be.submitted() == before          # not one record sent
+        child(f"os.chmod('{d}/f', 0o644); os.mkdir('{d}/s'); os.unlink('{d}/f')",
+              loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.op, e.path, e.keys) for e in got] == [
+            ("chmod", f"{d}/f", ["chmod"]), ("mkdir", f"{d}/s", ["mkdir"]),
+            ("unlink", f"{d}/f", ["unlink"])]
+    finally:
+        be.close()
+
+
 def test_trace_with_path_less_rules_and_the_other_backends_refusing(tmp_path):
     rules = tmp_path / "stig.rules"
     rules.write_text(f"-a always,exit -F arch=b64 -S unlink,unlinkat -F auid>={PERSON} "

@@ -168,17 +168,42 @@ class EbpfBackend(Backend):
                     (mask, mask if entries else 0, 0, bit, bit if entries else 0, 0, 0)))
         return out
 
+    def _kernel_class(self, rule: Rule) -> tuple | None:
+        """What the kernel compares for a path-less rule: rules alike share a slot."""
+        try:
+            return tuple(self.kernel_conds(rule))
+        except RuleError:
+            return None                 # refused when the conditions are written
+
     def _assign_slots(self) -> dict[int, int]:
         """Rule id -> slot, kept for a rule's lifetime; rules beyond the unique slots
-        share the last one (user space then matches their objects by path)."""
+        share the last one (user space then matches their objects by path).
+
+        Path-less rules take the first slots, whose kernel conditions are kept in
+        rule_filters; path-less rules with the same kernel conditions (the STIG and
+        OSPP sets repeat `-F auid>=1000 -F auid!=unset` on many syscall lists) share
+        one, so that a whole set is filtered in the kernel; the consumer then tells
+        them apart by syscall, operation and their other fields (Rule.matches)."""
         ids = {rid for rid, _ in self.rules.items()}
+        rules = self.rules.rules
         self.slots = {rid: s for rid, s in self.slots.items() if rid in ids}
         used = set(self.slots.values())
         free = (s for s in range(SHARED_SLOT) if s not in used)
-        # path-less rules first: their kernel conditions need a slot of their own
+        classes: dict[tuple, int] = {}
+        for rid, slot in self.slots.items():
+            if rules[rid].kind == "syscall" and slot < PATHLESS_SLOTS:
+                cls = self._kernel_class(rules[rid])
+                if cls is not None:
+                    classes.setdefault(cls, slot)
         for rid in sorted(ids - set(self.slots),
-                          key=lambda rid: (self.rules.rules[rid].kind != "syscall", rid)):
-            self.slots[rid] = next(free, SHARED_SLOT)
+                          key=lambda rid: (rules[rid].kind != "syscall", rid)):
+            cls = self._kernel_class(rules[rid]) if rules[rid].kind == "syscall" else None
+            if cls is not None and cls in classes:
+                self.slots[rid] = classes[cls]
+                continue
+            self.slots[rid] = slot = next(free, SHARED_SLOT)
+            if cls is not None and slot < PATHLESS_SLOTS:
+                classes[cls] = slot
         slot_rules: dict[int, list[tuple[int, Rule]]] = {}
         for rid, rule in self.rules.items():
             slot_rules.setdefault(self.slots[rid], []).append((rid, rule))
