@@ -145,7 +145,10 @@ def test_success_0_logs_only_failed_removals(where):
     # the saved ids are seen only by the kernel (no event carries them)
     ("suid=0 -F euid=65534", dict(resuid=(0, NOBODY, 0)), dict(resuid=(0, NOBODY, NOBODY))),
     ("fsgid=65534", dict(resgid=(0, NOBODY, 0)), dict(resgid=(NOBODY, 0, NOBODY))),
-], ids=["uid", "euid", "gid", "suid", "fsgid"])
+    ("fsuid=65534", dict(resuid=(0, NOBODY, 0)), dict(resuid=(NOBODY, 0, NOBODY))),
+    ("egid=65534", dict(resgid=(0, NOBODY, 0)), dict(resgid=(NOBODY, 0, NOBODY))),
+    ("sgid=65534", dict(resgid=(0, 0, NOBODY)), dict(resgid=(NOBODY, 0, 0))),
+], ids=["uid", "euid", "gid", "suid", "fsgid", "fsuid", "egid", "sgid"])
 def test_credential_filters(where, field, matching, other):
     d = where
     be = backend_for(f"-a always,exit -S chmod -F auid={PERSON} -F {field} -k cred")
@@ -424,3 +427,86 @@ def test_failed_exec_of_a_watched_program_is_reported(where):
             ("exec", "execve", f"{d}/bin/missing", -2, ["run"])]
     finally:
         be.close()
+
+
+# login uids around PERSON, and which of them each operator lets through
+AROUND = (PERSON - 1, PERSON, PERSON + 1)
+
+
+@pytest.mark.parametrize("op, selected", [
+    ("=", {PERSON}), ("!=", {PERSON - 1, PERSON + 1}), ("<", {PERSON - 1}),
+    (">", {PERSON + 1}), ("<=", {PERSON - 1, PERSON}), (">=", {PERSON, PERSON + 1})])
+def test_each_operator_in_the_kernel(op, selected):
+    """Every comparison operator, on a field the kernel compares: three processes with
+    login uids just below, at and above the value; what the rule rejects is never
+    sent (the kernel's counter), and only the others are logged."""
+    d = tempfile.mkdtemp(prefix="fswa-op-", dir="/tmp")
+    try:
+        be = backend_for(f"-a always,exit -S unlink -F auid{op}{PERSON} "
+                         f"-F auid>={PERSON - 1} -F auid<={PERSON + 1} -k op")
+        try:
+            before = be.submitted()
+            for auid in AROUND:
+                open(f"{d}/{auid}", "w").close()
+                child(f"os.unlink('{d}/{auid}')", loginuid=auid)
+            got = mine(drain(be), d)
+            assert [(e.path, e.loginuid, e.keys) for e in got] == [
+                (f"{d}/{auid}", auid, ["op"]) for auid in AROUND if auid in selected]
+            assert be.submitted() - before == len(selected)
+        finally:
+            be.close()
+    finally:
+        shutil.rmtree(d)
+
+
+def test_comm_and_device_fields_are_applied_by_the_consumer(where):
+    """`-F comm=` (the command name) and `-F dev_major=` (the object's device) on the
+    events the kernel sends."""
+    d = where
+    major = os.major(os.stat(d).st_dev)
+    for name in ("by-touch", "by-python"):
+        open(f"{d}/{name}", "w").close()
+    touch = shutil.which("touch")
+    be = backend_for(f"-a always,exit -S utimensat -F auid={PERSON} -F comm=touch "
+                     f"-F dev_major={major} -k touched",
+                     f"-a always,exit -S utimensat -F auid={PERSON} "
+                     f"-F dev_major!={major} -k elsewhere")
+    try:
+        child(f"os.utime('{d}/by-python')\n"
+              f"import subprocess; subprocess.run(['{touch}', '{d}/by-touch'], check=True)",
+              loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.path, e.comm, e.keys) for e in got] == [(f"{d}/by-touch", "touch",
+                                                             ["touched"])]
+    finally:
+        be.close()
+
+
+def test_arch_b32_and_b64_rules_on_real_32_bit_syscalls(tmp_path):
+    """-F arch=b32 selects syscalls made through the 32-bit entry (here `int $0x80`
+    from a 64-bit program), -F arch=b64 the machine's own, each filtered in the
+    kernel by its own table."""
+    from test_ebpf import INT80_C
+    assert os.uname().machine == "x86_64", "the helper uses the x86 32-bit syscall entry"
+    (tmp_path / "int80.c").write_text(INT80_C)
+    helper = tmp_path / "int80"
+    subprocess.run(["gcc", "-O2", "-no-pie", "-o", str(helper), str(tmp_path / "int80.c")],
+                   check=True)
+    d = tempfile.mkdtemp(prefix="fswa-arch-", dir="/tmp")
+    try:
+        be = backend_for(f"-a always,exit -F arch=b32 -S chmod,mkdir -F auid={PERSON} "
+                         "-k b32",
+                         f"-a always,exit -F arch=b64 -S chmod,mkdir -F auid={PERSON} "
+                         "-k b64")
+        try:
+            child(f"import subprocess; subprocess.run(['{helper}', '{d}/d32', '{d}/l32'], "
+                  f"check=True); os.mkdir('{d}/d64'); os.chmod('{d}/d64', 0o700)",
+                  loginuid=PERSON)
+            got = mine(drain(be), d)
+            assert [(e.op, e.path, e.keys) for e in got] == [
+                ("mkdir", f"{d}/d32", ["b32"]), ("chmod", f"{d}/d32", ["b32"]),
+                ("mkdir", f"{d}/d64", ["b64"]), ("chmod", f"{d}/d64", ["b64"])]
+        finally:
+            be.close()
+    finally:
+        shutil.rmtree(d)
