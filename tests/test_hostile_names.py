@@ -72,3 +72,22 @@ def test_raw_bytes_and_control_characters_in_names(tree, backend):
     assert not any(line.startswith(b"FORGED") for line in lines)
     assert b"\x1b" not in r.stdout and b"\x07" not in r.stdout and b"\r" not in r.stdout
     assert b".x\\xff\\nFORGED pid=1 \\x1b[2J\\x07" in r.stdout
+
+
+def test_a_name_cannot_pass_for_fields_of_a_human_line():
+    """A name with spaces and `key=value` text stays one quoted field: whatever reads
+    the line by fields (grep, a syslog parser) finds the real ones only."""
+    import shlex
+
+    from fswatchaudit.events import Event
+    from fswatchaudit.sinks.encode import format_event
+    forged = '/srv/notes result=EPERM pid=1 uid=0(root) key=identity "x'
+    ev = Event(op="create", path=forged, path2=None, backend="ebpf", pid=4242, uid=1000,
+               comm='evil comm="', exe="/usr/bin/python3", keys=["srv"], aliases=[],
+               result=0)
+    line = format_event(ev)
+    fields = shlex.split(line.split(None, 3)[3])    # after time, aliases, operation
+    assert fields[0] == forged
+    named = dict(f.split("=", 1) for f in fields[1:])
+    assert named["pid"] == "4242" and named["comm"] == 'evil comm="'
+    assert "result" not in named and named["key"] == "srv"

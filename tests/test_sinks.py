@@ -256,3 +256,19 @@ def test_close_waits_while_a_slow_sink_drains_and_counts_what_a_stuck_one_holds(
     time.sleep(0.1)                         # the thread, released by close, ends
     assert sink.lost == 50 and sink.sent == 0 and sink.stats()["queued"] == 0
     assert not crashes
+
+
+def test_summary_counts_stay_bounded_whatever_the_names():
+    """A process making ever new names (200,000 failed unlinks of distinct names) must
+    not grow the summary without bound: beyond max_rows paths they share one row, and
+    every event is still counted."""
+    from fswatchaudit.events import Event
+    from fswatchaudit.sinks.summary import SummarySink
+    sink = SummarySink(top=5, max_rows=100)
+    for i in range(1000):
+        sink.write(Event(op="unlink", path=f"/srv/f{i}", backend="ebpf", result=-2,
+                         aliases=["fs-remove"], exe="/usr/bin/flood"))
+    assert len(sink.per_path) == 101 and len(sink.per_program) == 1
+    assert sum(c["total"] for c in sink.per_path.values()) == 1000
+    lines = sink.lines()
+    assert any("900" in line and "(other paths, beyond the 100" in line for line in lines)

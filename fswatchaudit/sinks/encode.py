@@ -150,9 +150,9 @@ def format_event(ev: Event, color: bool = False) -> str:
     path(s), result, who, keys."""
     alias = ",".join(ev.aliases) or "-"
     style = next((_OP_STYLE[a] for a in ev.aliases if a in _OP_STYLE), None)
-    what = escape(ev.path) if ev.path is not None else "?"
+    what = field_text(ev.path) if ev.path is not None else "?"
     if ev.path2 is not None:
-        what = f"{what} -> {escape(ev.path2)}"
+        what = f"{what} -> {field_text(ev.path2)}"
     parts = [_paint(f"{iso_time(ev.time):<{TIME_WIDTH}}", "time", color),
              _paint(f"{escape(alias):<{ALIAS_WIDTH}}", "alias", color),
              _paint(f"{escape(ev.op):<{OP_WIDTH}}", style, color), what]
@@ -173,13 +173,13 @@ def format_event(ev: Event, color: bool = False) -> str:
     for name in ("comm", "exe"):
         value = getattr(ev, name)
         if value is not None:
-            parts.append(f"{name}={escape(value)}")
+            parts.append(f"{name}={field_text(value)}")
     if ev.syscall:
         parts.append(f"syscall={escape(ev.syscall)}")
     if ev.container:
-        parts.append(f"container={escape(str(ev.container.get('id', '?')))}")
+        parts.append(f"container={field_text(str(ev.container.get('id', '?')))}")
     if ev.keys:
-        parts.append(_paint("key=" + escape(",".join(ev.keys)), "key", color))
+        parts.append(_paint("key=" + field_text(",".join(ev.keys)), "key", color))
     return " ".join(parts)
 
 
@@ -196,7 +196,7 @@ def format_state(st: ProcessState, color: bool = False) -> str:
     for name in ("comm", "exe", "cwd"):
         value = getattr(st, name)
         if value is not None:
-            parts.append(f"{name}={escape(value)}")
+            parts.append(f"{name}={field_text(value)}")
     return " ".join(parts)
 
 
@@ -227,6 +227,16 @@ def escape(text: str) -> str:
             else:
                 out.append(f"\\U{code:08x}")
     return "".join(out)
+
+
+def field_text(text: str) -> str:
+    """``escape``d, and in double quotes (an inner quote as \\") when it holds a space or
+    a quote: one field of a human line, so that a name such as ``x result=EPERM uid=0``
+    cannot pass for fields of its own."""
+    out = escape(text)
+    if out and " " not in out and '"' not in out:
+        return out
+    return '"' + out.replace('"', '\\"') + '"'
 
 
 def format_record(record: Record, color: bool = False) -> str:

@@ -10,13 +10,18 @@ from ..events import Event, Record
 from .encode import escape
 
 COLUMNS = syscalls.ALIAS_ORDER          # fs-create, fs-remove, fs-attr, open, exec
+# Distinct paths (and programs) counted one by one; beyond, they share one row, so that
+# a process making millions of names cannot grow the auditor without bound.
+MAX_ROWS = 10_000
+OTHER = "(other %ss, beyond the %d counted one by one)"
 
 
 class SummarySink:
     name = "summary"
 
-    def __init__(self, top: int = 20) -> None:
+    def __init__(self, top: int = 20, max_rows: int = MAX_ROWS) -> None:
         self.top = top
+        self.max_rows = max_rows
         self.events = 0
         self.per_path: dict[str, Counter[str]] = {}
         self.per_program: dict[str, Counter[str]] = {}
@@ -28,20 +33,29 @@ class SummarySink:
         self.events += 1
         program = ev.exe or (f"[{ev.comm}]" if ev.comm else "(unknown)")
         failed = ev.result is not None and ev.result < 0
-        for table, name in ((self.per_path, ev.path or "?"), (self.per_program, program)):
-            c = table.get(name)
-            if c is None:
-                c = table[name] = Counter()
+        for table, name, what in ((self.per_path, ev.path or "?", "path"),
+                                  (self.per_program, program, "program")):
+            c = self._row(table, name, what)
             c["total"] += 1
             for a in ev.aliases:
                 c[a] += 1
             if failed:
                 c["failed"] += 1
         if ev.path2 is not None:
-            c = self.per_path.setdefault(ev.path2, Counter())
+            c = self._row(self.per_path, ev.path2, "path")
             c["total"] += 1
             for a in ev.aliases:
                 c[a] += 1
+
+    def _row(self, table: dict[str, Counter[str]], name: str, what: str) -> Counter[str]:
+        c = table.get(name)
+        if c is None:
+            if len(table) >= self.max_rows:
+                name = OTHER % (what, self.max_rows)
+                c = table.get(name)
+            if c is None:
+                c = table[name] = Counter()
+        return c
 
     def flush(self) -> None:
         pass
