@@ -18,7 +18,17 @@ over a few repetitions so that drifts of the machine hit every way alike:
               nats-server -js (receivers started as the tests start them)
   auditd      `auditctl -w DIR -p wa` (only where auditctl is installed)
 
-Reported: the workload's own wall time (median, and ratio to baseline), events
+The workload runs pinned to one CPU (the last one, --cpu), the ways of a repetition in
+an order rotated at every repetition, and many short repetitions rather than a few long
+ones: on a shared machine a burst of other work then spoils a few runs of every way
+alike instead of one way's whole figure.  Reported per way: the workload's wall time
+and its CPU time (user + system: the BPF programs run inside its syscalls, so they are
+charged to it, while time it spends waiting for a CPU other jobs hold is not), each as
+the median over the runs and as the median of the paired ratios (each run against the
+baseline run of the same repetition) with their quartiles and range; every run counts,
+none is dropped.  The verdict on a cost target uses the paired CPU-time ratio: it
+measures what the programs add to the audited work and is the least moved by other jobs
+on the machine (the wall-time figures are printed beside it).  Also: events
 delivered, events lost, whether every expected event came exactly once, and the CPU
 time the consumer spent (with all sinks: every thread of the process, sinks
 included, until they have handed everything on); for the sinks, what each sent, lost
@@ -45,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -94,13 +105,26 @@ def wait_quiet(limit: float) -> int:
         time.sleep(0.5)
 
 
+def default_cpu() -> int | None:
+    """The CPU the workload is pinned to: the last one this process may use."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) > 1 else None
+
+
+# the CPU every workload runs on (None: not pinned); main() sets it from --cpu
+PIN_CPU: int | None = default_cpu()
+
+
 class Workload:
     """One run of the workload; its own timing and its CPU time (user + system, which
-    includes the BPF programs run in its syscalls)."""
+    includes the BPF programs run in its syscalls).  Pinned to PIN_CPU, so that its
+    caches and the scheduler treat every way alike."""
 
     def __init__(self, exe: str, workdir: str, rounds: int) -> None:
-        self.proc = subprocess.Popen([exe, str(rounds)], cwd=workdir, stdout=subprocess.PIPE,
-                                     text=True)
+        cpu = PIN_CPU
+        self.proc = subprocess.Popen(
+            [exe, str(rounds)], cwd=workdir, stdout=subprocess.PIPE, text=True,
+            preexec_fn=None if cpu is None else lambda: os.sched_setaffinity(0, {cpu}))
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -348,13 +372,45 @@ def measure_startup(nrules: int, rules_file: str | None = None) -> dict:
     return json.loads(out.stdout)
 
 
+def ways_of(args, rep: int, exe: str, workdir: str, elsewhere: str, tmp: str,
+            rec: Receivers | None, aud: Auditd | None) -> list[tuple[str, Callable[[], dict]]]:
+    """The ways of one repetition: (name, a function that runs it once)."""
+    ways: list[tuple[str, Callable[[], dict]]] = [
+        ("baseline", lambda: Workload(exe, workdir, args.rounds).finish()),
+        ("unwatched", lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False))]
+    if args.rules:
+        ways.append((f"unwatched + {os.path.basename(args.rules)}",
+                     lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False,
+                                      args.rules)))
+    ways.append(("watched",
+                 lambda: run_ebpf(exe, workdir, workdir, args.rounds, True, args.rules)))
+    if rec is not None:
+        ways.append(("watched, log + jsonl + auditd files",
+                     lambda: run_all_sinks(exe, workdir, args.rounds, rec, tmp, rep,
+                                           remote=False)))
+        ways.append(("watched, all sinks",
+                     lambda: run_all_sinks(exe, workdir, args.rounds, rec, tmp, rep)))
+    if aud is not None:
+        def audited() -> dict:
+            with aud:
+                return run_auditd(aud, exe, workdir, args.rounds)
+        ways.append(("auditd -w DIR -p wa", audited))
+    return ways
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def main() -> None:
+    global PIN_CPU
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=50000,
+    ap.add_argument("--rounds", type=int, default=10000,
                     help=f"workload rounds ({OPS_PER_ROUND} file operations each)")
-    ap.add_argument("--repeat", type=int, default=3, help="repetitions of every way")
+    ap.add_argument("--repeat", type=int, default=15, help="repetitions of every way")
+    ap.add_argument("--startup-repeat", type=int, default=3,
+                    help="start-up measurements (fresh processes)")
+    ap.add_argument("--cpu", type=int, default=PIN_CPU,
+                    help="pin the workload to this CPU (default: the last one; -1: do "
+                         "not pin)")
     ap.add_argument("--no-auditd", action="store_true", help="skip the auditd comparison")
     ap.add_argument("--no-sinks", action="store_true",
                     help="skip the run through every sink (and their receivers)")
@@ -377,6 +433,9 @@ def main() -> None:
         except RuleError as exc:
             raise SystemExit(f"bench_ebpf: {exc}") from None
 
+    PIN_CPU = None if args.cpu is None or args.cpu < 0 else args.cpu
+    if PIN_CPU is not None and PIN_CPU not in os.sched_getaffinity(0):
+        raise SystemExit(f"bench_ebpf: CPU {PIN_CPU} is not available here")
     tmp = tempfile.mkdtemp(prefix="fswa-bench-", dir="/tmp")
     workdir, elsewhere = os.path.join(tmp, "work"), os.path.join(tmp, "elsewhere")
     os.mkdir(workdir)
@@ -387,33 +446,17 @@ def main() -> None:
     rec: Receivers | None = None
     try:
         startup = [measure_startup(0 if args.rules else 10, args.rules)
-                   for _ in range(args.repeat)]
+                   for _ in range(args.startup_repeat)]
         aud = Auditd(tmp) if use_auditd and not args.startup_only else None
         rec = None if args.no_sinks or args.startup_only else Receivers(tmp)
         for rep in range(0 if args.startup_only else args.repeat):
-            def measured(run) -> dict:
+            ways = ways_of(args, rep, exe, workdir, elsewhere, tmp, rec, aud)
+            # the order moves by one at every repetition: no way always runs first
+            # or right after another one's teardown
+            k = rep % len(ways)
+            for way, run in ways[k:] + ways[:k]:
                 foreign = wait_quiet(args.wait_quiet)
-                return dict(run(), foreign_progs=foreign)
-            results["baseline"].append(measured(
-                lambda: Workload(exe, workdir, args.rounds).finish()))
-            results["unwatched"].append(measured(
-                lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False)))
-            if args.rules:
-                results[f"unwatched + {os.path.basename(args.rules)}"].append(measured(
-                    lambda: run_ebpf(exe, workdir, elsewhere, args.rounds, False,
-                                     args.rules)))
-            results["watched"].append(measured(
-                lambda: run_ebpf(exe, workdir, workdir, args.rounds, True, args.rules)))
-            if rec is not None:
-                results["watched, log + jsonl + auditd files"].append(measured(
-                    lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r,
-                                                remote=False)))
-                results["watched, all sinks"].append(measured(
-                    lambda r=rep: run_all_sinks(exe, workdir, args.rounds, rec, tmp, r)))
-            if aud is not None:
-                with aud:
-                    results["auditd -w DIR -p wa"].append(measured(
-                        lambda: run_auditd(aud, exe, workdir, args.rounds)))
+                results[way].append(dict(run(), foreign_progs=foreign, rep=rep))
             print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
     finally:
         if rec is not None:
@@ -434,6 +477,45 @@ def login_uid() -> str:
     return "unset" if value == "4294967295" else value
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def paired(runs: list[dict], base: list[dict], key: str) -> list[float]:
+    """Each run's ``key`` divided by that of the baseline run of its repetition."""
+    by_rep = {r["rep"]: r[key] for r in base}
+    return [r[key] / by_rep[r["rep"]] for r in runs if r.get("rep") in by_rep]
+
+
+def ratio_summary(ratios: list[float]) -> dict[str, float]:
+    lo, med, hi = quartiles(ratios)
+    return {"median": med, "p25": lo, "p75": hi, "min": min(ratios), "max": max(ratios)}
+
+
+def cost(results: dict[str, list[dict]], way: str, key: str = "workload_cpu") -> dict:
+    """The paired ratio of a way against the baseline (the verdict's figure)."""
+    return ratio_summary(paired(results[way], results["baseline"], key))
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return (f"{r['median']:.3f}x [{r['p25']:.3f}-{r['p75']:.3f}] "
+            f"({r['min']:.2f}-{r['max']:.2f})")
+
+
+def compact(values: list) -> str:
+    """One value when every run gave it, else the range."""
+    if all(v is None for v in values):
+        return "-"
+    known = [v for v in values if v is not None]
+    if len(set(known)) == 1 and len(known) == len(values):
+        return f"{known[0]:,} (each run)" if isinstance(known[0], int) else str(known[0])
+    return f"{min(known):,}-{max(known):,}" + ("" if len(known) == len(values) else " (?)")
+
+
 def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
     st = [s["start"] for s in startup]
     what = (f"the {startup[0]['rules']} rules of {args.rules}" if args.rules
@@ -445,34 +527,38 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
           f"close {statistics.median(s['close'] for s in startup):.3f} s")
     if not results:
         return
-    base = statistics.median(r["ns"] for r in results["baseline"])
-    base_cpu = statistics.median(r["workload_cpu"] for r in results["baseline"])
     nops = args.rounds * OPS_PER_ROUND
     print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
           f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
-          f"median of {args.repeat} runs; kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs; workload login uid {login_uid()}"
-          + (f"; eBPF runs with {args.rules}" if args.rules else "") + "\n")
-    print("| way | wall time | ratio | workload CPU | ratio | events delivered | events lost "
-          "| exactly once | consumer CPU | other processes' events |")
+          f"{args.repeat} interleaved repetitions; workload pinned to "
+          + ("no CPU" if PIN_CPU is None else f"CPU {PIN_CPU}")
+          + f"; kernel {os.uname().release}, {os.cpu_count()} CPUs; workload login uid "
+          f"{login_uid()}" + (f"; eBPF runs with {args.rules}" if args.rules else "") + "\n")
+    print("Ratios: median of the paired ratios (each run against the baseline run of its "
+          "repetition) [quartiles] (range).\n")
+    print("| way | wall median | wall ratio | workload CPU median | CPU ratio | "
+          "events delivered | events lost | exactly once | consumer CPU | "
+          "other processes' events |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for way, runs in results.items():
         ns = statistics.median(r["ns"] for r in runs)
         wcpu = statistics.median(r["workload_cpu"] for r in runs)
         once = [r.get("exactly_once") for r in runs]
-
-        def cell(key: str, fmt: str = "{}", runs: list = runs) -> str:
-            values = [r.get(key) for r in runs]
-            if all(v is None for v in values):
-                return "-"
-            return ", ".join("?" if v is None else fmt.format(v) for v in values)
         once_cell = "-" if all(v is None for v in once) else (
             "yes" if all(once) else "NO: " + "; ".join(
                 f"missing {r['missing']} dup {r['duplicates']} extra {r['unexpected']}"
-                for r in runs))
-        print(f"| {way} | {ns / 1e9:.3f} s | {ns / base:.2f}x | {wcpu:.2f} s | "
-              f"{wcpu / base_cpu:.2f}x | {cell('events')} | {cell('lost')} | {once_cell} | "
-              f"{cell('consumer_cpu', '{:.2f} s')} | {cell('others')} |")
+                for r in runs if not r.get("exactly_once")))
+        ccpu = [r["consumer_cpu"] for r in runs if r.get("consumer_cpu") is not None]
+        ccell = f"{min(ccpu):.2f}-{max(ccpu):.2f} s" if ccpu else "-"
+        wall_r = "-" if way == "baseline" else fmt_ratio(cost(results, way, "ns"))
+        cpu_r = "-" if way == "baseline" else fmt_ratio(cost(results, way))
+        print(f"| {way} | {ns / 1e9:.3f} s | {wall_r} | {wcpu:.3f} s | {cpu_r} | "
+              f"{compact([r.get('events') for r in runs])} | "
+              f"{compact([r.get('lost') for r in runs])} | {once_cell} | {ccell} | "
+              f"{compact([r.get('others') for r in runs])} |")
+    print("\nverdict (paired workload-CPU ratio, median): " + "; ".join(
+        f"{way} {cost(results, way)['median']:.3f}x" for way in results
+        if way != "baseline"))
     for way in ("watched, log + jsonl + auditd files", "watched, all sinks"):
         for r in results.get(way, []):
             print(f"\n{way}: sinks (sent / lost / still queued; what the receivers "
@@ -483,6 +569,7 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
     if foreign:
         print(f"\nWARNING: in {foreign} runs other tools' BPF tracing programs were loaded "
               "(they slow every run, the baseline too): the ratios are not clean")
+
 
 def sink_cell(st: dict) -> str:
     if "records_written" in st:                 # a file sink

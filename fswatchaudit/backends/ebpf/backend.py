@@ -410,6 +410,7 @@ class EbpfBackend(Backend):
         if not os.path.exists(f"/proc/{pid}"):
             raise RuleError(f"no process {pid}")
         pids = process_tree(pid) if children else [pid]
+        self._set_config(audits=1)      # the kernel looks processes up from now on
         table = self.bpf[b"audited"]
         flag = AUDIT.CHILDREN if children else 0
         if not exclusive or not len(self.rules):

@@ -292,6 +292,19 @@ def cred_span(btf: BTF) -> list[str]:
     return [f"-DCRED_SPAN_START={start}", f"-DCRED_SPAN_LEN={end - start}"]
 
 
+INODE_HEAD = ("i_mode", "i_nlink", "i_sb", "i_ino")
+
+
+def inode_span(btf: BTF) -> list[str]:
+    """Where the members of struct inode a judgment reads lie, for one read of them."""
+    offs = [(btf.offset(f"inode.{name}"), size)
+            for name, size in zip(INODE_HEAD, (2, 4, 8, 8), strict=True)]
+    start, end = min(o for o, _ in offs), max(o + size for o, size in offs)
+    if end - start > 128:
+        raise BTFError(f"struct inode's mode, nlink, sb and ino span {end - start} bytes")
+    return [f"-DINODE_SPAN_START={start}", f"-DINODE_SPAN_LEN={end - start}"]
+
+
 FLAGS_SUFFIX = ".flags"
 
 
@@ -337,6 +350,7 @@ def kernel_flags() -> list[str]:
                       f"-DCREGS_SPAN_LEN={max(offs) + 8 - min(offs)}"]
         flags.append(f"-DSIZEOF_UPID={btf.size('upid')}")
         flags += cred_span(btf)
+        flags += inode_span(btf)
         flags += sb_mount_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
