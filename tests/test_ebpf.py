@@ -789,3 +789,40 @@ def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
         assert os.stat(f"{w}/g").st_ino == ino
     finally:
         be.close()
+
+
+STUB_C = "#include <unistd.h>\nint main(int c, char **v) { execv(v[1], v + 1); return 127; }\n"
+WRITER_C = r"""
+#include <fcntl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    return fd < 0 || write(fd, "x\n", 2) != 2;
+}
+"""
+
+
+def test_each_program_is_named_after_an_exec_whatever_memory_it_reuses(tree, tmp_path):
+    """A shell records a change, then execs a program that execs another which changes
+    a file: the last record names the last program.  (The kernel may give the new
+    program's file the memory of the shell's, so a record cannot say "the same program
+    as before" by the file's address.)"""
+    w, _ = tree
+    for name, src in (("stub", STUB_C), ("writer", WRITER_C)):
+        (tmp_path / f"{name}.c").write_text(src)
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp_path / name),
+                        str(tmp_path / f"{name}.c")], check=True)
+    stub, writer = str(tmp_path / "stub"), str(tmp_path / "writer")
+    busybox = os.path.realpath(shutil.which("busybox"))
+    be = backend_for(watch_rule(w))
+    try:
+        for i in range(6):
+            subprocess.run(["taskset", "-c", "0", busybox, "sh", "-c",
+                            f': > {w}/by-shell{i}; exec "$0" "$1" {w}/by-writer{i}',
+                            stub, writer], check=True)
+        got = {e.path: e.exe for e in drain(be) if e.op == "create"}
+        for i in range(6):
+            assert got[f"{w}/by-shell{i}"] == busybox
+            assert got[f"{w}/by-writer{i}"] == writer, got
+    finally:
+        be.close()

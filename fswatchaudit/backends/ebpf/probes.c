@@ -1715,6 +1715,10 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
     void *bprm = (void *)ctx->args[2];
     u32 old_tid = (u32)ctx->args[1];
+    /* a new program: its records name it afresh (a freed exe file's memory may come
+     * back as the new one's, so the pointer alone cannot tell them apart) */
+    u32 exec_tgid = bpf_get_current_pid_tgid() >> 32;
+    exe_sent.delete(&exec_tgid);
     void *file = read_ptr(bprm, OFF_BINPRM_FILE);
     if (!file)
         return 0;
