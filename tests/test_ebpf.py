@@ -789,3 +789,42 @@ def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
         assert os.stat(f"{w}/g").st_ino == ino
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("depth", [20, 40])
+def test_changes_deep_in_a_tree_made_before_the_start_are_reported(tree, depth):
+    """A tree made before the trace starts has no directory judged below the watch: the
+    kernel's walk (16 levels) ends short and is continued in programs of its own
+    (deep_walk), which judge the whole chain.  Create, write, chmod and unlink at the
+    bottom are reported with the watch's key, the path and the object's own inode; a
+    deep tree that is not watched sends nothing to user space."""
+    w, o = tree
+    sub = "/d" * depth
+    os.makedirs(w + sub)
+    os.makedirs(o + sub)
+    bottom, other = w + sub, o + sub
+    open(f"{bottom}/old", "w").close()
+    be = backend_for(watch_rule(w, perms="wa", key="deep"))
+    try:
+        before = be.submitted()
+        for d in (other, f"{o}/d"):                 # unwatched: nothing sent
+            open(f"{d}/f", "w").close()
+            os.chmod(f"{d}/f", 0o600)
+            open(f"{d}/f", "a").close()
+            os.unlink(f"{d}/f")
+        assert be.submitted() == before, "an unwatched deep tree reached user space"
+        ino_old = os.stat(f"{bottom}/old").st_ino
+        with open(f"{bottom}/old", "a") as fh:      # no ctime change: judged at the open
+            fh.write("x")
+        open(f"{bottom}/f", "w").close()
+        ino = os.stat(f"{bottom}/f").st_ino
+        os.chmod(f"{bottom}/f", 0o600)
+        os.unlink(f"{bottom}/f")
+        got = [(e.op, e.path, e.ino, e.keys) for e in drain(be)]
+        assert got == [("open", f"{bottom}/old", ino_old, ["deep"]),
+                       ("create", f"{bottom}/f", ino, ["deep"]),
+                       ("chmod", f"{bottom}/f", ino, ["deep"]),
+                       ("unlink", f"{bottom}/f", ino, ["deep"])], got
+        assert "too_deep" not in be.lost(), be.lost()
+    finally:
+        be.close()

@@ -139,6 +139,40 @@ struct match {
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
 BPF_ARRAY(gens, u64, 2);
 
+/* deep: a walk that ended short (WATCH_DEPTH levels without reaching the top or a
+ * directory judged before) is continued in programs of its own, reached by tail calls
+ * (deep_tail): deep_walk collects the rest of the chain up to the top or to a judged
+ * directory, judges it top down, one level from the one above, keeping every level's
+ * verdict in dir_cache, and then goes on with the program that asked (deep_ctime,
+ * deep_open), whose walk now ends within reach.  Per CPU: a program and its tail calls
+ * run on one CPU. */
+#define DEEP_CHAIN      256     /* directory levels one continued walk judges
+                                 * (CNT_TOO_DEEP beyond) */
+#define DEEP_STEP       32      /* ... per tail call: 2 * 256 / 32 calls and the two
+                                 * around them fit the kernel's limit of 33 */
+#define DEEP_WALK       0       /* deep_tail slots (build.py TAIL_CALLS) */
+#define DEEP_CTIME      1
+#define DEEP_OPEN       2
+struct deep_state {
+    u64 short_dir;              /* the directory whose walk ended short (verdict_of) */
+    u64 next;                   /* the next directory to collect */
+    u32 n;                      /* directories collected in chain */
+    u32 left;                   /* ... of them not judged yet */
+    u32 then;                   /* the deep_tail slot to go on with */
+    u8 have_top;                /* top holds the verdict of the level above */
+    u8 pad[3];
+    u64 kgen;                   /* the generations the verdicts are computed under */
+    u64 ugen;
+    struct dir_verdict top;
+    s64 ret;                    /* deep_open: what report_open was called with */
+    u64 flags;
+    u64 any_object;
+    u64 pathless;
+    u64 chain[DEEP_CHAIN];      /* dentries, from the start up */
+};
+BPF_PERCPU_ARRAY(deep, struct deep_state, 1);
+BPF_PROG_ARRAY(deep_tail, 3);
+
 /* exe_sent: tgid -> the program whose path the process's last delivered record carried.
  * Later records of the same program leave the path out (n_exe = EXE_AS_BEFORE) and user
  * space reuses it; the process's start time tells a reused tgid apart. */
@@ -375,6 +409,37 @@ static __always_inline void use_verdict(u32 depth, struct walk *w, struct dir_ve
     w->deep_rules |= c->deep_rules;
 }
 
+/* Move a walk from dentry (its filesystem's super_block sb, if known) to the next
+ * directory up, across mount points; 1 at the top. */
+static __always_inline long walk_up(struct walk *w, void *dentry, void *sb)
+{
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    int at_top = parent == dentry ||
+                 (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
+    if (at_top) {
+        if (w->mnt) {
+            void *mnt = w->mnt;
+            if (!cross_mount(&dentry, &mnt)) {
+                w->done = 1;
+                return 1;
+            }
+            w->mnt = mnt;
+        } else if (!sb || !cross_sb_mount(&dentry, sb)) {
+            /* a filesystem mounted below a watch is covered by it */
+            w->done = 1;
+            return 1;
+        }
+        /* the mount point is the same directory: step past it too */
+        parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+        if (parent == dentry) {
+            w->done = 1;
+            return 1;
+        }
+    }
+    w->dentry = parent;
+    return 0;
+}
+
 static __always_inline long watch_step(u32 depth, struct walk *w)
 {
     void *dentry = w->dentry;
@@ -421,31 +486,7 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
             }
         }
     }
-    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-    int at_top = parent == dentry ||
-                 (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
-    if (at_top) {
-        if (w->mnt) {
-            void *mnt = w->mnt;
-            if (!cross_mount(&dentry, &mnt)) {
-                w->done = 1;
-                return 1;
-            }
-            w->mnt = mnt;
-        } else if (!sb || !cross_sb_mount(&dentry, sb)) {
-            /* a filesystem mounted below a watch is covered by it */
-            w->done = 1;
-            return 1;
-        }
-        /* the mount point is the same directory: step past it too */
-        parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-        if (parent == dentry) {
-            w->done = 1;
-            return 1;
-        }
-    }
-    w->dentry = parent;
-    return 0;
+    return walk_up(w, dentry, sb);
 }
 
 /* The dentry of an inode (its first alias; directories have exactly one). */
@@ -485,6 +526,49 @@ static __always_inline int is_dir(void *inode)
     return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
 }
 
+static __always_inline struct deep_state *deep_state(void)
+{
+    u32 zero = 0;
+    return deep.lookup(&zero);
+}
+
+/* Whether a walk ended short since the last call (the note is taken). */
+static __always_inline int deep_taken(void)
+{
+    struct deep_state *s = deep_state();
+    if (!s || !s->short_dir)
+        return 0;
+    s->short_dir = 0;
+    return 1;
+}
+
+/* Where a walk that ended short is not continued: counted as lost. */
+static __always_inline void deep_count(void)
+{
+    if (deep_taken())
+        count(CNT_TOO_DEEP);
+}
+
+/* If a walk ended short: continue it (deep_walk), then go on in deep_tail slot then.
+ * Returns only when no walk ended short, or when the tail call failed (the kernel's
+ * limit of tail calls reached: counted as lost). */
+static __always_inline void deep_defer(void *ctx, u32 then)
+{
+    struct deep_state *s = deep_state();
+    if (!s || !s->short_dir)
+        return;
+    s->next = s->short_dir;
+    s->short_dir = 0;
+    s->n = 0;
+    s->left = 0;
+    s->have_top = 0;
+    s->then = then;
+    s->kgen = gen(GEN_KERNEL);
+    s->ugen = gen(GEN_USER);
+    deep_tail.call(ctx, DEEP_WALK);
+    count(CNT_TOO_DEEP);
+}
+
 /* What watches grant to directory dentry dir (inode dir_inode) and to its entries:
  * from dir_cache, or by walking up (across the mounts it is below) and remembering the
  * answer. */
@@ -517,10 +601,15 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     v.deep_rules = w.deep_rules;
     v.own_names = w.names;
     v.below_names = w.below_names;
-    if (w.done)
+    if (w.done) {
         dir_cache.update(&key, &v);
-    else
-        count(CNT_TOO_DEEP);    /* judged on the levels walked: not kept */
+    } else {
+        /* judged on the levels walked, not kept: the caller continues the walk
+         * (deep_defer) or counts it as lost (deep_count) */
+        struct deep_state *s = deep_state();
+        if (s)
+            s->short_dir = (u64)dir;
+    }
     *out = v;
     return 0;
 }
@@ -612,6 +701,8 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m
     for (u32 i = 2; i < WATCH_DEPTH; i++)
         if (watch_step(i, &w))
             break;
+    if (!w.done)
+        count(CNT_TOO_DEEP);    /* a mount point deeper than the walk reaches */
     m->rules |= w.rules;
     return perms | w.perms;
 }
@@ -1070,6 +1161,7 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
             p->overflow = 1;
         }
         judge_changed(p, inode, n);
+        deep_defer(ctx, DEEP_CTIME);    /* its walk ended short: continued */
         return 0;
     }
     /* a directory changed outside a followed syscall (io_uring rename or unlink...) */
@@ -1112,7 +1204,9 @@ int uring_ctime(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     struct match m = {};
-    if (!(inode_perms(inode, &m) & (PERM_W | PERM_A)) && !all_paths)
+    u8 perms = inode_perms(inode, &m);
+    deep_count();
+    if (!(perms & (PERM_W | PERM_A)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
@@ -1432,7 +1526,8 @@ static __always_inline struct event *failed_event(struct config *cfg, int all_pa
                       ? open_perm(flags, (flags & OFLAG_CREAT) != 0) : spec->perm;
             struct dir_verdict v = {};
             verdict_of(judged, inode, &v);
-            send = (v.below & need) != 0;
+            /* a walk that ended short: unsure, sent (user space judges the names) */
+            send = (v.below & need) != 0 || deep_taken();
         }
     }
     if (!send)
@@ -1460,7 +1555,17 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     }
     u8 need = open_perm(flags, created);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & need) && !any_object)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    struct deep_state *s = deep_state();
+    if (s && s->short_dir) {
+        /* its walk ended short: continued, then deep_open judges the open again */
+        s->ret = ret;
+        s->flags = flags;
+        s->any_object = any_object;
+        s->pathless = pathless;
+        deep_defer(ctx, DEEP_OPEN);
+    }
+    if (!(perms & need) && !any_object)
         return;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret,
                                     flags | ((u64)created << CREATED_FLAG_SHIFT));
@@ -1563,6 +1668,7 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
             forget_if_gone(inode);
         }
     }
+    deep_count();       /* new inodes: their directory's walk was continued at its change */
     if (!any_object && !(perms & spec->perm))
         return NULL;
     if (all_paths && !*first)
@@ -1670,6 +1776,128 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     return 0;
 }
 
+/* ---- deep trees: a walk that ended short, continued (struct deep_state) ----------- */
+/* Collect the chain of directories from s->next up to the top or to a directory judged
+ * before (its verdict: s->top), DEEP_STEP levels per call; then judge it top down, each
+ * level from its own watch and the verdict of the level above (as a walk that meets a
+ * judged directory one level up does), keeping every verdict in dir_cache; then go on
+ * in slot s->then.  A chain longer than DEEP_CHAIN is counted as lost. */
+int deep_walk(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    if (!s)
+        return 0;
+    if (!s->left) {
+        struct walk w = {};
+        w.dentry = (void *)s->next;
+        int end = 0;
+        for (u32 i = 0; i < DEEP_STEP; i++) {
+            void *dentry = w.dentry;
+            void *inode = dentry ? read_ptr(dentry, OFF_DENTRY_D_INODE) : NULL;
+            if (!inode) {
+                end = 1;
+                break;
+            }
+            struct watch_key key = {};
+            inode_key(inode, &key);
+            struct dir_verdict *c = s->n ? dir_cache.lookup(&key) : NULL;
+            if (c && c->kgen == s->kgen && c->ugen == s->ugen) {
+                s->top = *c;
+                s->have_top = 1;
+                end = 1;
+                break;
+            }
+            u32 n = s->n;
+            if (n >= DEEP_CHAIN) {
+                count(CNT_TOO_DEEP);
+                return 0;
+            }
+            s->chain[n & (DEEP_CHAIN - 1)] = (u64)dentry;
+            s->n = n + 1;
+            if (walk_up(&w, dentry, read_ptr(inode, OFF_INODE_I_SB))) {
+                end = 1;
+                break;
+            }
+        }
+        s->next = (u64)w.dentry;
+        s->left = end ? s->n : 0;
+        if (!end || !s->n) {
+            deep_tail.call(ctx, end ? s->then : DEEP_WALK);
+            count(CNT_TOO_DEEP);
+            return 0;
+        }
+    }
+    for (u32 i = 0; i < DEEP_STEP; i++) {
+        u32 left = s->left;
+        if (!left)
+            break;
+        void *dentry = (void *)s->chain[(left - 1) & (DEEP_CHAIN - 1)];
+        struct walk w = {};
+        w.dentry = dentry;
+        watch_step(0, &w);
+        if (s->have_top)
+            use_verdict(1, &w, &s->top);
+        struct dir_verdict v = {};
+        v.kgen = s->kgen;
+        v.ugen = s->ugen;
+        v.own = w.perms;
+        v.below = w.below;
+        v.deep = w.deep;
+        v.own_rules = w.rules;
+        v.below_rules = w.below_rules;
+        v.deep_rules = w.deep_rules;
+        v.own_names = w.names;
+        v.below_names = w.below_names;
+        void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+        if (inode) {
+            struct watch_key key = {};
+            inode_key(inode, &key);
+            dir_cache.update(&key, &v);
+        }
+        s->top = v;
+        s->have_top = 1;
+        s->left = left - 1;
+    }
+    deep_tail.call(ctx, s->left ? DEEP_WALK : s->then);
+    count(CNT_TOO_DEEP);
+    return 0;
+}
+
+/* A ctime tracepoint's judgment, again after its walk was continued (another name of
+ * the inode may need one more). */
+int deep_ctime(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *inode = (void *)ctx->args[0];
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending.lookup(&tid);
+    if (!p || !p->active)
+        return 0;
+    /* its place among the inodes the syscall changed, chosen without branches */
+    u64 n = MAX_TOUCHED, nt = p->ntouched;
+    OPAQUE(nt);
+    for (u64 i = 0; i < MAX_TOUCHED; i++) {
+        u64 here = is_zero64(p->touched[i] ^ (u64)inode) & ((i - nt) >> 63);
+        OPAQUE(here);
+        n = (n & (here - 1)) | (i & (0 - here));
+    }
+    OPAQUE(n);
+    judge_changed(p, inode, n);
+    deep_defer(ctx, DEEP_CTIME);
+    return 0;
+}
+
+/* An open's judgment and record, again after its walk was continued. */
+int deep_open(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    u32 zero = 0;
+    struct pending *pc = ending.lookup(&zero);
+    if (!s || !pc)
+        return 0;
+    report_open(ctx, pc, s->ret, s->flags, s->any_object, s->pathless);
+    return 0;
+}
+
 /* ---- exec: the program file decides ----------------------------------------------- */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
@@ -1685,7 +1913,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    deep_count();
+    if (!(perms & PERM_X) && !all_paths)
         return 0;
     struct event *e = new_event(EV_EXEC);
     if (!e)
@@ -1769,7 +1999,9 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & open_perm(flags, 0)) && !all_paths)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    deep_count();
+    if (!(perms & open_perm(flags, 0)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
