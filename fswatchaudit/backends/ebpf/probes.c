@@ -153,6 +153,13 @@ BPF_ARRAY(gens, u64, 2);
 #define DEEP_WALK       0       /* deep_tail slots (build.py TAIL_CALLS) */
 #define DEEP_CTIME      1
 #define DEEP_OPEN       2
+#define DEEP_PATH       3
+struct path_walk {
+    void *dentry;
+    void *mnt;
+    void *root_dentry;          /* the task's root: a chrooted task sees paths below it */
+    void *root_mnt;
+};
 struct deep_state {
     u64 short_dir;              /* the directory whose walk ended short (verdict_of) */
     u64 next;                   /* the next directory to collect */
@@ -160,7 +167,8 @@ struct deep_state {
     u32 left;                   /* ... of them not judged yet */
     u32 then;                   /* the deep_tail slot to go on with */
     u8 have_top;                /* top holds the verdict of the level above */
-    u8 pad[3];
+    u8 gave_up;                 /* the chain was longer than DEEP_CHAIN */
+    u8 pad[2];
     u64 kgen;                   /* the generations the verdicts are computed under */
     u64 ugen;
     struct dir_verdict top;
@@ -168,10 +176,11 @@ struct deep_state {
     u64 flags;
     u64 any_object;
     u64 pathless;
+    struct path_walk pw;        /* deep_path: where the record's last path goes on */
     u64 chain[DEEP_CHAIN];      /* dentries, from the start up */
 };
 BPF_PERCPU_ARRAY(deep, struct deep_state, 1);
-BPF_PROG_ARRAY(deep_tail, 3);
+BPF_PROG_ARRAY(deep_tail, 4);
 
 /* exe_sent: tgid -> the program whose path the process's last delivered record carried.
  * Later records of the same program leave the path out (n_exe = EXE_AS_BEFORE) and user
@@ -364,12 +373,29 @@ static __always_inline int cross_mount(void **dentry, void **mnt)
 }
 
 /* The mount point of a filesystem's root reached without knowing the mount it came
- * through (a changed inode): through the filesystem's first mount.  0 at the top. */
+ * through (a changed inode): through the filesystem's oldest mount of that root
+ * dentry, its original place (a bind mount of a directory of it, or of its root, is
+ * newer; crossing through one of those would lead the walk round in a loop).  From
+ * 6.15 the mounts are a chain, newest first: the oldest among its first SB_MOUNTS is
+ * taken.  0 at the top. */
+#define SB_MOUNTS       4
 static __always_inline int cross_sb_mount(void **dentry, void *sb)
 {
 #ifdef OFF_SB_S_MOUNTS
 #ifdef OFF_MOUNT_NEXT_FOR_SB
-    void *mount = read_ptr(sb, OFF_SB_S_MOUNTS);
+    /* chosen without branches: one verifier state, in every step of every walk */
+    u64 found = 0, at = (u64)*dentry;
+    void *next = read_ptr(sb, OFF_SB_S_MOUNTS);
+#pragma nounroll
+    for (int i = 0; i < SB_MOUNTS; i++) {
+        u64 root = (u64)read_ptr(next, OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT);
+        u64 hit = is_zero64(root ^ at) & (is_zero64((u64)next) ^ 1);
+        OPAQUE(hit);
+        found = (found & (hit - 1)) | ((u64)next & (0 - hit));
+        next = read_ptr(next, OFF_MOUNT_NEXT_FOR_SB);  /* NULL: reads give NULL */
+    }
+    OPAQUE(found);
+    void *mount = (void *)found;
 #else
     void *first = read_ptr(sb, OFF_SB_S_MOUNTS);
     if (!first || first == (char *)sb + OFF_SB_S_MOUNTS)
@@ -555,8 +581,17 @@ static __always_inline void deep_count(void)
 static __always_inline void deep_defer(void *ctx, u32 then)
 {
     struct deep_state *s = deep_state();
-    if (!s || !s->short_dir)
+    if (!s)
         return;
+    u8 gave_up = s->gave_up;
+    s->gave_up = 0;
+    if (!s->short_dir)
+        return;
+    if (gave_up) {              /* the same walk, after deep_walk gave up on it */
+        s->short_dir = 0;
+        count(CNT_TOO_DEEP);
+        return;
+    }
     s->next = s->short_dir;
     s->short_dir = 0;
     s->n = 0;
@@ -743,13 +778,7 @@ static __always_inline void put_user_str(struct event *e, const void *src)
 
 /* Appending a path, one component per step, leaf first.  The write position lives in
  * the record itself (map memory), so the verifier sees one state per step instead of
- * one per possible length of what was written so far. */
-struct path_walk {
-    void *dentry;
-    void *mnt;
-    void *root_dentry;          /* the task's root: a chrooted task sees paths below it */
-    void *root_mnt;
-};
+ * one per possible length of what was written so far.  (struct path_walk: above) */
 
 static __always_inline long path_step(struct event *e, struct path_walk *w)
 {
@@ -780,23 +809,50 @@ static __always_inline long path_step(struct event *e, struct path_walk *w)
     return 0;
 }
 
+static __always_inline void path_walk_init(struct path_walk *w, void *dentry, void *mnt)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *fs = read_ptr(task, OFF_TASK_FS);
+    w->dentry = dentry;
+    w->mnt = mnt;
+    if (fs) {
+        w->root_dentry = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
+        w->root_mnt = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
+    }
+}
+
 /* Append the components of (mnt, dentry)'s path, leaf first; returns their count. */
 static __always_inline u16 put_path(struct event *e, void *dentry, void *mnt)
 {
     struct path_walk w = {};
-    void *task = (void *)bpf_get_current_task();
-    void *fs = read_ptr(task, OFF_TASK_FS);
-    w.dentry = dentry;
-    w.mnt = mnt;
-    if (fs) {
-        w.root_dentry = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
-        w.root_mnt = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
-    }
+    path_walk_init(&w, dentry, mnt);
     e->walk_count = 0;
     for (u32 i = 0; i < PATH_DEPTH; i++)
         if (path_step(e, &w))
             break;
     return e->walk_count;
+}
+
+/* Append (mnt, dentry)'s path as the record's first and last path (an opened or
+ * executed file): one deeper than PATH_DEPTH components goes on in deep_path, which
+ * sends the record.  Returns only when it is complete or cannot go on. */
+static __always_inline void put_last_path(void *ctx, struct event *e, void *dentry,
+                                          void *mnt)
+{
+    struct deep_state *s = deep_state();
+    if (!s)
+        return;
+    path_walk_init(&s->pw, dentry, mnt);
+    e->walk_count = 0;
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, &s->pw);
+        if (end)
+            break;
+    }
+    e->n_base1 = e->walk_count;
+    if (!end)
+        deep_tail.call(ctx, DEEP_PATH);
 }
 
 /* The file behind fd in the current task, or NULL. */
@@ -1557,8 +1613,8 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     struct match m = {};
     u8 perms = watched_perms(dentry, mnt, &m);
     struct deep_state *s = deep_state();
-    if (s && s->short_dir) {
-        /* its walk ended short: continued, then deep_open judges the open again */
+    if (s) {
+        /* if its walk ended short: continued, then deep_open judges the open again */
         s->ret = ret;
         s->flags = flags;
         s->any_object = any_object;
@@ -1574,7 +1630,7 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-    e->n_base1 = put_path(e, dentry, mnt);
+    put_last_path(ctx, e, dentry, mnt);
     submit(ctx, e);
 }
 
@@ -1809,6 +1865,9 @@ int deep_walk(struct bpf_raw_tracepoint_args *ctx)
             }
             u32 n = s->n;
             if (n >= DEEP_CHAIN) {
+                /* judged on what its first walk saw, and counted (deep_defer) */
+                s->gave_up = 1;
+                deep_tail.call(ctx, s->then);
                 count(CNT_TOO_DEEP);
                 return 0;
             }
@@ -1898,6 +1957,29 @@ int deep_open(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
+/* The rest of a record's last path (put_last_path), PATH_DEPTH components per call,
+ * then the record is sent. */
+int deep_path(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    e->walk_count = 0;
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, &s->pw);
+        if (end)
+            break;
+    }
+    e->n_base1 += e->walk_count;
+    if (!end)
+        deep_tail.call(ctx, DEEP_PATH);
+    submit(ctx, e);
+    return 0;
+}
+
 /* ---- exec: the program file decides ----------------------------------------------- */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
@@ -1923,7 +2005,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     e->rules = m.rules;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-    e->n_base1 = put_path(e, dentry, mnt);
+    put_last_path(ctx, e, dentry, mnt);
     submit(ctx, e);
     return 0;
 }
