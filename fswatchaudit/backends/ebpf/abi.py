@@ -110,7 +110,8 @@ class CNT(IntEnum):
     PENDING_FULL = 2        # the pending map was full at a syscall's entry
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
-    TOO_DEEP = 5            # objects judged without their ancestors beyond WATCH_DEPTH
+    TOO_DEEP = 5            # objects judged without their ancestors beyond the walk
+    #                         (WATCH_DEPTH, continued by deep_walk over DEEP_CHAIN more)
     TOO_MANY_NAMES = 6      # changed files judged by their first MAX_ALIASES names only
 
 

@@ -16,9 +16,10 @@
  *   sys_exit     -> if a changed inode, or the opened file, lies under a watch whose
  *                   permission mask covers the operation, build a record and submit it
  *
- * "Under a watch" is decided by walking up d_parent (at most WATCH_DEPTH levels) at the
- * time of the operation, so new and moved directories are covered at once; the answer
- * for each directory is kept in dir_cache until a directory moves or the watches change.
+ * "Under a watch" is decided by walking up d_parent (WATCH_DEPTH levels, continued in
+ * tail calls beyond: deep_walk) at the time of the operation, so new and moved
+ * directories are covered at once; the answer for each directory is kept in dir_cache
+ * until a directory moves or the watches change.
  * The raw syscall tracepoints fire for every syscall of every process: whatever is not
  * a followed filesystem syscall leaves at the first array lookup.
  */
@@ -31,7 +32,7 @@
 #define MAX_TOUCHED     4       /* inodes remembered per syscall (rename: 3) */
 #define MAX_ALIASES     4       /* names of a hard-linked file judged (its dentries) */
 #define WATCH_DEPTH     16      /* directory levels walked up looking for a watch or a
-                                 * directory judged before (CNT_TOO_DEEP beyond) */
+                                 * directory judged before (deep_walk beyond) */
 #define PATH_DEPTH      32      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
 #define DATA_MASK       (DATA_SIZE - 1)   /* DATA_SIZE, PATH_SLOT, COMM_LEN: abi.py */
