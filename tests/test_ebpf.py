@@ -828,3 +828,34 @@ def test_changes_deep_in_a_tree_made_before_the_start_are_reported(tree, depth):
         assert "too_deep" not in be.lost(), be.lost()
     finally:
         be.close()
+
+
+def test_records_carry_the_directories_holding_their_names(tree):
+    """As auditd's PARENT items: the directory of a new entry, of a removed one, both
+    of a rename, the new name's of a link; in the JSON form and the auditd text."""
+    from fswatchaudit.sinks.auditd import format_event
+    w, _ = tree
+    os.makedirs(f"{w}/a")
+    os.makedirs(f"{w}/b")
+    ino = {n: os.stat(f"{w}/{n}").st_ino for n in ("a", "b", "deep/er")}
+    be = backend_for(watch_rule(w))
+    try:
+        open(f"{w}/a/f", "w").close()
+        os.mkdir(f"{w}/a/d")
+        os.rename(f"{w}/a/f", f"{w}/b/g")
+        os.rename(f"{w}/b/g", f"{w}/b/h")
+        os.link(f"{w}/b/h", f"{w}/deep/er/l")
+        os.unlink(f"{w}/b/h")
+        os.rmdir(f"{w}/a/d")
+        os.chmod(f"{w}/deep/er/l", 0o600)
+        got = drain(be)
+        assert [(e.op, e.parent_ino, e.parent2_ino) for e in got] == [
+            ("create", ino["a"], None), ("mkdir", ino["a"], None),
+            ("rename", ino["a"], ino["b"]), ("rename", ino["b"], ino["b"]),
+            ("link", None, ino["deep/er"]), ("unlink", ino["b"], None),
+            ("rmdir", ino["a"], None), ("chmod", None, None)], got
+        assert got[2].to_dict()["parent2_ino"] == ino["b"]
+        text = format_event(got[2]).decode()
+        assert f"name=\"{w}/a\" inode={ino['a']}" in text and "nametype=PARENT" in text
+    finally:
+        be.close()

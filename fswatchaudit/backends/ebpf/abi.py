@@ -210,6 +210,8 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("flags", "u64", "Q"),
     Field("dev", "u64", "Q", comment="super_block.s_dev, kernel encoding"),
     Field("ino", "u64", "Q"),
+    Field("parent_ino", "u64", "Q", comment="the directory the object is named in at the end"),
+    Field("left_ino", "u64", "Q", comment="another directory changed: the one it left"),
     Field("mntns", "u64", "Q"),
     Field("rules", "u64", "Q", comment="rule slots whose object this is (bit n: slot n)"),
     Field("name_rules", "u64", "Q", comment="rule slots naming it: confirm the name"),

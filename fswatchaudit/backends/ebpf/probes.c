@@ -920,6 +920,8 @@ static __always_inline struct event *new_event(u32 kind)
     e->flags = 0;
     e->dev = 0;
     e->ino = 0;
+    e->parent_ino = 0;
+    e->left_ino = 0;
     e->rules = 0;
     e->name_rules = 0;
     e->pid = pid_tgid >> 32;
@@ -988,6 +990,37 @@ static __always_inline void set_inode(struct event *e, void *inode)
     void *sb = read_ptr(inode, OFF_INODE_I_SB);
     e->dev = read_u32(sb, OFF_SB_S_DEV);
     e->ino = read_u64(inode, OFF_INODE_I_INO);
+}
+
+/* The directories of a syscall's object (auditd's PARENT items), on its filesystem
+ * (dev): parent_ino, the one its name is in at the syscall's end (a new entry's, a
+ * rename's new one); left_ino, another directory the syscall changed that is neither
+ * that one nor the object nor removed (an unlink's, a rename's old one).  Chosen
+ * without branches. */
+static __always_inline void set_parents(struct event *e, struct pending *pc, void *object)
+{
+    void *dentry = object ? inode_dentry(object) : NULL;
+    void *pdir = dentry ? read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT),
+                                   OFF_DENTRY_D_INODE) : NULL;
+    if (pdir && pdir != object)
+        e->parent_ino = read_u64(pdir, OFF_INODE_I_INO);
+    u64 other = 0, n = pc->ntouched;
+    OPAQUE(n);
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        u64 t = pc->touched[i];
+        u64 mode = 0;
+        bpf_probe_read_kernel(&mode, 2, (char *)t + OFF_INODE_I_MODE);
+        u64 nlink = read_u32((void *)t, OFF_INODE_I_NLINK);
+        OPAQUE(mode);
+        OPAQUE(nlink);
+        u64 take = IS_EQ(mode & S_IFMT_MASK, S_IFDIR_BITS) & (IS_ZERO(nlink) ^ 1) &
+                   (is_zero64(t ^ (u64)object) ^ 1) & (is_zero64(t ^ (u64)pdir) ^ 1) &
+                   (((u64)i - n) >> 63);
+        OPAQUE(take);
+        other = (other & (take - 1)) | (t & (0 - take));
+    }
+    if (other)
+        e->left_ino = read_u64((void *)other, OFF_INODE_I_INO);
 }
 
 /* ---- syscall enter: remember the arguments ----------------------------------------
@@ -1631,6 +1664,8 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
+    void *pdir = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
+    e->parent_ino = pdir ? read_u64(pdir, OFF_INODE_I_INO) : 0;
     put_last_path(ctx, e, dentry, mnt);
     submit(ctx, e);
 }
@@ -1781,6 +1816,8 @@ static __always_inline void report_paths(void *ctx, struct event *e,
     }
     if (!e->ino && first)
         set_inode(e, first);
+    if (e->kind == EV_SYSCALL)
+        set_parents(e, pc, first);
     submit(ctx, e);
 }
 
