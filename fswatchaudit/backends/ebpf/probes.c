@@ -437,14 +437,18 @@ static __always_inline void use_verdict(u32 depth, struct walk *w, struct dir_ve
 }
 
 /* Move a walk from dentry (its filesystem's super_block sb, if known) to the next
- * directory up, across mount points; 1 at the top. */
-static __always_inline long walk_up(struct walk *w, void *dentry, void *sb)
+ * directory up, across mount points; 1 at the top.  by_mnt (a constant): the walk
+ * knows the mount it came through (w->mnt), else it crosses a filesystem's root
+ * through the filesystem's mounts (only one of the two ways is compiled in, so the
+ * verifier follows one). */
+static __always_inline long walk_up(struct walk *w, void *dentry, void *sb,
+                                    const int by_mnt)
 {
     void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
     int at_top = parent == dentry ||
-                 (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
+                 (by_mnt && w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
     if (at_top) {
-        if (w->mnt) {
+        if (by_mnt) {
             void *mnt = w->mnt;
             if (!cross_mount(&dentry, &mnt)) {
                 w->done = 1;
@@ -467,7 +471,7 @@ static __always_inline long walk_up(struct walk *w, void *dentry, void *sb)
     return 0;
 }
 
-static __always_inline long watch_step(u32 depth, struct walk *w)
+static __always_inline long watch_step(u32 depth, struct walk *w, const int by_mnt)
 {
     void *dentry = w->dentry;
     if (!dentry) {
@@ -513,7 +517,7 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
             }
         }
     }
-    return walk_up(w, dentry, sb);
+    return walk_up(w, dentry, sb, by_mnt);
 }
 
 /* The dentry of an inode (its first alias; directories have exactly one). */
@@ -624,7 +628,7 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     w.kgen = kgen;
     w.ugen = ugen;
     for (u32 i = 0; i < WATCH_DEPTH; i++)
-        if (watch_step(i, &w))
+        if (watch_step(i, &w, 0))
             break;
     struct dir_verdict v = {};
     v.kgen = kgen;
@@ -735,7 +739,7 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m
     w.dentry = read_ptr(mnt, OFF_VFSMOUNT_MNT_ROOT);
     w.mnt = mnt;
     for (u32 i = 2; i < WATCH_DEPTH; i++)
-        if (watch_step(i, &w))
+        if (watch_step(i, &w, 1))
             break;
     if (!w.done)
         count(CNT_TOO_DEEP);    /* a mount point deeper than the walk reaches */
@@ -1911,7 +1915,7 @@ int deep_walk(struct bpf_raw_tracepoint_args *ctx)
             }
             s->chain[n & (DEEP_CHAIN - 1)] = (u64)dentry;
             s->n = n + 1;
-            if (walk_up(&w, dentry, read_ptr(inode, OFF_INODE_I_SB))) {
+            if (walk_up(&w, dentry, read_ptr(inode, OFF_INODE_I_SB), 0)) {
                 end = 1;
                 break;
             }
@@ -1931,7 +1935,7 @@ int deep_walk(struct bpf_raw_tracepoint_args *ctx)
         void *dentry = (void *)s->chain[(left - 1) & (DEEP_CHAIN - 1)];
         struct walk w = {};
         w.dentry = dentry;
-        watch_step(0, &w);
+        watch_step(0, &w, 0);
         if (s->have_top)
             use_verdict(1, &w, &s->top);
         struct dir_verdict v = {};
@@ -2088,9 +2092,36 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 }
 
 /* ---- io_uring: an open's completion (an existing file changes nothing at the open) ---
- * The fd is installed in the submitter's table, which its workers share; a request
- * that created its file was reported from the worker (uring_created).  Opens into
- * fixed file slots (no fd) are not seen. */
+ * The fd is installed in the submitter's table, which its workers share, or the file
+ * in a fixed file slot of the ring (uring_slot_file); a request that created its file
+ * was reported from the worker (uring_created). */
+#define FILE_INDEX_ALLOC 0xFFFFFFFF     /* IORING_FILE_INDEX_ALLOC (uapi): the kernel
+                                         * picks the slot and returns it */
+
+/* The file an open put in fixed file slot file_slot - 1 of the ring (or in the one
+ * the kernel picked, res): the ring's table of slots (io_ring_ctx.file_table), whose
+ * nodes hold the file pointer with flags in its low bits.  NULL where the kernel has
+ * no such table. */
+static __always_inline void *uring_slot_file(void *req, u32 file_slot, s32 res)
+{
+#ifdef OFF_IO_RSRC_NODE_FILE_PTR
+    u32 index = file_slot == FILE_INDEX_ALLOC ? (u32)res : file_slot - 1;
+    void *ctx = read_ptr(req, OFF_IO_KIOCB_CTX);
+    if (!ctx)
+        return NULL;
+    void *table = (char *)ctx + OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_DATA;
+    if (index >= read_u32(table, OFF_IO_RSRC_DATA_NR))
+        return NULL;
+    void *nodes = read_ptr(table, OFF_IO_RSRC_DATA_NODES);
+    void *node = nodes ? read_ptr(nodes, (u64)index * sizeof(void *)) : NULL;
+    if (!node)
+        return NULL;
+    return (void *)(read_u64(node, OFF_IO_RSRC_NODE_FILE_PTR) & ~7ULL);
+#else
+    return NULL;
+#endif
+}
+
 TRACEPOINT_PROBE(io_uring, io_uring_complete)
 {
     void *req = args->req;
@@ -2105,14 +2136,15 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     }
     s32 res = args->res;
     void *cmd = (char *)req + OFF_IO_KIOCB_CMD;
-    if (res < 0 || read_u32(cmd, OFF_IO_OPEN_FILE_SLOT))
+    if (res < 0)
         return 0;
+    u32 file_slot = read_u32(cmd, OFF_IO_OPEN_FILE_SLOT);
     u32 tgid;
     int all_paths;
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    void *file = fd_file(res);
+    void *file = file_slot ? uring_slot_file(req, file_slot, res) : fd_file(res);
     if (!file)
         return 0;
     u64 flags = read_u64(cmd, OFF_IO_OPEN_HOW + OFF_OPEN_HOW_FLAGS);
