@@ -820,11 +820,14 @@ def test_changes_deep_in_a_tree_made_before_the_start_are_reported(tree, depth):
         ino = os.stat(f"{bottom}/f").st_ino
         os.chmod(f"{bottom}/f", 0o600)
         os.unlink(f"{bottom}/f")
+        with pytest.raises(FileExistsError):        # judged by its name
+            os.mkdir(bottom)
         got = [(e.op, e.path, e.ino, e.keys) for e in drain(be)]
         assert got == [("open", f"{bottom}/old", ino_old, ["deep"]),
                        ("create", f"{bottom}/f", ino, ["deep"]),
                        ("chmod", f"{bottom}/f", ino, ["deep"]),
-                       ("unlink", f"{bottom}/f", ino, ["deep"])], got
+                       ("unlink", f"{bottom}/f", ino, ["deep"]),
+                       ("mkdir", bottom, None, ["deep"])], got
         assert "too_deep" not in be.lost(), be.lost()
     finally:
         be.close()

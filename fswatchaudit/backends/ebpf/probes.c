@@ -1620,8 +1620,10 @@ static __always_inline struct event *failed_event(struct config *cfg, int all_pa
                       ? open_perm(flags, (flags & OFLAG_CREAT) != 0) : spec->perm;
             struct dir_verdict v = {};
             verdict_of(judged, inode, &v);
-            /* a walk that ended short: unsure, sent (user space judges the names) */
-            send = (v.below & need) != 0 || deep_taken();
+            /* a walk that ended short: unsure, sent (user space judges the names);
+             * the note is taken in any case */
+            int unsure = deep_taken();
+            send = (v.below & need) != 0 || unsure;
         }
     }
     if (!send)
