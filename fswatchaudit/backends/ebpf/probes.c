@@ -379,7 +379,7 @@ static __always_inline int cross_mount(void **dentry, void **mnt)
  * newer; crossing through one of those would lead the walk round in a loop).  From
  * 6.15 the mounts are a chain, newest first: the oldest among its first SB_MOUNTS is
  * taken.  0 at the top. */
-#define SB_MOUNTS       4
+#define SB_MOUNTS       2
 static __always_inline int cross_sb_mount(void **dentry, void *sb)
 {
 #ifdef OFF_SB_S_MOUNTS
@@ -387,7 +387,6 @@ static __always_inline int cross_sb_mount(void **dentry, void *sb)
     /* chosen without branches: one verifier state, in every step of every walk */
     u64 found = 0, at = (u64)*dentry;
     void *next = read_ptr(sb, OFF_SB_S_MOUNTS);
-#pragma nounroll
     for (int i = 0; i < SB_MOUNTS; i++) {
         u64 root = (u64)read_ptr(next, OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT);
         u64 hit = is_zero64(root ^ at) & (is_zero64((u64)next) ^ 1);
