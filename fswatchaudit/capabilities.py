@@ -53,10 +53,10 @@ CAPABILITIES: dict[str, Capability] = {
                          + OWNER_FIELDS + ("open_flags", "arch")),
         attr_kind=True, truncate=True, exec=True, read_opens=True, failures=True,
         rename_both_sides=True, link_source=True, io_uring=True, in_kernel_filter=True,
-        # tested in tests/test_ebpf.py; a change more than 16 directory levels below a
-        # watch that no judged directory shortens is counted as lost ("too_deep")
+        # tested in tests/test_ebpf.py; a walk that ends short is continued in tail
+        # calls over 256 more levels; beyond, counted as lost ("too_deep")
         hard_links=True, bind_mounts=True, mounts_below=True, later_mounts=True,
-        proc_fd=True, open_by_handle=True, deep_trees=False,
+        proc_fd=True, open_by_handle=True, deep_trees=True,
         # tested in tests/test_pathless.py: the ids, pid, success and exit are compared
         # in the kernel (abi.KERNEL_FIELDS), so rejected syscalls never reach user space
         pathless_rules=True,

@@ -25,7 +25,8 @@ SCHEMA_KEYS = (
     "pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "comm", "exe", "keys",
     "backend",
     # additions after the first schema
-    "access", "stale", "container", "merged", "inferred", "ouid", "ogid",
+    "access", "stale", "container", "merged", "inferred", "parent_ino", "parent2_ino",
+    "ouid", "ogid",
 )
 
 
@@ -50,6 +51,10 @@ class Event:
     path2: str | None = None         # rename: the new path; link: the new name
     dev: int | None = None           # st_dev of the inode (Linux encoding)
     ino: int | None = None
+    # the directory holding path's name (and path2's), as auditd's PARENT items; on
+    # the same device (dev)
+    parent_ino: int | None = None
+    parent2_ino: int | None = None
     ouid: int | None = None          # the object's owner and group (Linux audit's PATH
     ogid: int | None = None          # record's ouid, ogid), where the backend knows them
     pid: int | None = None           # tgid
@@ -107,8 +112,9 @@ class Event:
 # The type of every key a record read back may hold (a damaged log must not pass).
 _STR_KEYS = ("op", "syscall", "path", "path2", "comm", "exe", "backend", "access", "cwd",
              "reason")
-_INT_KEYS = ("seq", "time", "result", "dev", "ino", "ouid", "ogid", "pid", "tid", "ppid",
-             "uid", "euid", "gid", "loginuid", "start_time", "nspid")
+_INT_KEYS = ("seq", "time", "result", "dev", "ino", "parent_ino", "parent2_ino", "ouid",
+             "ogid", "pid", "tid", "ppid", "uid", "euid", "gid", "loginuid", "start_time",
+             "nspid")
 KEY_TYPES: dict[str, type] = {**{k: str for k in _STR_KEYS}, **{k: int for k in _INT_KEYS},
                               "aliases": list, "keys": list, "stale": bool,
                               "container": dict}

@@ -791,6 +791,140 @@ def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
         be.close()
 
 
+@pytest.mark.parametrize("depth", [20, 40])
+def test_changes_deep_in_a_tree_made_before_the_start_are_reported(tree, depth):
+    """A tree made before the trace starts has no directory judged below the watch: the
+    kernel's walk (16 levels) ends short and is continued in programs of its own
+    (deep_walk), which judge the whole chain.  Create, write, chmod and unlink at the
+    bottom are reported with the watch's key, the path and the object's own inode; a
+    deep tree that is not watched sends nothing to user space."""
+    w, o = tree
+    sub = "/d" * depth
+    os.makedirs(w + sub)
+    os.makedirs(o + sub)
+    bottom, other = w + sub, o + sub
+    open(f"{bottom}/old", "w").close()
+    be = backend_for(watch_rule(w, perms="wa", key="deep"))
+    try:
+        before = be.submitted()
+        for d in (other, f"{o}/d"):                 # unwatched: nothing sent
+            open(f"{d}/f", "w").close()
+            os.chmod(f"{d}/f", 0o600)
+            open(f"{d}/f", "a").close()
+            os.unlink(f"{d}/f")
+        assert be.submitted() == before, "an unwatched deep tree reached user space"
+        ino_old = os.stat(f"{bottom}/old").st_ino
+        with open(f"{bottom}/old", "a") as fh:      # no ctime change: judged at the open
+            fh.write("x")
+        open(f"{bottom}/f", "w").close()
+        ino = os.stat(f"{bottom}/f").st_ino
+        os.chmod(f"{bottom}/f", 0o600)
+        os.unlink(f"{bottom}/f")
+        with pytest.raises(FileExistsError):        # judged by its name
+            os.mkdir(bottom)
+        got = [(e.op, e.path, e.ino, e.keys) for e in drain(be)]
+        assert got == [("open", f"{bottom}/old", ino_old, ["deep"]),
+                       ("create", f"{bottom}/f", ino, ["deep"]),
+                       ("chmod", f"{bottom}/f", ino, ["deep"]),
+                       ("unlink", f"{bottom}/f", ino, ["deep"]),
+                       ("mkdir", bottom, None, ["deep"])], got
+        assert "too_deep" not in be.lost(), be.lost()
+    finally:
+        be.close()
+
+
+def test_records_carry_the_directories_holding_their_names(tree):
+    """As auditd's PARENT items: the directory of a new entry, of a removed one, both
+    of a rename, the new name's of a link; in the JSON form and the auditd text."""
+    from fswatchaudit.sinks.auditd import format_event
+    w, _ = tree
+    os.makedirs(f"{w}/a")
+    os.makedirs(f"{w}/b")
+    ino = {n: os.stat(f"{w}/{n}").st_ino for n in ("a", "b", "deep/er")}
+    be = backend_for(watch_rule(w))
+    try:
+        open(f"{w}/a/f", "w").close()
+        os.mkdir(f"{w}/a/d")
+        os.rename(f"{w}/a/f", f"{w}/b/g")
+        os.rename(f"{w}/b/g", f"{w}/b/h")
+        os.link(f"{w}/b/h", f"{w}/deep/er/l")
+        os.unlink(f"{w}/b/h")
+        os.rmdir(f"{w}/a/d")
+        os.chmod(f"{w}/deep/er/l", 0o600)
+        got = drain(be)
+        assert [(e.op, e.parent_ino, e.parent2_ino) for e in got] == [
+            ("create", ino["a"], None), ("mkdir", ino["a"], None),
+            ("rename", ino["a"], ino["b"]), ("rename", ino["b"], ino["b"]),
+            ("link", None, ino["deep/er"]), ("unlink", ino["b"], None),
+            ("rmdir", ino["a"], None), ("chmod", None, None)], got
+        assert got[2].to_dict()["parent2_ino"] == ino["b"]
+        text = format_event(got[2]).decode()
+        assert f"name=\"{w}/a\" inode={ino['a']}" in text and "nametype=PARENT" in text
+    finally:
+        be.close()
+
+
+IO_URING_FIXED_C = r"""
+#include <liburing.h>
+#include <fcntl.h>
+#include <unistd.h>
+/* in the cwd, through io_uring into fixed file slots (no fd): open the existing file
+ * "f" for write into a slot the kernel picks and write through it, create "c" in
+ * slot 1 */
+static struct io_uring ring;
+static int run(void) {
+    struct io_uring_cqe *cqe;
+    io_uring_submit(&ring);
+    if (io_uring_wait_cqe(&ring, &cqe)) return -1;
+    int res = cqe->res;
+    io_uring_cqe_seen(&ring, cqe);
+    return res;
+}
+int main(void) {
+    if (io_uring_queue_init(4, &ring, 0)) return 2;
+    if (io_uring_register_files_sparse(&ring, 4)) return 3;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_openat(sqe, AT_FDCWD, "f", O_WRONLY, 0);
+    sqe->file_index = IORING_FILE_INDEX_ALLOC;  /* liburing 2.3 has no helper for it */
+    int slot = run();
+    if (slot < 0) return 4;
+    sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_write(sqe, slot, "x", 1, 0);
+    sqe->flags |= IOSQE_FIXED_FILE;
+    if (run() != 1) return 5;
+    io_uring_prep_openat_direct(io_uring_get_sqe(&ring), AT_FDCWD, "c", O_WRONLY | O_CREAT,
+                                0644, 1);
+    if (run() < 0) return 6;
+    return 0;
+}
+"""
+
+
+def test_io_uring_opens_into_fixed_file_slots_are_reported(tree, tmp_path):
+    """An open into a fixed file slot installs no fd: the file is found in the ring's
+    table of slots at the open's completion.  A creation into a slot is seen in the
+    worker, as any io_uring creation."""
+    if not os.path.exists("/usr/include/liburing.h"):
+        pytest.skip("liburing-dev is not installed (scripts/setup installs it)")
+    (tmp_path / "u.c").write_text(IO_URING_FIXED_C)
+    prog = str(tmp_path / "u")
+    subprocess.run(["gcc", "-O2", "-o", prog, str(tmp_path / "u.c"), "-luring"], check=True)
+    w, _ = tree
+    open(f"{w}/f", "w").close()
+    ino = os.stat(f"{w}/f").st_ino
+    be = backend_for(watch_rule(w, perms="wa", key="u"), exclude_self=True)
+    try:
+        proc = subprocess.Popen([prog], cwd=w)
+        assert proc.wait() == 0
+        got = [(e.op, e.path, e.access, e.ino, e.pid, e.keys) for e in drain(be)
+               if e.op != "attr"]           # the write's time change, from the worker
+        assert got == [("open", f"{w}/f", "w", ino, proc.pid, ["u"]),
+                       ("create", f"{w}/c", None, os.stat(f"{w}/c").st_ino, proc.pid,
+                        ["u"])], got
+    finally:
+        be.close()
+
+
 STUB_C = "#include <unistd.h>\nint main(int c, char **v) { execv(v[1], v + 1); return 127; }\n"
 WRITER_C = r"""
 #include <fcntl.h>

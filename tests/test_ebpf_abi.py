@@ -67,7 +67,7 @@ def test_probes_c_defines_nothing_the_table_defines():
     generated = re.findall(r"#define (\w+)", abi.c_header())
     assert generated and not [n for n in generated if re.search(rf"#define {n}\b", src)]
     assert not re.search(r"^struct (event|syscall_spec) \{", src, re.M)
-    assert abi.HEADER.size == abi.EVENT_HEADER_SIZE == 144
+    assert abi.HEADER.size == abi.EVENT_HEADER_SIZE == 160
 
 
 # ---- decoding synthetic records ---------------------------------------------------------

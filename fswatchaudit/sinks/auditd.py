@@ -78,7 +78,11 @@ def format_event(ev: Event) -> bytes:
         fields.append("success=? exit=?")
     # the raw arguments are not recorded: "?" is auditd's own mark for "not known"
     # (ausearch and aureport need the four fields to be there)
-    fields.append(f"a0=? a1=? a2=? a3=? items={len(names)}")
+    # the directories holding the names (auditd's PARENT items), after the names
+    parents = [(os.path.dirname(n), ino) for n, ino in ((ev.path, ev.parent_ino),
+                                                        (ev.path2, ev.parent2_ino))
+               if n is not None and ino is not None]
+    fields.append(f"a0=? a1=? a2=? a3=? items={len(names) + len(parents)}")
     for name, value in (("ppid", ev.ppid), ("pid", ev.pid), ("auid", ev.loginuid),
                         ("uid", ev.uid), ("gid", ev.gid), ("euid", ev.euid)):
         if value is not None:
@@ -101,6 +105,12 @@ def format_event(ev: Event) -> bytes:
         if item == 0 and ev.ogid is not None:
             path.append(f"ogid={ev.ogid}")
         path.append(f"nametype={kinds[min(item, len(kinds) - 1)]}")
+        lines.append(f"type=PATH {stamp} " + " ".join(path))
+    for item, (name, ino) in enumerate(parents, len(names)):
+        path = [f"item={item}", f"name={untrusted(name)}", f"inode={ino}"]
+        if ev.dev is not None:
+            path.append(f"dev={os.major(ev.dev):02x}:{os.minor(ev.dev):02x}")
+        path.append("nametype=PARENT")
         lines.append(f"type=PATH {stamp} " + " ".join(path))
     lines.append(f"type=EOE {stamp}")
     return ("\n".join(lines) + "\n").encode()

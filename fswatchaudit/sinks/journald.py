@@ -16,7 +16,8 @@ from .encode import escape, format_record, marker_fields
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 PRIORITY_NOTICE, PRIORITY_INFO = b"5", b"6"
 FIELDS = ("seq", "op", "path", "path2", "result", "syscall", "pid", "tid", "ppid", "uid",
-          "euid", "gid", "loginuid", "comm", "exe", "dev", "ino", "backend", "access")
+          "euid", "gid", "loginuid", "comm", "exe", "dev", "ino", "parent_ino", "parent2_ino",
+          "backend", "access")
 
 
 def _field(name: str, value: bytes) -> bytes:

@@ -23,7 +23,8 @@ FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpr
               **{f"local{n}": 16 + n for n in range(8)}}
 SEVERITY_NOTICE, SEVERITY_INFO = 5, 6
 SD_FIELDS = ("seq", "op", "path", "path2", "result", "syscall", "pid", "ppid", "uid",
-             "euid", "gid", "loginuid", "comm", "exe", "dev", "ino", "backend")
+             "euid", "gid", "loginuid", "comm", "exe", "dev", "ino", "parent_ino", "parent2_ino",
+             "backend")
 
 
 def _sd_value(value: Any) -> str:

@@ -112,7 +112,8 @@ class CNT(IntEnum):
     PENDING_FULL = 2        # the pending map was full at a syscall's entry
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
-    TOO_DEEP = 5            # objects judged without their ancestors beyond WATCH_DEPTH
+    TOO_DEEP = 5            # objects judged without their ancestors beyond the walk
+    #                         (WATCH_DEPTH, continued by deep_walk over DEEP_CHAIN more)
     TOO_MANY_NAMES = 6      # changed files judged by their first MAX_ALIASES names only
 
 
@@ -212,6 +213,8 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("flags", "u64", "Q"),
     Field("dev", "u64", "Q", comment="super_block.s_dev, kernel encoding"),
     Field("ino", "u64", "Q"),
+    Field("parent_ino", "u64", "Q", comment="the directory the object is named in at the end"),
+    Field("left_ino", "u64", "Q", comment="another directory changed: the one it left"),
     Field("mntns", "u64", "Q"),
     Field("rules", "u64", "Q", comment="rule slots whose object this is (bit n: slot n)"),
     Field("name_rules", "u64", "Q", comment="rule slots naming it: confirm the name"),

@@ -23,7 +23,9 @@ RAW_TP_PREFIX = b"raw_tracepoint__"
 TP_PREFIX = b"tracepoint__"
 # Programs reached by a tail call, not attached: name -> (program array, slot).  They
 # are raw tracepoint programs (the type of the programs that call them).
-TAIL_CALLS = {b"uring_ctime": ("ctime_tail", 0)}
+TAIL_CALLS = {b"uring_ctime": ("ctime_tail", 0), b"deep_walk": ("deep_tail", 0),
+              b"deep_ctime": ("deep_tail", 1), b"deep_open": ("deep_tail", 2),
+              b"deep_path": ("deep_tail", 3)}
 
 
 def _declare(lib: Any) -> None:

@@ -39,6 +39,9 @@ OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat", "open_by_handle
 NEW_NAME_OPS = frozenset({ops.CREATE, ops.RENAME, ops.LINK, ops.SYMLINK, ops.MKNOD,
                           ops.MKDIR})
 
+# operations that make a new entry in a directory (its parent is reported)
+CREATING_OPS = frozenset({ops.CREATE, ops.MKDIR, ops.MKNOD, ops.SYMLINK})
+
 # io_uring opcodes (include/uapi/linux/io_uring.h, an ABI) -> the operation they do.
 IORING_OPS = {18: ops.CREATE, 28: ops.CREATE, 35: ops.RENAME, 36: ops.UNLINK,
               37: ops.MKDIR, 38: ops.SYMLINK, 39: ops.LINK, 41: ops.SETXATTR,
@@ -204,6 +207,8 @@ class Decoder:
                    pid=pid, tid=h.tid, ppid=h.ppid, uid=h.uid, euid=h.euid, gid=h.gid,
                    loginuid=h.loginuid, comm=comm_text, exe=exe, access=access,
                    open_flags=open_flags)
+        if kind == EV.SYSCALL:
+            ev.parent_ino, ev.parent2_ino = parents(op, h.parent_ino, h.left_ino)
         if kind == EV.URING:
             ev.result = None
         elif h.tp_id >= COMPAT_BASE:
@@ -260,6 +265,22 @@ class Decoder:
         if self.container is not None:
             st.container = self.container.identity()
         return st
+
+
+def parents(op: str, now: int, left: int) -> tuple[int | None, int | None]:
+    """The directories holding path's and path2's names (auditd's PARENT items), from
+    the directory the object is named in at the syscall's end (``now``) and another
+    one the syscall changed (``left``: the one it left); 0: none.  A link's existing
+    name's directory is not known."""
+    if op in CREATING_OPS:
+        return now or None, None
+    if op in (ops.UNLINK, ops.RMDIR):     # the removed name's (now: another name's)
+        return (left or now) or None, None
+    if op == ops.RENAME:
+        return (left or now) or None, now or None
+    if op == ops.LINK:
+        return None, now or None
+    return None, None
 
 
 def join(base: str, name: str) -> str:

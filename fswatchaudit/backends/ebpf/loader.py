@@ -264,6 +264,20 @@ def syscall_arg_offsets(btf: BTF) -> list[int]:
     return [btf.offset(f"pt_regs.{r}") for r in regs]
 
 
+def uring_fixed_flags(btf: BTF) -> list[str]:
+    """Where an io_uring ring keeps the files of its fixed file slots (the table of
+    6.13 on); none: opens into fixed slots are not seen."""
+    try:
+        return [f"-DOFF_IO_KIOCB_CTX={btf.offset('io_kiocb.ctx')}",
+                f"-DOFF_IO_RING_CTX_FILE_TABLE={btf.offset('io_ring_ctx.file_table')}",
+                f"-DOFF_IO_FILE_TABLE_DATA={btf.offset('io_file_table.data')}",
+                f"-DOFF_IO_RSRC_DATA_NR={btf.offset('io_rsrc_data.nr')}",
+                f"-DOFF_IO_RSRC_DATA_NODES={btf.offset('io_rsrc_data.nodes')}",
+                f"-DOFF_IO_RSRC_NODE_FILE_PTR={btf.offset('io_rsrc_node.file_ptr')}"]
+    except BTFError:
+        return []
+
+
 def sb_mount_flags(btf: BTF) -> list[str]:
     """How a filesystem's mounts are found from its super_block: a chain of struct
     mount (6.15 on) or a list_head (before); none: a walk stops at a filesystem's root
@@ -352,6 +366,7 @@ def kernel_flags() -> list[str]:
         flags += cred_span(btf)
         flags += inode_span(btf)
         flags += sb_mount_flags(btf)
+        flags += uring_fixed_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
     return flags

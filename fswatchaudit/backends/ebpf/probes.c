@@ -16,9 +16,10 @@
  *   sys_exit     -> if a changed inode, or the opened file, lies under a watch whose
  *                   permission mask covers the operation, build a record and submit it
  *
- * "Under a watch" is decided by walking up d_parent (at most WATCH_DEPTH levels) at the
- * time of the operation, so new and moved directories are covered at once; the answer
- * for each directory is kept in dir_cache until a directory moves or the watches change.
+ * "Under a watch" is decided by walking up d_parent (WATCH_DEPTH levels, continued in
+ * tail calls beyond: deep_walk) at the time of the operation, so new and moved
+ * directories are covered at once; the answer for each directory is kept in dir_cache
+ * until a directory moves or the watches change.
  * The raw syscall tracepoints fire for every syscall of every process: whatever is not
  * a followed filesystem syscall leaves at the first array lookup.
  */
@@ -31,7 +32,7 @@
 #define MAX_TOUCHED     4       /* inodes remembered per syscall (rename: 3) */
 #define MAX_ALIASES     4       /* names of a hard-linked file judged (its dentries) */
 #define WATCH_DEPTH     16      /* directory levels walked up looking for a watch or a
-                                 * directory judged before (CNT_TOO_DEEP beyond) */
+                                 * directory judged before (deep_walk beyond) */
 #define PATH_DEPTH      32      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
 #define DATA_MASK       (DATA_SIZE - 1)   /* DATA_SIZE, PATH_SLOT, COMM_LEN: abi.py */
@@ -138,6 +139,49 @@ struct match {
 };
 BPF_TABLE("lru_hash", struct watch_key, struct dir_verdict, dir_cache, DIR_CACHE_SIZE);
 BPF_ARRAY(gens, u64, 2);
+
+/* deep: a walk that ended short (WATCH_DEPTH levels without reaching the top or a
+ * directory judged before) is continued in programs of its own, reached by tail calls
+ * (deep_tail): deep_walk collects the rest of the chain up to the top or to a judged
+ * directory, judges it top down, one level from the one above, keeping every level's
+ * verdict in dir_cache, and then goes on with the program that asked (deep_ctime,
+ * deep_open), whose walk now ends within reach.  Per CPU: a program and its tail calls
+ * run on one CPU. */
+#define DEEP_CHAIN      256     /* directory levels one continued walk judges
+                                 * (CNT_TOO_DEEP beyond) */
+#define DEEP_STEP       32      /* ... per tail call: 2 * 256 / 32 calls and the two
+                                 * around them fit the kernel's limit of 33 */
+#define DEEP_WALK       0       /* deep_tail slots (build.py TAIL_CALLS) */
+#define DEEP_CTIME      1
+#define DEEP_OPEN       2
+#define DEEP_PATH       3
+struct path_walk {
+    void *dentry;
+    void *mnt;
+    void *root_dentry;          /* the task's root: a chrooted task sees paths below it */
+    void *root_mnt;
+};
+struct deep_state {
+    u64 short_dir;              /* the directory whose walk ended short (verdict_of) */
+    u64 next;                   /* the next directory to collect */
+    u32 n;                      /* directories collected in chain */
+    u32 left;                   /* ... of them not judged yet */
+    u32 then;                   /* the deep_tail slot to go on with */
+    u8 have_top;                /* top holds the verdict of the level above */
+    u8 gave_up;                 /* the chain was longer than DEEP_CHAIN */
+    u8 pad[2];
+    u64 kgen;                   /* the generations the verdicts are computed under */
+    u64 ugen;
+    struct dir_verdict top;
+    s64 ret;                    /* deep_open: what report_open was called with */
+    u64 flags;
+    u64 any_object;
+    u64 pathless;
+    struct path_walk pw;        /* deep_path: where the record's last path goes on */
+    u64 chain[DEEP_CHAIN];      /* dentries, from the start up */
+};
+BPF_PERCPU_ARRAY(deep, struct deep_state, 1);
+BPF_PROG_ARRAY(deep_tail, 4);
 
 /* exe_sent: tgid -> the program whose path the process's last delivered record carried.
  * Later records of the same program leave the path out (n_exe = EXE_AS_BEFORE) and user
@@ -333,12 +377,28 @@ static __always_inline int cross_mount(void **dentry, void **mnt)
 }
 
 /* The mount point of a filesystem's root reached without knowing the mount it came
- * through (a changed inode): through the filesystem's first mount.  0 at the top. */
+ * through (a changed inode): through the filesystem's oldest mount of that root
+ * dentry, its original place (a bind mount of a directory of it, or of its root, is
+ * newer; crossing through one of those would lead the walk round in a loop).  From
+ * 6.15 the mounts are a chain, newest first: the oldest among its first SB_MOUNTS is
+ * taken.  0 at the top. */
+#define SB_MOUNTS       2
 static __always_inline int cross_sb_mount(void **dentry, void *sb)
 {
 #ifdef OFF_SB_S_MOUNTS
 #ifdef OFF_MOUNT_NEXT_FOR_SB
-    void *mount = read_ptr(sb, OFF_SB_S_MOUNTS);
+    /* chosen without branches: one verifier state, in every step of every walk */
+    u64 found = 0, at = (u64)*dentry;
+    void *next = read_ptr(sb, OFF_SB_S_MOUNTS);
+    for (int i = 0; i < SB_MOUNTS; i++) {
+        u64 root = (u64)read_ptr(next, OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT);
+        u64 hit = is_zero64(root ^ at) & (is_zero64((u64)next) ^ 1);
+        OPAQUE(hit);
+        found = (found & (hit - 1)) | ((u64)next & (0 - hit));
+        next = read_ptr(next, OFF_MOUNT_NEXT_FOR_SB);  /* NULL: reads give NULL */
+    }
+    OPAQUE(found);
+    void *mount = (void *)found;
 #else
     void *first = read_ptr(sb, OFF_SB_S_MOUNTS);
     if (!first || first == (char *)sb + OFF_SB_S_MOUNTS)
@@ -378,7 +438,42 @@ static __always_inline void use_verdict(u32 depth, struct walk *w, struct dir_ve
     w->deep_rules |= c->deep_rules;
 }
 
-static __always_inline long watch_step(u32 depth, struct walk *w)
+/* Move a walk from dentry (its filesystem's super_block sb, if known) to the next
+ * directory up, across mount points; 1 at the top.  by_mnt (a constant): the walk
+ * knows the mount it came through (w->mnt), else it crosses a filesystem's root
+ * through the filesystem's mounts (only one of the two ways is compiled in, so the
+ * verifier follows one). */
+static __always_inline long walk_up(struct walk *w, void *dentry, void *sb,
+                                    const int by_mnt)
+{
+    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+    int at_top = parent == dentry ||
+                 (by_mnt && w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
+    if (at_top) {
+        if (by_mnt) {
+            void *mnt = w->mnt;
+            if (!cross_mount(&dentry, &mnt)) {
+                w->done = 1;
+                return 1;
+            }
+            w->mnt = mnt;
+        } else if (!sb || !cross_sb_mount(&dentry, sb)) {
+            /* a filesystem mounted below a watch is covered by it */
+            w->done = 1;
+            return 1;
+        }
+        /* the mount point is the same directory: step past it too */
+        parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
+        if (parent == dentry) {
+            w->done = 1;
+            return 1;
+        }
+    }
+    w->dentry = parent;
+    return 0;
+}
+
+static __always_inline long watch_step(u32 depth, struct walk *w, const int by_mnt)
 {
     void *dentry = w->dentry;
     if (!dentry) {
@@ -424,31 +519,7 @@ static __always_inline long watch_step(u32 depth, struct walk *w)
             }
         }
     }
-    void *parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-    int at_top = parent == dentry ||
-                 (w->mnt && dentry == read_ptr(w->mnt, OFF_VFSMOUNT_MNT_ROOT));
-    if (at_top) {
-        if (w->mnt) {
-            void *mnt = w->mnt;
-            if (!cross_mount(&dentry, &mnt)) {
-                w->done = 1;
-                return 1;
-            }
-            w->mnt = mnt;
-        } else if (!sb || !cross_sb_mount(&dentry, sb)) {
-            /* a filesystem mounted below a watch is covered by it */
-            w->done = 1;
-            return 1;
-        }
-        /* the mount point is the same directory: step past it too */
-        parent = read_ptr(dentry, OFF_DENTRY_D_PARENT);
-        if (parent == dentry) {
-            w->done = 1;
-            return 1;
-        }
-    }
-    w->dentry = parent;
-    return 0;
+    return walk_up(w, dentry, sb, by_mnt);
 }
 
 /* The dentry of an inode (its first alias; directories have exactly one). */
@@ -511,6 +582,58 @@ static __always_inline int is_dir(void *inode)
     return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
 }
 
+static __always_inline struct deep_state *deep_state(void)
+{
+    u32 zero = 0;
+    return deep.lookup(&zero);
+}
+
+/* Whether a walk ended short since the last call (the note is taken). */
+static __always_inline int deep_taken(void)
+{
+    struct deep_state *s = deep_state();
+    if (!s || !s->short_dir)
+        return 0;
+    s->short_dir = 0;
+    return 1;
+}
+
+/* Where a walk that ended short is not continued: counted as lost. */
+static __always_inline void deep_count(void)
+{
+    if (deep_taken())
+        count(CNT_TOO_DEEP);
+}
+
+/* If a walk ended short: continue it (deep_walk), then go on in deep_tail slot then.
+ * Returns only when no walk ended short, or when the tail call failed (the kernel's
+ * limit of tail calls reached: counted as lost). */
+static __always_inline void deep_defer(void *ctx, u32 then)
+{
+    struct deep_state *s = deep_state();
+    if (!s)
+        return;
+    u8 gave_up = s->gave_up;
+    s->gave_up = 0;
+    if (!s->short_dir)
+        return;
+    if (gave_up) {              /* the same walk, after deep_walk gave up on it */
+        s->short_dir = 0;
+        count(CNT_TOO_DEEP);
+        return;
+    }
+    s->next = s->short_dir;
+    s->short_dir = 0;
+    s->n = 0;
+    s->left = 0;
+    s->have_top = 0;
+    s->then = then;
+    s->kgen = gen(GEN_KERNEL);
+    s->ugen = gen(GEN_USER);
+    deep_tail.call(ctx, DEEP_WALK);
+    count(CNT_TOO_DEEP);
+}
+
 /* What watches grant to directory dentry dir (inode dir_inode) and to its entries:
  * from dir_cache, or by walking up (across the mounts it is below) and remembering the
  * answer. */
@@ -530,7 +653,7 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     w.kgen = kgen;
     w.ugen = ugen;
     for (u32 i = 0; i < WATCH_DEPTH; i++)
-        if (watch_step(i, &w))
+        if (watch_step(i, &w, 0))
             break;
     struct dir_verdict v = {};
     v.kgen = kgen;
@@ -543,10 +666,15 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     v.deep_rules = w.deep_rules;
     v.own_names = w.names;
     v.below_names = w.below_names;
-    if (w.done)
+    if (w.done) {
         dir_cache.update(&key, &v);
-    else
-        count(CNT_TOO_DEEP);    /* judged on the levels walked: not kept */
+    } else {
+        /* judged on the levels walked, not kept: the caller continues the walk
+         * (deep_defer) or counts it as lost (deep_count) */
+        struct deep_state *s = deep_state();
+        if (s)
+            s->short_dir = (u64)dir;
+    }
     *out = v;
     return 0;
 }
@@ -639,8 +767,10 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m
     w.dentry = read_ptr(mnt, OFF_VFSMOUNT_MNT_ROOT);
     w.mnt = mnt;
     for (u32 i = 2; i < WATCH_DEPTH; i++)
-        if (watch_step(i, &w))
+        if (watch_step(i, &w, 1))
             break;
+    if (!w.done)
+        count(CNT_TOO_DEEP);    /* a mount point deeper than the walk reaches */
     m->rules |= w.rules;
     return perms | w.perms;
 }
@@ -681,13 +811,7 @@ static __always_inline void put_user_str(struct event *e, const void *src)
 
 /* Appending a path, one component per step, leaf first.  The write position lives in
  * the record itself (map memory), so the verifier sees one state per step instead of
- * one per possible length of what was written so far. */
-struct path_walk {
-    void *dentry;
-    void *mnt;
-    void *root_dentry;          /* the task's root: a chrooted task sees paths below it */
-    void *root_mnt;
-};
+ * one per possible length of what was written so far.  (struct path_walk: above) */
 
 static __always_inline long path_step(struct event *e, struct path_walk *w)
 {
@@ -718,23 +842,50 @@ static __always_inline long path_step(struct event *e, struct path_walk *w)
     return 0;
 }
 
+static __always_inline void path_walk_init(struct path_walk *w, void *dentry, void *mnt)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *fs = read_ptr(task, OFF_TASK_FS);
+    w->dentry = dentry;
+    w->mnt = mnt;
+    if (fs) {
+        w->root_dentry = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
+        w->root_mnt = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
+    }
+}
+
 /* Append the components of (mnt, dentry)'s path, leaf first; returns their count. */
 static __always_inline u16 put_path(struct event *e, void *dentry, void *mnt)
 {
     struct path_walk w = {};
-    void *task = (void *)bpf_get_current_task();
-    void *fs = read_ptr(task, OFF_TASK_FS);
-    w.dentry = dentry;
-    w.mnt = mnt;
-    if (fs) {
-        w.root_dentry = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_DENTRY);
-        w.root_mnt = read_ptr(fs, OFF_FS_ROOT + OFF_PATH_MNT);
-    }
+    path_walk_init(&w, dentry, mnt);
     e->walk_count = 0;
     for (u32 i = 0; i < PATH_DEPTH; i++)
         if (path_step(e, &w))
             break;
     return e->walk_count;
+}
+
+/* Append (mnt, dentry)'s path as the record's first and last path (an opened or
+ * executed file): one deeper than PATH_DEPTH components goes on in deep_path, which
+ * sends the record.  Returns only when it is complete or cannot go on. */
+static __always_inline void put_last_path(void *ctx, struct event *e, void *dentry,
+                                          void *mnt)
+{
+    struct deep_state *s = deep_state();
+    if (!s)
+        return;
+    path_walk_init(&s->pw, dentry, mnt);
+    e->walk_count = 0;
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, &s->pw);
+        if (end)
+            break;
+    }
+    e->n_base1 = e->walk_count;
+    if (!end)
+        deep_tail.call(ctx, DEEP_PATH);
 }
 
 /* The file behind fd in the current task, or NULL. */
@@ -801,6 +952,8 @@ static __always_inline struct event *new_event(u32 kind)
     e->flags = 0;
     e->dev = 0;
     e->ino = 0;
+    e->parent_ino = 0;
+    e->left_ino = 0;
     e->rules = 0;
     e->name_rules = 0;
     e->pid = pid_tgid >> 32;
@@ -872,6 +1025,37 @@ static __always_inline void set_inode(struct event *e, void *inode)
     e->ino = read_u64(inode, OFF_INODE_I_INO);
     e->ouid = read_u32(inode, OFF_INODE_I_UID);
     e->ogid = read_u32(inode, OFF_INODE_I_GID);
+}
+
+/* The directories of a syscall's object (auditd's PARENT items), on its filesystem
+ * (dev): parent_ino, the one its name is in at the syscall's end (a new entry's, a
+ * rename's new one); left_ino, another directory the syscall changed that is neither
+ * that one nor the object nor removed (an unlink's, a rename's old one).  Chosen
+ * without branches. */
+static __always_inline void set_parents(struct event *e, struct pending *pc, void *object)
+{
+    void *dentry = object ? inode_dentry(object) : NULL;
+    void *pdir = dentry ? read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT),
+                                   OFF_DENTRY_D_INODE) : NULL;
+    if (pdir && pdir != object)
+        e->parent_ino = read_u64(pdir, OFF_INODE_I_INO);
+    u64 other = 0, n = pc->ntouched;
+    OPAQUE(n);
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        u64 t = pc->touched[i];
+        u64 mode = 0;
+        bpf_probe_read_kernel(&mode, 2, (char *)t + OFF_INODE_I_MODE);
+        u64 nlink = read_u32((void *)t, OFF_INODE_I_NLINK);
+        OPAQUE(mode);
+        OPAQUE(nlink);
+        u64 take = IS_EQ(mode & S_IFMT_MASK, S_IFDIR_BITS) & (IS_ZERO(nlink) ^ 1) &
+                   (is_zero64(t ^ (u64)object) ^ 1) & (is_zero64(t ^ (u64)pdir) ^ 1) &
+                   (((u64)i - n) >> 63);
+        OPAQUE(take);
+        other = (other & (take - 1)) | (t & (0 - take));
+    }
+    if (other)
+        e->left_ino = read_u64((void *)other, OFF_INODE_I_INO);
 }
 
 /* ---- syscall enter: remember the arguments ----------------------------------------
@@ -1102,6 +1286,7 @@ static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
             p->overflow = 1;
         }
         judge_changed(p, inode, n);
+        deep_defer(ctx, DEEP_CTIME);    /* its walk ended short: continued */
         return 0;
     }
     /* a directory changed outside a followed syscall (io_uring rename or unlink...) */
@@ -1144,7 +1329,9 @@ int uring_ctime(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     struct match m = {};
-    if (!(inode_perms(inode, &m) & (PERM_W | PERM_A)) && !all_paths)
+    u8 perms = inode_perms(inode, &m);
+    deep_count();
+    if (!(perms & (PERM_W | PERM_A)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
@@ -1464,7 +1651,10 @@ static __always_inline struct event *failed_event(struct config *cfg, int all_pa
                       ? open_perm(flags, (flags & OFLAG_CREAT) != 0) : spec->perm;
             struct dir_verdict v = {};
             verdict_of(judged, inode, &v);
-            send = (v.below & need) != 0;
+            /* a walk that ended short: unsure, sent (user space judges the names);
+             * the note is taken in any case */
+            int unsure = deep_taken();
+            send = (v.below & need) != 0 || unsure;
         }
     }
     if (!send)
@@ -1492,7 +1682,17 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     }
     u8 need = open_perm(flags, created);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & need) && !any_object)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    struct deep_state *s = deep_state();
+    if (s) {
+        /* if its walk ended short: continued, then deep_open judges the open again */
+        s->ret = ret;
+        s->flags = flags;
+        s->any_object = any_object;
+        s->pathless = pathless;
+        deep_defer(ctx, DEEP_OPEN);
+    }
+    if (!(perms & need) && !any_object)
         return;
     struct event *e = syscall_event(EV_SYSCALL, pc, ret,
                                     flags | ((u64)created << CREATED_FLAG_SHIFT));
@@ -1501,7 +1701,9 @@ static __always_inline void report_open(void *ctx, struct pending *pc, s64 ret, 
     e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-    e->n_base1 = put_path(e, dentry, mnt);
+    void *pdir = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
+    e->parent_ino = pdir ? read_u64(pdir, OFF_INODE_I_INO) : 0;
+    put_last_path(ctx, e, dentry, mnt);
     submit(ctx, e);
 }
 
@@ -1595,6 +1797,7 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
             forget_if_gone(inode);
         }
     }
+    deep_count();       /* new inodes: their directory's walk was continued at its change */
     if (!any_object && !(perms & spec->perm))
         return NULL;
     if (all_paths && !*first)
@@ -1650,6 +1853,8 @@ static __always_inline void report_paths(void *ctx, struct event *e,
     }
     if (!e->ino && first)
         set_inode(e, first);
+    if (e->kind == EV_SYSCALL)
+        set_parents(e, pc, first);
     submit(ctx, e);
 }
 
@@ -1704,6 +1909,154 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     return 0;
 }
 
+/* ---- deep trees: a walk that ended short, continued (struct deep_state) ----------- */
+/* Collect the chain of directories from s->next up to the top or to a directory judged
+ * before (its verdict: s->top), DEEP_STEP levels per call; then judge it top down, each
+ * level from its own watch and the verdict of the level above (as a walk that meets a
+ * judged directory one level up does), keeping every verdict in dir_cache; then go on
+ * in slot s->then.  A chain longer than DEEP_CHAIN is counted as lost. */
+int deep_walk(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    if (!s)
+        return 0;
+    if (!s->left) {
+        struct walk w = {};
+        w.dentry = (void *)s->next;
+        int end = 0;
+        for (u32 i = 0; i < DEEP_STEP; i++) {
+            void *dentry = w.dentry;
+            void *inode = dentry ? read_ptr(dentry, OFF_DENTRY_D_INODE) : NULL;
+            if (!inode) {
+                end = 1;
+                break;
+            }
+            struct watch_key key = {};
+            inode_key(inode, &key);
+            struct dir_verdict *c = s->n ? dir_cache.lookup(&key) : NULL;
+            if (c && c->kgen == s->kgen && c->ugen == s->ugen) {
+                s->top = *c;
+                s->have_top = 1;
+                end = 1;
+                break;
+            }
+            u32 n = s->n;
+            if (n >= DEEP_CHAIN) {
+                /* judged on what its first walk saw, and counted (deep_defer) */
+                s->gave_up = 1;
+                deep_tail.call(ctx, s->then);
+                count(CNT_TOO_DEEP);
+                return 0;
+            }
+            s->chain[n & (DEEP_CHAIN - 1)] = (u64)dentry;
+            s->n = n + 1;
+            if (walk_up(&w, dentry, read_ptr(inode, OFF_INODE_I_SB), 0)) {
+                end = 1;
+                break;
+            }
+        }
+        s->next = (u64)w.dentry;
+        s->left = end ? s->n : 0;
+        if (!end || !s->n) {
+            deep_tail.call(ctx, end ? s->then : DEEP_WALK);
+            count(CNT_TOO_DEEP);
+            return 0;
+        }
+    }
+    for (u32 i = 0; i < DEEP_STEP; i++) {
+        u32 left = s->left;
+        if (!left)
+            break;
+        void *dentry = (void *)s->chain[(left - 1) & (DEEP_CHAIN - 1)];
+        struct walk w = {};
+        w.dentry = dentry;
+        watch_step(0, &w, 0);
+        if (s->have_top)
+            use_verdict(1, &w, &s->top);
+        struct dir_verdict v = {};
+        v.kgen = s->kgen;
+        v.ugen = s->ugen;
+        v.own = w.perms;
+        v.below = w.below;
+        v.deep = w.deep;
+        v.own_rules = w.rules;
+        v.below_rules = w.below_rules;
+        v.deep_rules = w.deep_rules;
+        v.own_names = w.names;
+        v.below_names = w.below_names;
+        void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+        if (inode) {
+            struct watch_key key = {};
+            inode_key(inode, &key);
+            dir_cache.update(&key, &v);
+        }
+        s->top = v;
+        s->have_top = 1;
+        s->left = left - 1;
+    }
+    deep_tail.call(ctx, s->left ? DEEP_WALK : s->then);
+    count(CNT_TOO_DEEP);
+    return 0;
+}
+
+/* A ctime tracepoint's judgment, again after its walk was continued (another name of
+ * the inode may need one more). */
+int deep_ctime(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *inode = (void *)ctx->args[0];
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = pending.lookup(&tid);
+    if (!p || !p->active)
+        return 0;
+    /* its place among the inodes the syscall changed, chosen without branches */
+    u64 n = MAX_TOUCHED, nt = p->ntouched;
+    OPAQUE(nt);
+    for (u64 i = 0; i < MAX_TOUCHED; i++) {
+        u64 here = is_zero64(p->touched[i] ^ (u64)inode) & ((i - nt) >> 63);
+        OPAQUE(here);
+        n = (n & (here - 1)) | (i & (0 - here));
+    }
+    OPAQUE(n);
+    judge_changed(p, inode, n);
+    deep_defer(ctx, DEEP_CTIME);
+    return 0;
+}
+
+/* An open's judgment and record, again after its walk was continued. */
+int deep_open(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    u32 zero = 0;
+    struct pending *pc = ending.lookup(&zero);
+    if (!s || !pc)
+        return 0;
+    report_open(ctx, pc, s->ret, s->flags, s->any_object, s->pathless);
+    return 0;
+}
+
+/* The rest of a record's last path (put_last_path), PATH_DEPTH components per call,
+ * then the record is sent. */
+int deep_path(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct deep_state *s = deep_state();
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!s || !e)
+        return 0;
+    e->walk_count = 0;
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, &s->pw);
+        if (end)
+            break;
+    }
+    e->n_base1 += e->walk_count;
+    if (!end)
+        deep_tail.call(ctx, DEEP_PATH);
+    submit(ctx, e);
+    return 0;
+}
+
 /* ---- exec: the program file decides ----------------------------------------------- */
 /* A successful execve or execveat, told here with the new program's file and the
  * credentials it runs with (a set-user-ID program's euid, as Linux audit's record has
@@ -1741,7 +2094,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & PERM_X) && !all_paths && !pathless)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    deep_count();
+    if (!(perms & PERM_X) && !all_paths && !pathless)
         return 0;
     struct event *e = new_event(EV_EXEC);
     if (!e)
@@ -1750,7 +2105,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     e->rules = m.rules | pathless;
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
-    e->n_base1 = put_path(e, dentry, mnt);
+    put_last_path(ctx, e, dentry, mnt);
     submit(ctx, e);
     return 0;
 }
@@ -1797,9 +2152,36 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 }
 
 /* ---- io_uring: an open's completion (an existing file changes nothing at the open) ---
- * The fd is installed in the submitter's table, which its workers share; a request
- * that created its file was reported from the worker (uring_created).  Opens into
- * fixed file slots (no fd) are not seen. */
+ * The fd is installed in the submitter's table, which its workers share, or the file
+ * in a fixed file slot of the ring (uring_slot_file); a request that created its file
+ * was reported from the worker (uring_created). */
+#define FILE_INDEX_ALLOC 0xFFFFFFFF     /* IORING_FILE_INDEX_ALLOC (uapi): the kernel
+                                         * picks the slot and returns it */
+
+/* The file an open put in fixed file slot file_slot - 1 of the ring (or in the one
+ * the kernel picked, res): the ring's table of slots (io_ring_ctx.file_table), whose
+ * nodes hold the file pointer with flags in its low bits.  NULL where the kernel has
+ * no such table. */
+static __always_inline void *uring_slot_file(void *req, u32 file_slot, s32 res)
+{
+#ifdef OFF_IO_RSRC_NODE_FILE_PTR
+    u32 index = file_slot == FILE_INDEX_ALLOC ? (u32)res : file_slot - 1;
+    void *ctx = read_ptr(req, OFF_IO_KIOCB_CTX);
+    if (!ctx)
+        return NULL;
+    void *table = (char *)ctx + OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_DATA;
+    if (index >= read_u32(table, OFF_IO_RSRC_DATA_NR))
+        return NULL;
+    void *nodes = read_ptr(table, OFF_IO_RSRC_DATA_NODES);
+    void *node = nodes ? read_ptr(nodes, (u64)index * sizeof(void *)) : NULL;
+    if (!node)
+        return NULL;
+    return (void *)(read_u64(node, OFF_IO_RSRC_NODE_FILE_PTR) & ~7ULL);
+#else
+    return NULL;
+#endif
+}
+
 TRACEPOINT_PROBE(io_uring, io_uring_complete)
 {
     void *req = args->req;
@@ -1814,21 +2196,24 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     }
     s32 res = args->res;
     void *cmd = (char *)req + OFF_IO_KIOCB_CMD;
-    if (res < 0 || read_u32(cmd, OFF_IO_OPEN_FILE_SLOT))
+    if (res < 0)
         return 0;
+    u32 file_slot = read_u32(cmd, OFF_IO_OPEN_FILE_SLOT);
     u32 tgid;
     int all_paths;
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    void *file = fd_file(res);
+    void *file = file_slot ? uring_slot_file(req, file_slot, res) : fd_file(res);
     if (!file)
         return 0;
     u64 flags = read_u64(cmd, OFF_IO_OPEN_HOW + OFF_OPEN_HOW_FLAGS);
     void *dentry = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
     void *mnt = read_ptr(file, OFF_FILE_F_PATH + OFF_PATH_MNT);
     struct match m = {};
-    if (!(watched_perms(dentry, mnt, &m) & open_perm(flags, 0)) && !all_paths)
+    u8 perms = watched_perms(dentry, mnt, &m);
+    deep_count();
+    if (!(perms & open_perm(flags, 0)) && !all_paths)
         return 0;
     struct event *e = new_event(EV_URING);
     if (!e)
