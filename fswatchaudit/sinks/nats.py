@@ -361,14 +361,24 @@ class NatsSink:
                 return
             self._queue.append((self._n, subject, payload))
 
+    @property
+    def encoding(self) -> str | None:
+        """The shared encoding this sink sends (base.Fanout), None for its own."""
+        return "msgpack" if type(self.encoder) is MsgpackEncoder else None
+
     def write_many(self, records: list[Record]) -> None:
         """A batch, encoded first (one that cannot be encoded raises before any is
         queued), then queued under one lock."""
-        prefix, host = self.prefix, self.host
-        subjects = [record_subject(prefix, host, r) for r in records]
         with self._lock:
             encode = self.encoder.encode
             payloads = [encode(r) for r in records]
+        self.write_encoded(records, payloads)
+
+    def write_encoded(self, records: list[Record], payloads: list[bytes]) -> None:
+        """A batch already encoded with this sink's encoding, queued under one lock."""
+        prefix, host = self.prefix, self.host
+        subjects = [record_subject(prefix, host, r) for r in records]
+        with self._lock:
             if self._closed:
                 raise ValueError(f"sink {self.name} is closed")
             n, room = self._n, self.queue_size - len(self._queue)
