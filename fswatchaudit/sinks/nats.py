@@ -28,14 +28,14 @@ JetStream, which drops a message whose id it has seen within the stream's
 
 Flow.  ``write`` encodes the record and appends it to a bounded in-memory queue; that
 is all the event path pays.  A thread of its own (an asyncio loop with nats-py)
-publishes batches of messages and waits for their acknowledgements.  While the servers cannot be
-reached, or refuse, the queue goes to the spool file on disk (``Spool``), and the
-thread tries again with exponential back-off; once a server answers, the spool is
-published first, oldest record first, then the queue: records reach the stream in the
-order they were written.  A record leaves the spool only after JetStream has
-acknowledged it.  Counted in ``stats``, in records: ``sent`` (acknowledged),
-``spooled`` (put in the spool), ``lost`` (the queue or the spool was full: never
-silent), ``duplicates`` (acknowledged as already stored), ``errors`` and
+publishes batches of messages and waits for their acknowledgements.  While the
+servers cannot be reached, or refuse, the queue goes to the spool file on disk
+(``Spool``), and the thread tries again with exponential back-off; once a server
+answers, the spool is published first, oldest record first, then the queue: records
+reach the stream in the order they were written.  A record leaves the spool only
+after JetStream has acknowledged it.  Counted in ``stats``, in records: ``sent``
+(acknowledged), ``spooled`` (put in the spool), ``lost`` (the queue or the spool was
+full: never silent), ``duplicates`` (acknowledged as already stored), ``errors`` and
 ``last_error``.
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Spool:
         if not _POS.size <= self.pos <= size:
             self.pos = _POS.size
         self.size = self._whole_frames(size)
-        self.records = sum(m[3] for m in self._read(self.pos, self.size)[0])
+        self.records = self._count(self.pos, self.size)
 
     def _open(self, filename: str, extra: int) -> int:
         from .rotating import unsafe_log_file
@@ -160,6 +160,20 @@ class Spool:
         if end != size:
             os.ftruncate(self._fd, end)
         return end
+
+    def _count(self, start: int, end: int) -> int:
+        """Records in the frames (a frame that cannot be read counts as one: reading
+        it to publish it will say what is wrong)."""
+        total = 0
+        for frame_start, frame_end in self._frames(start, end):
+            body = os.pread(self._fd, frame_end - frame_start - _LEN.size,
+                            frame_start + _LEN.size)
+            try:
+                fields = self._msgpack.unpackb(body, raw=False)
+                total += fields[3] if len(fields) > 3 and type(fields[3]) is int else 1
+            except (ValueError, TypeError, IndexError):
+                total += 1
+        return total
 
     @property
     def pending(self) -> int:
