@@ -55,6 +55,29 @@ def test_round_trip_every_record_kind(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
+def test_sinks_of_one_encoding_share_each_records_bytes(tmp_path, monkeypatch):
+    """Two msgpack logs behind one fan-out: each record is encoded once (by the
+    fan-out), both logs hold it; a JSON log beside them encodes its own."""
+    from fswatchaudit.sinks import Fanout, JsonEncoder, MsgpackEncoder
+    calls = []
+    real = MsgpackEncoder.encode
+    monkeypatch.setattr(MsgpackEncoder, "encode",
+                        lambda self, r: calls.append(r) or real(self, r))
+    paths = [str(tmp_path / f"{n}.log") for n in "ab"]
+    sinks = [LogWriter(p, HEADER) for p in paths]
+    sinks.append(LogWriter(str(tmp_path / "c.jsonl"), HEADER, encoder=JsonEncoder()))
+    fan = Fanout(sinks)
+    batch = [full_event(n) for n in range(1, 6)] + [LostCounts({"ringbuf": 1})]
+    fan.write_many(batch)
+    fan.close()
+    assert len(calls) == len(batch)
+    want = [r.to_dict() for r in batch]
+    for path in paths:
+        assert records(path)[1:] == want
+    with open(tmp_path / "c.jsonl") as fh:
+        assert [json.loads(line) for line in fh][1:] == want
+
+
 def test_torn_tail_is_reported_and_nothing_before_it_lost(tmp_path):
     path = str(tmp_path / "t.log")
     w = LogWriter(path, HEADER)

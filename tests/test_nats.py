@@ -12,20 +12,23 @@ import sys
 import threading
 import time
 
+import msgpack
 import pytest
 from receivers import NATS_SERVER, NatsServer, free_port
 from tracehelp import REPO, Trace
 
 from fswatchaudit.events import Event, LostCounts
 from fswatchaudit.sinks.nats import NatsSink, Spool, subject_token, token_text
-from fswatchaudit.sinks.nats_reader import iter_stream
+from fswatchaudit.sinks.nats_reader import iter_stream, message_records
 
 pytestmark = pytest.mark.skipif(not os.access(NATS_SERVER, os.X_OK),
                                 reason="nats-server is not installed (scripts/setup)")
 
 
-def event(i: int) -> Event:
-    keys = [] if i % 3 == 0 else [f"k{i % 3}"]
+def event(i: int, run: int = 1) -> Event:
+    """Records whose key changes every ``run`` records (no key, k1, k2, ...)."""
+    k = i // run % 3
+    keys = [] if k == 0 else [f"k{k}"]
     return Event(op="create", path=f"/srv/f{i}", backend="inotify", seq=i, time=i,
                  aliases=["fs-create"], keys=keys)
 
@@ -46,14 +49,52 @@ def stream_count(url: str, stream: str = "FSWATCHAUDIT") -> int:
     return asyncio.run(count())
 
 
-def flood(sink: NatsSink, n: int, at: int, action) -> list[dict]:
-    """Write n records (a lost-count record first), doing ``action`` once ``at``
-    records are written; the maps written."""
+def stored_records(url: str, stream: str = "FSWATCHAUDIT") -> list:
+    """Every record the stream's messages hold, duplicates included, as the reader
+    decodes a message: (record id, subject, map)."""
+    async def read() -> list:
+        import nats
+        import nats.errors
+        from nats.js import api
+        nc = await nats.connect(servers=[url], allow_reconnect=False)
+        try:
+            js = nc.jetstream(timeout=5)
+            config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE)
+            for attempt in range(10):       # a cluster may be electing a stream leader
+                try:
+                    sub = await js.pull_subscribe("fswatchaudit.>", stream=stream,
+                                                  config=config)
+                    break
+                except nats.errors.TimeoutError:
+                    if attempt == 9:
+                        raise
+            left = (await sub.consumer_info()).num_pending
+            out = []
+            while left:
+                for msg in await sub.fetch(min(left, 256), timeout=10):
+                    out += [(rid, msg.subject, data) for rid, data in message_records(msg)]
+                    left -= 1
+            return out
+        finally:
+            await nc.close()
+    return asyncio.run(read())
+
+
+def flood(sink: NatsSink, n: int, at: int, action, run: int = 1) -> list[dict]:
+    """Write n records (a lost-count record first), in batches of 40 when ``run`` is
+    more than 1, doing ``action`` once ``at`` records are written; the maps written."""
     written = [LostCounts({"ring": 0}, time=1).to_dict()]
     sink.write(LostCounts({"ring": 0}, time=1))
+    batch: list[Event] = []
     for i in range(1, n):
-        ev = event(i)
-        sink.write(ev)
+        ev = event(i, run)
+        if run > 1:
+            batch.append(ev)
+            if len(batch) == 40 or i == n - 1:
+                sink.write_many(batch)
+                batch = []
+        else:
+            sink.write(ev)
         written.append(ev.to_dict())
         if i % 200 == 0:
             sink.flush()
@@ -64,15 +105,16 @@ def flood(sink: NatsSink, n: int, at: int, action) -> list[dict]:
 
 
 def check_stream(url: str, written: list[dict], host: str = "h1") -> None:
-    assert stream_count(url) == len(written)          # nothing doubled
-    got = list(iter_stream(url, host))
-    ids = [int(r.msg_id.rsplit(":", 1)[1]) for r in got]
-    assert sorted(ids) == list(range(1, len(written) + 1))   # nothing lost
-    by_id = {int(r.msg_id.rsplit(":", 1)[1]): r for r in got}
-    for n, data in enumerate(written, 1):
-        assert by_id[n].record == data
-        assert by_id[n].host == host
-    assert by_id[2].key == "k1" and by_id[3].key == "k2" and by_id[1].key is None
+    stream_count(url)                                  # (waits for a stream leader)
+    got = stored_records(url)
+    assert len(got) == len(written)                    # nothing doubled
+    ids = [int(rid.rsplit(":", 1)[1]) for rid, _, _ in got]
+    assert ids == list(range(1, len(written) + 1))     # nothing lost, in order
+    for (_rid, subject, data), want in zip(got, written, strict=True):
+        assert data == want
+        _, host_tok, key_tok = subject.split(".")
+        assert token_text(host_tok) == host
+        assert token_text(key_tok) == (want["keys"][0] if want.get("keys") else None)
 
 
 def make_sink(servers, spool: str, **kw) -> NatsSink:
@@ -97,7 +139,7 @@ def test_spool_is_private_and_ordered(tmp_path):
     sp = Spool(str(d), "nats", 10_000)
     assert os.stat(d).st_mode & 0o777 == 0o700
     assert os.stat(d / "nats.spool").st_mode & 0o777 == 0o600
-    assert sp.append([(f"id{i}", "s", b"x" * 100) for i in range(200)]) < 200  # bounded
+    assert sp.append([(f"id{i}", "s", b"x" * 100, 1) for i in range(200)]) < 200  # bounded
     n = sp.pending
     entries, end = sp.read(10)
     assert [e[0] for e in entries] == [f"id{i}" for i in range(10)]
@@ -105,6 +147,13 @@ def test_spool_is_private_and_ordered(tmp_path):
     sp.close()
     sp = Spool(str(d), "nats", 10_000)           # the position survives a restart
     assert sp.pending == n - 10 and sp.read(1)[0][0][0] == "id10"
+    sp.close()
+    # a frame as spooled before messages held several records: one record, no count
+    body = msgpack.packb(["old1", "s", b"y"], use_bin_type=True)
+    with open(d / "nats.spool", "ab") as fh:
+        fh.write(len(body).to_bytes(4, "big") + body)
+    sp = Spool(str(d), "nats", 10_000)
+    assert sp.pending == n - 9
     sp.close()
     os.rename(d / "nats.spool", d / "real")
     os.symlink(d / "real", d / "nats.spool")
@@ -145,13 +194,15 @@ def test_server_restart_mid_flood(tmp_path):
         def restart():
             server.stop()
             threading.Timer(1.0, server.start).start()
-        written = flood(sink, 8000, 2500, restart)
+        # keys in runs of 100: messages bundle a run's records
+        written = flood(sink, 8000, 2500, restart, run=100)
         time.sleep(1.2)                         # the server is back
         sink.close()
         st = sink.stats()
         assert st["lost"] == 0 and st["spool_records"] == 0, st
         assert st["spooled"] > 0 and st["sent"] == len(written), st
         check_stream(server.url, written)
+        assert stream_count(server.url) < len(written) / 10      # bundled
     finally:
         server.stop()
 

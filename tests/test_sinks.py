@@ -272,3 +272,52 @@ def test_summary_counts_stay_bounded_whatever_the_names():
     assert sum(c["total"] for c in sink.per_path.values()) == 1000
     lines = sink.lines()
     assert any("900" in line and "(other paths, beyond the 100" in line for line in lines)
+
+
+class _FlakyBatchTransport:
+    """Takes batches; the second call takes only its first 3 records, then fails."""
+
+    def __init__(self) -> None:
+        self.name, self.got, self.calls = "flaky", [], 0
+
+    def write(self, record) -> None:
+        self.write_many([record])
+
+    def write_many(self, records) -> None:
+        from fswatchaudit.sinks.queued import PartlySent
+        self.calls += 1
+        if self.calls == 2:
+            self.got += records[:3]
+            raise PartlySent(3, OSError("connection reset"))
+        if self.calls == 3:
+            raise OSError("refused")
+        self.got += records
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+def test_queued_batches_count_each_record_once_when_a_batch_goes_out_in_part(monkeypatch):
+    from fswatchaudit.events import Marker
+    from fswatchaudit.sinks import queued
+    monkeypatch.setattr(queued, "BACKOFF_FIRST", 0.01)
+    flaky = _FlakyBatchTransport()
+    sink = queued.QueuedSink(flaky, max_records=1000)
+    sent = [Marker("mark", {"n": n}) for n in range(1200)]
+    for n in range(0, 1200, 100):
+        sink.write_many(sent[n:n + 100])    # beyond 1,000 queued: counted as lost
+    deadline = time.monotonic() + 10
+    while sink.stats()["queued"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sink.close()
+    st = sink.stats()
+    assert flaky.calls >= 4 and st["errors"] == 2
+    assert flaky.got == sent[:len(flaky.got)]           # in order, none twice
+    assert st["sent"] == len(flaky.got) and st["sent"] + st["lost"] == 1200
+    assert st["lost"] == 1200 - len(flaky.got) and st["queued"] == 0

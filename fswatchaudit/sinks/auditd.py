@@ -35,6 +35,9 @@ NAMETYPES = {ops.CREATE: ("CREATE",), ops.MKDIR: ("CREATE",), ops.MKNOD: ("CREAT
              ops.RMDIR: ("DELETE",)}
 
 
+_MACHINE_ARCH = AUDIT_ARCH.get(os.uname().machine, "0")
+
+
 def _plain(text: str) -> bool:
     return text.isprintable() and text.isascii() and " " not in text and '"' not in text
 
@@ -67,8 +70,7 @@ def format_event(ev: Event) -> bytes:
     seconds, ns = divmod(ev.time, 10**9)
     stamp = f"msg=audit({seconds}.{ns // 10**6:03d}:{ev.seq}):"
     names = [n for n in (ev.path, ev.path2) if n is not None]
-    arch = AUDIT_ARCH_I386 if getattr(ev, "arch", None) == "b32" \
-        else AUDIT_ARCH.get(os.uname().machine, "0")
+    arch = AUDIT_ARCH_I386 if ev.arch == "b32" else _MACHINE_ARCH
     fields: list[str] = [f"arch={arch}"]
     number = syscalls.syscall_numbers().get(_syscall_of(ev))
     fields.append(f"syscall={number if number is not None else '?'}")

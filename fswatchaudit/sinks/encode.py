@@ -75,14 +75,18 @@ class MsgpackEncoder:
             return self._packer.pack(_as_bytes(data))
 
 
+# json.dumps with arguments builds an encoder for every call: one, made once
+_json_line = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class JsonEncoder:
     """One JSON object per line."""
 
     def encode(self, record: Record) -> bytes:
-        return self.encode_map(record.to_dict())
+        return (_json_line(record.to_dict()) + "\n").encode()
 
     def encode_map(self, data: dict[str, Any]) -> bytes:
-        return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+        return (_json_line(data) + "\n").encode()
 
 
 # Column widths of human lines: the widest alias set ("fs-create,fs-remove") and the

@@ -6,12 +6,14 @@ length, the bytes, newline), so names with newlines or raw bytes arrive exactly.
 """
 from __future__ import annotations
 
+import operator
 import socket
 import struct
 from typing import Any
 
 from ..events import Event, Marker, Record
 from .encode import escape, format_record, marker_fields
+from .queued import PartlySent
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 PRIORITY_NOTICE, PRIORITY_INFO = b"5", b"6"
@@ -28,24 +30,34 @@ def _bytes(value: Any) -> bytes:
     return str(value).encode("utf-8", "surrogateescape")
 
 
+_event_values = operator.attrgetter(*FIELDS)
+# each event field's name and newline, ready to be followed by the value's length
+_HEADS = tuple(f"FSWATCHAUDIT_{name.upper()}\n".encode() for name in FIELDS)
+_KEY_HEAD = b"FSWATCHAUDIT_KEY\n"
+_SIZE = struct.Struct("<Q").pack
+_IDENT = _field("SYSLOG_IDENTIFIER", b"fswatchaudit")
+_EVENT_FIXED = _field("FSWATCHAUDIT_RECORD", b"ev") + _field("PRIORITY", PRIORITY_NOTICE)
+
+
 def format_entry(record: Record) -> bytes:
-    parts = [_field("MESSAGE", escape(format_record(record)).encode()),
-             _field("SYSLOG_IDENTIFIER", b"fswatchaudit"),
-             _field("FSWATCHAUDIT_RECORD", record.kind.encode())]
-    if isinstance(record, Event):
-        parts.append(_field("PRIORITY", PRIORITY_NOTICE))
-        for name in FIELDS:
-            value = getattr(record, name)
+    message = escape(format_record(record)).encode()
+    if type(record) is Event:
+        parts = [b"MESSAGE\n", _SIZE(len(message)), message, b"\n", _IDENT, _EVENT_FIXED]
+        for head, value in zip(_HEADS, _event_values(record), strict=True):
             if value is not None:
-                parts.append(_field(f"FSWATCHAUDIT_{name.upper()}", _bytes(value)))
+                data = str(value).encode() if type(value) is int else _bytes(value)
+                parts += (head, _SIZE(len(data)), data, b"\n")
         for key in record.keys:                   # a field may repeat in the journal
-            parts.append(_field("FSWATCHAUDIT_KEY", _bytes(key)))
-    else:
-        parts.append(_field("PRIORITY", PRIORITY_INFO))
-        if isinstance(record, Marker):
-            parts.append(_field("FSWATCHAUDIT_WHAT", _bytes(record.what)))
-            parts += [_field(f"FSWATCHAUDIT_{name.upper()}", _bytes(value))
-                      for name, value in marker_fields(record)]
+            data = _bytes(key)
+            parts += (_KEY_HEAD, _SIZE(len(data)), data, b"\n")
+        return b"".join(parts)
+    parts = [_field("MESSAGE", message), _IDENT,
+             _field("FSWATCHAUDIT_RECORD", record.kind.encode()),
+             _field("PRIORITY", PRIORITY_INFO)]
+    if isinstance(record, Marker):
+        parts.append(_field("FSWATCHAUDIT_WHAT", _bytes(record.what)))
+        parts += [_field(f"FSWATCHAUDIT_{name.upper()}", _bytes(value))
+                  for name, value in marker_fields(record)]
     return b"".join(parts)
 
 
@@ -59,15 +71,34 @@ class JournaldSink:
         self.sent = 0
 
     def write(self, record: Record) -> None:
-        if self.sock is None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.sock.settimeout(10)
+        self.write_many([record])
+
+    def write_many(self, records: list[Record]) -> None:
+        """A datagram each, in order, on one connected socket (the protocol has one
+        entry a datagram); PartlySent when only the first few went."""
+        entries = [format_entry(r) for r in records]
+        done = 0
         try:
-            self.sock.sendto(format_entry(record), self.path)
-        except OSError:
+            if self.sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.settimeout(10)
+                    sock.connect(self.path)
+                except OSError:
+                    sock.close()
+                    raise
+                self.sock = sock
+            send = self.sock.send
+            for entry in entries:
+                send(entry)
+                done += 1
+        except OSError as exc:
             self.close()
+            self.sent += done
+            if done:
+                raise PartlySent(done, exc) from exc
             raise
-        self.sent += 1
+        self.sent += done
 
     def flush(self) -> None:
         pass

@@ -75,6 +75,9 @@ def _journald(settings: dict[str, Any], ctx: SinkContext) -> Sink:
                       settings["queue"])
 
 
+DEFAULT_BUNDLE = 256            # records a NATS message holds at most (nats.py)
+
+
 def _nats(settings: dict[str, Any], ctx: SinkContext) -> Sink:
     from .nats import NatsSink
     return NatsSink([u.strip() for u in settings["servers"].split(",") if u.strip()],
@@ -83,7 +86,7 @@ def _nats(settings: dict[str, Any], ctx: SinkContext) -> Sink:
                     name=settings["name"], prefix=settings["prefix"],
                     stream=settings["stream"], create_stream=settings["create_stream"],
                     replicas=settings["replicas"], spool_limit=settings["spool_limit"],
-                    queue_size=settings["queue"])
+                    queue_size=settings["queue"], bundle=settings["bundle"])
 
 
 def _yes_no(text: str) -> bool:
@@ -107,10 +110,11 @@ KINDS: dict[str, SinkKind] = {k.name: k for k in (
     SinkKind("nats", _nats,
              {"servers": str, "stream": str, "prefix": str, "create_stream": _yes_no,
               "replicas": _count, "spool_dir": _abs_path, "spool_limit": parse_size,
-              "queue": _count},
+              "queue": _count, "bundle": _count},
              {"stream": "FSWATCHAUDIT", "prefix": "fswatchaudit", "create_stream": True,
               "replicas": 1, "spool_dir": "/var/lib/fswatchaudit/spool",
-              "spool_limit": 256 << 20, "queue": DEFAULT_QUEUE},
+              "spool_limit": 256 << 20, "queue": DEFAULT_QUEUE,
+              "bundle": DEFAULT_BUNDLE},
              target="servers"),
 )}
 

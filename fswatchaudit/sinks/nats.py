@@ -10,21 +10,33 @@ non-ASCII bytes, raw bytes of a name that is not UTF-8) is written ``%XX`` (uppe
 hex), and a value that is exactly ``_`` is written ``%5F`` so that it cannot be taken
 for "no key".  ``token_text`` reverses it.
 
+Messages.  A message holds one record or several consecutive records of one subject
+(at most ``bundle`` records and ``BUNDLE_BYTES`` bytes): its payload is their msgpack
+maps one after the other, as in the log file.  A message per record would cost the
+publisher (nats-py) and the server each some tens of microseconds a record, more than
+everything else the record costs; bundling a run of one subject keeps the order of
+the records and their subjects, and a reader unpacks every map of a payload
+(``nats_reader``).  ``bundle = 1`` publishes a message per record.
+
 Message ids.  Each message carries ``Nats-Msg-Id: <host>:<boot id>:<run start>:<n>``
-where ``n`` counts the records this sink was given (1, 2, ...).  JetStream drops a
-message whose id it has seen within the stream's ``duplicate_window``, so a batch
-published again after a lost acknowledgement is not stored twice.
+where ``n`` counts the records this sink was given (1, 2, ...) and is that of the
+message's first record (the record ``i`` places after it has ``n + i``).  A message
+is made once, when it leaves the queue, and goes to the spool as it is, so a message
+published again after a lost acknowledgement has the same id and records, and
+JetStream, which drops a message whose id it has seen within the stream's
+``duplicate_window``, does not store it twice.
 
 Flow.  ``write`` encodes the record and appends it to a bounded in-memory queue; that
 is all the event path pays.  A thread of its own (an asyncio loop with nats-py)
-publishes batches and waits for the acknowledgements.  While the servers cannot be
-reached, or refuse, the queue goes to the spool file on disk (``Spool``), and the
-thread tries again with exponential back-off; once a server answers, the spool is
-published first, oldest record first, then the queue: records reach the stream in the
-order they were written.  A record leaves the spool only after JetStream has
-acknowledged it.  Counted in ``stats``: ``sent`` (acknowledged), ``spooled`` (put in
-the spool), ``lost`` (the queue or the spool was full: never silent),
-``duplicates`` (acknowledged as already stored), ``errors`` and ``last_error``.
+publishes batches of messages and waits for their acknowledgements.  While the
+servers cannot be reached, or refuse, the queue goes to the spool file on disk
+(``Spool``), and the thread tries again with exponential back-off; once a server
+answers, the spool is published first, oldest record first, then the queue: records
+reach the stream in the order they were written.  A record leaves the spool only
+after JetStream has acknowledged it.  Counted in ``stats``, in records: ``sent``
+(acknowledged), ``spooled`` (put in the spool), ``lost`` (the queue or the spool was
+full: never silent), ``duplicates`` (acknowledged as already stored), ``errors`` and
+``last_error``.
 """
 from __future__ import annotations
 
@@ -44,6 +56,10 @@ from .encode import Encoder, MsgpackEncoder
 
 DEFAULT_PREFIX = "fswatchaudit"
 DEFAULT_STREAM = "FSWATCHAUDIT"
+DEFAULT_BUNDLE = 256             # records a message holds at most (kinds.py too)
+BUNDLE_BYTES = 256 << 10         # payload bytes a bundle reaches at most (a record
+#                                  larger than this goes alone); the server's default
+#                                  max_payload is 1 MiB
 NO_KEY = "_"
 _TOKEN_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -81,6 +97,9 @@ def record_subject(prefix: str, host: str, record: Record) -> str:
 
 # -- the spool --------------------------------------------------------------------
 
+# A message as published and spooled: (Nats-Msg-Id, subject, payload, records in it).
+Message = tuple[str, str, bytes, int]
+
 _POS = struct.Struct(">Q")
 _LEN = struct.Struct(">I")
 MAX_FRAME = 16 << 20
@@ -89,8 +108,9 @@ MAX_FRAME = 16 << 20
 class Spool:
     """Records waiting for the server, oldest first, in one file per sink:
     ``<dir>/<name>.spool``, created 0600 and never through a symlink.  Its first 8
-    bytes are the offset of the first record not yet acknowledged; then frames (4-byte
-    big-endian length + msgpack ``[msg_id, subject, payload]``).  A torn last frame
+    bytes are the offset of the first message not yet acknowledged; then frames (4-byte
+    big-endian length + msgpack ``[msg_id, subject, payload, records]``; a frame
+    without ``records`` holds one).  A torn last frame
     (a crash in the middle of an append) is cut off when the file is opened.  The
     file is at most ``limit`` bytes; when the acknowledged head is cut away the rest
     is copied to a new file renamed over it, so a crash leaves one whole spool."""
@@ -124,16 +144,14 @@ class Spool:
             raise OSError(errno.EPERM, f"refusing spool file {self.path}: {problem}")
         return fd
 
-    def _frames(self, start: int, end: int, limit: int | None = None):
+    def _frames(self, start: int, end: int):
         off = start
-        while off + _LEN.size <= end and (limit is None or limit > 0):
+        while off + _LEN.size <= end:
             (n,) = _LEN.unpack(os.pread(self._fd, _LEN.size, off))
             if n > MAX_FRAME or off + _LEN.size + n > end:
                 return
             yield off, off + _LEN.size + n
             off += _LEN.size + n
-            if limit is not None:
-                limit -= 1
 
     def _whole_frames(self, size: int) -> int:
         end = self.pos
@@ -144,18 +162,29 @@ class Spool:
         return end
 
     def _count(self, start: int, end: int) -> int:
-        return sum(1 for _ in self._frames(start, end))
+        """Records in the frames (a frame that cannot be read counts as one: reading
+        it to publish it will say what is wrong)."""
+        total = 0
+        for frame_start, frame_end in self._frames(start, end):
+            body = os.pread(self._fd, frame_end - frame_start - _LEN.size,
+                            frame_start + _LEN.size)
+            try:
+                fields = self._msgpack.unpackb(body, raw=False)
+                total += fields[3] if len(fields) > 3 and type(fields[3]) is int else 1
+            except (ValueError, TypeError, IndexError):
+                total += 1
+        return total
 
     @property
     def pending(self) -> int:
         """Records in the spool not yet acknowledged."""
         return self.records
 
-    def append(self, entries: list[tuple[str, str, bytes]]) -> int:
-        """Store entries at the end, in order; how many fitted (the rest did not)."""
+    def append(self, entries: list[Message]) -> int:
+        """Store messages at the end, in order; how many fitted (the rest did not)."""
         frames = []
-        for msg_id, subject, payload in entries:
-            body = self._msgpack.packb([msg_id, subject, payload], use_bin_type=True)
+        for msg_id, subject, payload, count in entries:
+            body = self._msgpack.packb([msg_id, subject, payload, count], use_bin_type=True)
             frames.append(_LEN.pack(len(body)) + body)
         need = sum(map(len, frames))
         if self.size + need > self.limit and self.pos > _POS.size:
@@ -171,21 +200,32 @@ class Spool:
         if data:
             os.pwrite(self._fd, data, self.size)
             self.size += len(data)
-            self.records += fitted
+            self.records += sum(e[3] for e in entries[:fitted])
         return fitted
 
-    def read(self, max_records: int) -> tuple[list[tuple[str, str, bytes]], int]:
-        """Up to max_records of the oldest entries, and the offset after them."""
-        out = []
-        end = self.pos
-        for start, end in self._frames(self.pos, self.size, max_records):
-            body = os.pread(self._fd, end - start - _LEN.size, start + _LEN.size)
-            msg_id, subject, payload = self._msgpack.unpackb(body, raw=False)
-            out.append((msg_id, subject, payload))
+    def read(self, max_records: int) -> tuple[list[Message], int]:
+        """The oldest messages, as many as hold up to max_records records (at least
+        one message), and the offset after them."""
+        return self._read(self.pos, self.size, max_records)
+
+    def _read(self, begin: int, stop: int,
+              max_records: int | None = None) -> tuple[list[Message], int]:
+        out: list[Message] = []
+        end, records = begin, 0
+        for start, frame_end in self._frames(begin, stop):
+            body = os.pread(self._fd, frame_end - start - _LEN.size, start + _LEN.size)
+            msg_id, subject, payload, *count = self._msgpack.unpackb(body, raw=False)
+            n = count[0] if count else 1
+            if out and max_records is not None and records + n > max_records:
+                break
+            out.append((msg_id, subject, payload, n))
+            records += n
+            end = frame_end
         return out, end
 
     def advance(self, end: int, count: int) -> None:
-        """The entries before ``end`` were acknowledged: forget them."""
+        """The messages before ``end``, holding ``count`` records, were acknowledged:
+        forget them."""
         self.records -= count
         if end >= self.size:
             os.ftruncate(self._fd, _POS.size)
@@ -271,7 +311,9 @@ class NatsSink:
     queue_size   records waiting in memory at most (beyond: counted as lost)
     stream       the JetStream stream; ``create_stream`` adds it when missing, on
                  ``<prefix>.>``, with ``replicas`` and ``duplicate_window`` seconds
-    batch        records published before waiting for their acknowledgements
+    batch        records published (in messages) before waiting for their
+                 acknowledgements
+    bundle       records a message holds at most (see the module text)
     ack_timeout  seconds to wait for a batch's acknowledgements
     backoff      (first, longest) seconds between two attempts after a failure
     close_timeout  seconds ``close`` spends handing records on (trying the servers
@@ -283,7 +325,7 @@ class NatsSink:
                  stream: str = DEFAULT_STREAM, create_stream: bool = False,
                  replicas: int = 1, duplicate_window: float = 3600.0,
                  spool_limit: int = 256 << 20, queue_size: int = 100_000,
-                 batch: int = 256, ack_timeout: float = 5.0,
+                 batch: int = 256, bundle: int = DEFAULT_BUNDLE, ack_timeout: float = 5.0,
                  backoff: tuple[float, float] = (0.2, 30.0), close_timeout: float = 10.0,
                  encoder: Encoder | None = None) -> None:
         self.name = name
@@ -295,12 +337,13 @@ class NatsSink:
         self.duplicate_window = duplicate_window
         self._id_prefix = f"{host}:{boot_id}:{start}:"
         self.encoder = encoder or MsgpackEncoder()
-        self.queue_size, self.batch = queue_size, batch
+        self.queue_size, self.batch, self.bundle = queue_size, batch, max(1, bundle)
         self.ack_timeout, self.backoff, self.close_timeout = ack_timeout, backoff, close_timeout
         self.log = _SafeLog(diag.get_logger("nats"))
         self.spool = Spool(spool_dir, name, spool_limit)
         self._lock = threading.Lock()
-        self._queue: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        # records waiting: (n, subject, payload); messages are made when they leave
+        self._queue: collections.deque[tuple[int, str, bytes]] = collections.deque()
         self._n = 0
         self.sent = self.spooled = self.lost = self.errors = self.duplicates = 0
         self.last_error: str | None = None
@@ -330,7 +373,34 @@ class NatsSink:
             if len(self._queue) >= self.queue_size:
                 self.lost += 1
                 return
-            self._queue.append((self._id_prefix + str(self._n), subject, payload))
+            self._queue.append((self._n, subject, payload))
+
+    @property
+    def encoding(self) -> str | None:
+        """The shared encoding this sink sends (base.Fanout), None for its own."""
+        return "msgpack" if type(self.encoder) is MsgpackEncoder else None
+
+    def write_many(self, records: list[Record]) -> None:
+        """A batch, encoded first (one that cannot be encoded raises before any is
+        queued), then queued under one lock."""
+        with self._lock:
+            encode = self.encoder.encode
+            payloads = [encode(r) for r in records]
+        self.write_encoded(records, payloads)
+
+    def write_encoded(self, records: list[Record], payloads: list[bytes]) -> None:
+        """A batch already encoded with this sink's encoding, queued under one lock."""
+        prefix, host = self.prefix, self.host
+        subjects = [record_subject(prefix, host, r) for r in records]
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"sink {self.name} is closed")
+            n, room = self._n, self.queue_size - len(self._queue)
+            self._n += len(records)
+            if room < len(records):
+                self.lost += len(records) - max(room, 0)
+            self._queue.extend((n + 1 + i, subjects[i], payloads[i])
+                               for i in range(min(len(records), max(room, 0))))
 
     def flush(self) -> None:
         """End of a batch: wake the publisher (it also looks by itself regularly)."""
@@ -386,16 +456,37 @@ class NatsSink:
         finally:
             finish_loop(self._loop)
 
-    def _take(self, n: int) -> list[tuple[str, str, bytes]]:
+    def _take(self, n: int | None) -> list[Message]:
+        """Up to n records (None: all) from the queue, as messages."""
         with self._lock:
-            return [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            q = self._queue
+            count = len(q) if n is None else min(n, len(q))
+            taken = [q.popleft() for _ in range(count)]
+        return self._bundle(taken)
 
-    def _spill(self, entries: list[tuple[str, str, bytes]] | None = None) -> None:
-        """Entries (or the whole queue) to the end of the spool; what does not fit is
-        lost and counted."""
+    def _bundle(self, taken: list[tuple[int, str, bytes]]) -> list[Message]:
+        """Records to messages: each run of one subject in bundles (see the module)."""
+        out: list[Message] = []
+        prefix, limit = self._id_prefix, self.bundle
+        i, end = 0, len(taken)
+        while i < end:
+            first, subject, payload = taken[i]
+            parts, size = [payload], len(payload)
+            i += 1
+            while i < end and len(parts) < limit and taken[i][1] == subject \
+                    and size + len(taken[i][2]) <= BUNDLE_BYTES:
+                parts.append(taken[i][2])
+                size += len(taken[i][2])
+                i += 1
+            out.append((prefix + str(first), subject,
+                        parts[0] if len(parts) == 1 else b"".join(parts), len(parts)))
+        return out
+
+    def _spill(self, entries: list[Message] | None = None) -> None:
+        """Messages (or the whole queue) to the end of the spool; the records of what
+        does not fit are lost and counted."""
         if entries is None:
-            with self._lock:
-                entries, self._queue = list(self._queue), collections.deque()
+            entries = self._take(None)
         if not entries:
             return
         try:
@@ -403,12 +494,12 @@ class NatsSink:
         except OSError as exc:
             fitted = 0
             self._failed(f"spool: {exc}")
-        self.spooled += fitted
+        self.spooled += sum(e[3] for e in entries[:fitted])
         if fitted < len(entries):
+            lost = sum(e[3] for e in entries[fitted:])
             with self._lock:                # write() counts its losses too
-                self.lost += len(entries) - fitted
-            self.log.error("nats spool full: records lost", sink=self.name,
-                           lost=len(entries) - fitted)
+                self.lost += lost
+            self.log.error("nats spool full: records lost", sink=self.name, lost=lost)
 
     def _failed(self, what: str) -> None:
         self.errors += 1
@@ -447,7 +538,7 @@ class NatsSink:
                 self._spill()               # newer records queue up behind the spooled
                 entries, end = self.spool.read(self.batch)
                 if await self._publish(js, entries):
-                    self.spool.advance(end, len(entries))
+                    self.spool.advance(end, sum(e[3] for e in entries))
                     delay = self.backoff[0]
                     continue
             else:
@@ -528,12 +619,13 @@ class NatsSink:
         except Exception:
             pass
 
-    async def _publish(self, js: Any, entries: list[tuple[str, str, bytes]]) -> bool:
-        """Publish a batch and wait for every acknowledgement; False on any failure
-        (the caller keeps the whole batch: what was stored comes back as duplicate)."""
+    async def _publish(self, js: Any, entries: list[Message]) -> bool:
+        """Publish a batch of messages and wait for every acknowledgement; False on
+        any failure (the caller keeps the whole batch: what was stored comes back as
+        duplicate)."""
         futures: list[asyncio.Future] = []
         try:
-            for msg_id, subject, payload in entries:
+            for msg_id, subject, payload, _ in entries:
                 futures.append(await js.publish_async(
                     subject, payload, headers={"Nats-Msg-Id": msg_id},
                     wait_stall=self.ack_timeout))
@@ -544,8 +636,9 @@ class NatsSink:
             self._failed(f"publish: {type(exc).__name__}: {exc}".rstrip(": "))
             return False
         # a batch published again: what had been stored is acknowledged as a duplicate
-        self.duplicates += sum(1 for ack in acks if ack.duplicate)
-        self.sent += len(entries)
+        self.duplicates += sum(e[3] for e, ack in zip(entries, acks, strict=True)
+                               if ack.duplicate)
+        self.sent += sum(e[3] for e in entries)
         if self.last_error is not None:
             self.log.info("nats sink publishes again", sink=self.name)
             self.last_error = None

@@ -1,14 +1,17 @@
 """Reading a fleet's records back from NATS JetStream (what ``NatsSink`` published),
 for ``search --nats URL [--host H]``.
 
-``iter_stream`` yields every message of the stream that matches the filter, oldest
-first, as a ``StreamRecord`` (host, key, message id, stream sequence and the record's
-map, the one serialised form with its ``"t"`` tag, names as surrogateescape strings as
-``LogReader`` gives them); ``iter_records`` yields only the maps.  It reads what the
+``iter_stream`` yields every record of the messages of the stream that match the
+filter, oldest first, as a ``StreamRecord`` (host, key, the record's own message id,
+stream sequence and the record's map, the one serialised form with its ``"t"`` tag,
+names as surrogateescape strings as ``LogReader`` gives them); ``iter_records`` yields
+only the maps.  A message holds one or more records (their maps one after the other,
+see ``nats``); the record ``i`` places after a message's first has the id
+``<host>:<boot id>:<start>:<n + i>``.  It reads what the
 stream holds when it starts (a snapshot: messages stored later are not waited for),
 through an ephemeral pull consumer that needs no acknowledgements and is deleted at
-the end.  A message id seen twice (a duplicate stored after the stream's
-duplicate window had passed) is given once.
+the end.  A record id seen twice (a duplicate stored after the stream's duplicate
+window had passed) is given once.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from .nats import (
 class StreamRecord:
     host: str | None          # from the subject
     key: str | None           # the subject's key token (None: no key)
-    msg_id: str | None        # Nats-Msg-Id: host:boot_id:start:n
+    msg_id: str | None        # the record's id: host:boot_id:start:n
     seq: int                  # the stream sequence
     record: dict[str, Any]
 
@@ -46,6 +49,24 @@ def filter_subject(prefix: str = DEFAULT_PREFIX, host: str | None = None,
     records without a key, as the audit's own markers)."""
     key_tok = NO_KEY if no_key else "*" if key is None else subject_token(key)
     return f"{prefix}.{'*' if host is None else subject_token(host)}.{key_tok}"
+
+
+def message_records(msg: Any) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """The records of one message: (the record's id, its map), in order."""
+    msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+    base, first = None, 0
+    if msg_id is not None:
+        base, _, number = msg_id.rpartition(":")
+        try:
+            first = int(number)
+        except ValueError:
+            base = None
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(msg.data)
+    for i, data in enumerate(unpacker):
+        rid = msg_id if i == 0 or msg_id is None else \
+            f"{base}:{first + i}" if base is not None else f"{msg_id}+{i}"
+        yield rid, as_text(data)
 
 
 def iter_stream(servers: str | list[str], host: str | None = None, *,
@@ -92,15 +113,15 @@ def iter_stream(servers: str | list[str], host: str | None = None, *,
             for msg in msgs:
                 remaining -= 1
                 meta = msg.metadata
-                msg_id = (msg.headers or {}).get("Nats-Msg-Id")
-                if msg_id is not None:
-                    if msg_id in seen:
-                        continue
-                    seen.add(msg_id)
                 host_tok, _, key_tok = msg.subject[plen:].partition(".")
-                data = as_text(msgpack.unpackb(msg.data, raw=False, strict_map_key=False))
-                yield StreamRecord(token_text(host_tok), token_text(key_tok), msg_id,
-                                   meta.sequence.stream, data)
+                host_text, key_text = token_text(host_tok), token_text(key_tok)
+                for msg_id, data in message_records(msg):
+                    if msg_id is not None:
+                        if msg_id in seen:
+                            continue
+                        seen.add(msg_id)
+                    yield StreamRecord(host_text, key_text, msg_id, meta.sequence.stream,
+                                       data)
                 if meta.num_pending == 0:
                     remaining = 0
         try:

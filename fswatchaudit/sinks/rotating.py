@@ -234,16 +234,23 @@ class RotatingFileSink:
                            "rules_digest": record.digest}
         self._enqueue(self.encoder.encode(record))
 
+    @property
+    def encoding(self) -> str | None:
+        """The shared encoding this sink stores (base.Fanout), None for its own."""
+        return "msgpack" if type(self.encoder) is MsgpackEncoder else None
+
     def write_many(self, records: list[Record]) -> None:
         """Queue a batch: encoded first (a record that cannot be encoded raises before
         anything is queued), then added under one lock."""
         encode = self.encoder.encode
-        packed = []
+        self.write_encoded(records, [encode(record) for record in records])
+
+    def write_encoded(self, records: list[Record], packed: list[bytes]) -> None:
+        """Queue a batch already encoded with this sink's encoding."""
         for record in records:
             if type(record) is RulesInForce:
                 self.header = {**self.header, "rules": list(record.rules),
                                "rules_digest": record.digest}
-            packed.append(encode(record))
         with self._lock:
             if self._closed:
                 raise ValueError("log writer is closed")

@@ -9,7 +9,10 @@ and then RFC 5424's own escaping of `"`, `\\` and `]`.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -17,6 +20,7 @@ from urllib.parse import urlsplit
 
 from ..events import Event, Marker, Record
 from .encode import escape, format_record, marker_fields
+from .queued import PartlySent
 
 SD_ID = "fswatchaudit@32473"      # 32473: the enterprise number RFC 5612 sets aside
 FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
@@ -27,27 +31,45 @@ SD_FIELDS = ("seq", "op", "path", "path2", "result", "syscall", "pid", "ppid", "
              "backend")
 
 
+_SD_SPECIAL = re.compile(r'[\\"\]]')
+
+
 def _sd_value(value: Any) -> str:
+    if type(value) is int:
+        return str(value)
     text = escape(str(value))
+    if _SD_SPECIAL.search(text) is None:
+        return text
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+_stamp_cache: dict[int, str] = {}
 
 
 def _rfc3339(ns: int) -> str:
     seconds, rest = divmod(ns, 10**9)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    stamp = _stamp_cache.get(seconds)
+    if stamp is None:
+        if len(_stamp_cache) > 4096:
+            _stamp_cache.clear()
+        stamp = _stamp_cache[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.gmtime(seconds))
     return f"{stamp}.{rest // 1000:06d}Z"
 
 
-def format_5424(record: Record, facility: int, host: str, app: str = "fswatchaudit") -> bytes:
+_sd_values = operator.attrgetter(*SD_FIELDS)
+
+
+def format_5424(record: Record, facility: int, host: str, app: str = "fswatchaudit",
+                pid: int | None = None) -> bytes:
     params: list[str] = []
     when = getattr(record, "time", 0) or time.time_ns()
     severity = SEVERITY_INFO
-    if isinstance(record, Event):
+    if type(record) is Event:
         severity = SEVERITY_NOTICE
-        for name in SD_FIELDS:
-            value = getattr(record, name)
-            if value is not None:
-                params.append(f'{name}="{_sd_value(value)}"')
+        params = [f'{name}="{_sd_value(value)}"'
+                  for name, value in zip(SD_FIELDS, _sd_values(record), strict=True)
+                  if value is not None]
         for key in record.keys:
             params.append(f'key="{_sd_value(key)}"')
     elif isinstance(record, Marker):
@@ -56,7 +78,8 @@ def format_5424(record: Record, facility: int, host: str, app: str = "fswatchaud
         params.append(f'what="{_sd_value(record.what)}"')
         params += [f'{name}="{_sd_value(value)}"' for name, value in marker_fields(record)]
     sd = f"[{SD_ID} {' '.join(params)}]" if params else "-"
-    head = f"<{facility * 8 + severity}>1 {_rfc3339(when)} {host} {app} {os.getpid()} " \
+    head = f"<{facility * 8 + severity}>1 {_rfc3339(when)} {host} {app} " \
+           f"{os.getpid() if pid is None else pid} " \
            f"{record.kind} {sd} "
     return head.encode() + escape(format_record(record)).encode()
 
@@ -104,16 +127,43 @@ class SyslogSink:
             self.sock = sock
         return self.sock
 
-    def write(self, record: Record) -> None:
-        message = format_5424(record, self.facility, self.host)
+    def _message(self, record: Record, pid: int) -> bytes:
+        message = format_5424(record, self.facility, self.host, pid=pid)
         if self.scheme == "tcp":
-            message = str(len(message)).encode() + b" " + message   # octet counting
+            message = b"%d %b" % (len(message), message)        # octet counting
+        return message
+
+    def write(self, record: Record) -> None:
+        self.write_many([record])
+
+    def write_many(self, records: list[Record]) -> None:
+        """Every record, in order: over TCP their frames in as few sends as the socket
+        takes, else a datagram each; PartlySent when only the first few went."""
+        pid = os.getpid()
+        messages = [self._message(r, pid) for r in records]
+        done = 0
         try:
-            self._connect().sendall(message)
-        except OSError:
+            sock = self._connect()
+            if self.scheme == "tcp":
+                data = b"".join(messages)
+                view, sent = memoryview(data), 0
+                try:
+                    while sent < len(data):
+                        sent += sock.send(view[sent:])
+                finally:                # the records whose frames went out whole
+                    ends = itertools.accumulate(map(len, messages))
+                    done = sum(1 for end in ends if end <= sent)
+            else:
+                for message in messages:
+                    sock.send(message)
+                    done += 1
+        except OSError as exc:
             self.close()            # reconnect on the next try
+            self.sent += done
+            if done:
+                raise PartlySent(done, exc) from exc
             raise
-        self.sent += 1
+        self.sent += done
 
     def flush(self) -> None:
         pass
