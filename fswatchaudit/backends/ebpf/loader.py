@@ -306,16 +306,17 @@ def cred_span(btf: BTF) -> list[str]:
     return [f"-DCRED_SPAN_START={start}", f"-DCRED_SPAN_LEN={end - start}"]
 
 
-INODE_HEAD = ("i_mode", "i_nlink", "i_sb", "i_ino")
+INODE_HEAD = ("i_mode", "i_nlink", "i_sb", "i_ino", "i_uid", "i_gid")
 
 
 def inode_span(btf: BTF) -> list[str]:
     """Where the members of struct inode a judgment reads lie, for one read of them."""
     offs = [(btf.offset(f"inode.{name}"), size)
-            for name, size in zip(INODE_HEAD, (2, 4, 8, 8), strict=True)]
+            for name, size in zip(INODE_HEAD, (2, 4, 8, 8, 4, 4), strict=True)]
     start, end = min(o for o, _ in offs), max(o + size for o, size in offs)
     if end - start > 128:
-        raise BTFError(f"struct inode's mode, nlink, sb and ino span {end - start} bytes")
+        raise BTFError(f"struct inode's mode, nlink, sb, ino, uid and gid span "
+                       f"{end - start} bytes")
     return [f"-DINODE_SPAN_START={start}", f"-DINODE_SPAN_LEN={end - start}"]
 
 

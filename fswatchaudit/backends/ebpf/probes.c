@@ -538,6 +538,8 @@ struct inode_head {
     void *sb;
     u64 ino;
     u32 nlink;
+    u32 uid;
+    u32 gid;
     u16 mode;
 };
 
@@ -550,6 +552,8 @@ static __always_inline void inode_head(void *inode, struct inode_head *h)
     h->ino = INODE_AT(u64, OFF_INODE_I_INO);
     h->nlink = INODE_AT(u32, OFF_INODE_I_NLINK);
     h->mode = INODE_AT(u16, OFF_INODE_I_MODE);
+    h->uid = INODE_AT(u32, OFF_INODE_I_UID);
+    h->gid = INODE_AT(u32, OFF_INODE_I_GID);
 #undef INODE_AT
 }
 
@@ -1020,11 +1024,12 @@ static __always_inline void set_inode(struct event *e, void *inode)
 {
     if (!inode)
         return;
-    void *sb = read_ptr(inode, OFF_INODE_I_SB);
-    e->dev = read_u32(sb, OFF_SB_S_DEV);
-    e->ino = read_u64(inode, OFF_INODE_I_INO);
-    e->ouid = read_u32(inode, OFF_INODE_I_UID);
-    e->ogid = read_u32(inode, OFF_INODE_I_GID);
+    struct inode_head h = {};
+    inode_head(inode, &h);
+    e->dev = read_u32(h.sb, OFF_SB_S_DEV);
+    e->ino = h.ino;
+    e->ouid = h.uid;
+    e->ogid = h.gid;
 }
 
 /* The directories of a syscall's object (auditd's PARENT items), on its filesystem
@@ -1871,8 +1876,6 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             bump_kernel_gen();
         return 0;
     }
-    if (ret >= 0 && spec->kind == KIND_EXEC)
-        return 0;               /* reported at sched_process_exec */
     if (ret >= 0 && spec->moves)
         note_moves(pc, spec);
     u32 tgid;
@@ -2083,6 +2086,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         struct syscall_spec *spec = syscall_spec.lookup(&tp_id);
         if (spec && spec->kind == KIND_EXEC)
             pathless = pathless_rules(spec, 0);
+        /* told here: its end in sys_exit has nothing more to say */
+        p->active = 0;
         if (old_tid != (u32)bpf_get_current_pid_tgid())
             pending.delete(&old_tid);   /* that thread id is gone */
     }
