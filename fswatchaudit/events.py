@@ -26,7 +26,7 @@ SCHEMA_KEYS = (
     "backend",
     # additions after the first schema
     "access", "stale", "container", "merged", "inferred", "parent_ino", "parent2_ino",
-    "ouid", "ogid",
+    "ouid", "ogid", "cut",
 )
 
 
@@ -78,6 +78,9 @@ class Event:
     # Fields worked out from what the file looked like when the event was read, not
     # from the event itself (e.g. ["op"]: create or link decided by the link count).
     inferred: list[str] | None = None
+    # The fields the kernel could not give whole (no room in its record, too deep, an
+    # unreadable name): a path shown as "..." and the part that is there, or absent.
+    cut: list[str] | None = None
     # Not serialised: set by a backend on events of a per-process audit (the keys of
     # that audit, maybe none); such events are kept whatever the rules say.
     scope_keys: tuple[str, ...] | None = None
@@ -117,7 +120,7 @@ _INT_KEYS = ("seq", "time", "result", "dev", "ino", "parent_ino", "parent2_ino",
              "nspid")
 KEY_TYPES: dict[str, type] = {**{k: str for k in _STR_KEYS}, **{k: int for k in _INT_KEYS},
                               "aliases": list, "keys": list, "stale": bool,
-                              "container": dict}
+                              "container": dict, "cut": list}
 
 
 def _check_types(values: dict[str, Any]) -> None:

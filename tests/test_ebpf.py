@@ -960,3 +960,41 @@ def test_each_program_is_named_after_an_exec_whatever_memory_it_reuses(tree, tmp
             assert got[f"{w}/by-writer{i}"] == writer, got
     finally:
         be.close()
+
+
+def test_records_too_big_for_the_kernel_are_marked_cut_and_never_stop_the_audit(tree):
+    """Two base directories of 33 levels of 255-byte names fill a record's string area
+    (a rename through deep directory fds), and a program 40 levels deep has an exe
+    path longer than one walk: each record is still reported, with the fields the
+    kernel could not give whole named in `cut` (a partial path starts with "...", so
+    it cannot pass for another absolute path), and the audit goes on."""
+    w, o = tree
+    fd = os.open(o, os.O_RDONLY)
+    for i in range(33):
+        name = f"{i:02d}".ljust(255, "x")
+        os.mkdir(name, dir_fd=fd)
+        nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    deep_bin = o + "/b" * 40
+    os.makedirs(deep_bin)
+    shutil.copy("/usr/bin/touch", f"{deep_bin}/touch")
+    open(f"{w}/protected", "w").close()
+    be = backend_for(watch_rule(w))
+    try:
+        os.rename(f"{w}/protected", f"{w}/x", src_dir_fd=fd, dst_dir_fd=fd)
+        subprocess.run([f"{deep_bin}/touch", f"{w}/by-deep-program"], check=True)
+        open(f"{w}/after", "w").close()
+        got = drain(be)
+        ren = [e for e in got if e.op == "rename"]
+        assert [e.path for e in ren] == [f"{w}/protected"]    # an absolute name
+        assert ren[0].path2 == f"{w}/x" or (ren[0].path2 is None and "path2" in ren[0].cut)
+        assert ren[0].cut and ren[0].ino, ren[0]
+        made = {e.path: e for e in got if e.op == "create"}
+        deep = made[f"{w}/by-deep-program"]
+        assert deep.exe == f"{deep_bin}/touch" or (
+            deep.exe.startswith(".../") and "exe" in deep.cut), deep
+        assert f"{w}/after" in made and not made[f"{w}/after"].cut
+    finally:
+        os.close(fd)
+        be.close()

@@ -46,6 +46,7 @@ class Field:
 COMM_LEN = 16               # task comm length
 DATA_SIZE = 16384           # string area of one record (a power of two)
 PATH_SLOT = 4096            # PATH_MAX: room kept after DATA_SIZE for one more string
+PATH_DEPTH = 32             # path components one walk writes (a tail call goes on)
 EXE_AS_BEFORE = 0xFFFF      # event.n_exe: the program this process's last record named
 NO_ID = 0xFFFFFFFF          # event.ouid/ogid: no inode, so no owner (never a real id)
 CREATED_FLAG_SHIFT = 32     # event.flags of an open: this bit says the file was created
@@ -76,7 +77,7 @@ KVALS = 16                  # values a condition can compare (KF_*), a power of 
 FAIL_SCAN = 256
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
-DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "EXE_AS_BEFORE", "NO_ID",
+DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "PATH_DEPTH", "EXE_AS_BEFORE", "NO_ID",
            "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
            "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME", "URING_NAMED",
@@ -234,6 +235,9 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("has_name1", "u16", "H", comment="a path argument follows the base"),
     Field("has_name2", "u16", "H"),
     Field("walk_count", "u16", "H", comment="scratch of put_path"),
+    Field("cut", "u16", "H", comment="a string was cut short or left out (no room, "
+          "too deep, unreadable): the decoder marks the fields it cannot trust"),
+    Field("pad_cut", "u8", "6x", 6),
     Field("data_len", "u32", "I", comment="bytes used in data; the write position"),
     Field("comm", "char", f"{COMM_LEN}s", COMM_LEN),
 )

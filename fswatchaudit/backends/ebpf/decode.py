@@ -17,12 +17,14 @@ from .abi import (
     AT_REMOVEDIR_FLAG,
     COMPAT_BASE,
     CREATED_FLAG_SHIFT,
+    DATA_SIZE,
     EV,
     EXE_AS_BEFORE,
     HEADER,
     IORING_OP_UNLINKAT,
     NO_ID,
     OFLAG,
+    PATH_DEPTH,
     SHARED_SLOT,
     URING_FLAGS_SHIFT,
     URING_NAMED,
@@ -107,31 +109,88 @@ class Decoder:
             self.paths[key] = path
         return path, pos + n
 
+    def _cut_strings(self, h: Any, raw: bytes) -> tuple[str, str | None, str, str | None,
+                                                        str | None, list[str]]:
+        """The strings of a record the kernel could not write whole (cut): what is
+        there, with the fields that cannot be trusted named.  A walk of PATH_DEPTH
+        components may lack its root side; once the string area was full, the string
+        that filled it and everything after may be missing.  A path that lacks its
+        root side is shown as "..." and the part that is there; a missing name as
+        None."""
+        strings = raw.split(b"\0")
+        if strings and not strings[-1]:
+            strings.pop()                       # what the last NUL ends
+        ends, end = [], 0
+        for s in strings:
+            end += len(s) + 1
+            ends.append(end)
+        cut: list[str] = []
+        pos = 0
+        full_from = next((i for i, e in enumerate(ends) if e >= DATA_SIZE), len(strings))
+        fields: list[str | None] = []
+        for name, count, is_walk in (("path", h.n_base1, True), ("path", h.has_name1, False),
+                                     ("path2", h.n_base2, True),
+                                     ("path2", h.has_name2, False),
+                                     ("exe", 0 if h.n_exe == EXE_AS_BEFORE else h.n_exe,
+                                      True)):
+            if not count:
+                missing = is_walk and pos > full_from and name != "exe"
+                fields.append(("..." if missing else "") if is_walk else None)
+                if missing:
+                    cut.append(name)            # a base left out: nothing of it is known
+                continue
+            taken = strings[pos:pos + count]
+            short = len(taken) < count or (is_walk and (
+                pos <= full_from < pos + count or count % PATH_DEPTH == 0))
+            pos += count
+            if is_walk:
+                text = "/" + "/".join(p.decode(errors="surrogateescape")
+                                      for p in reversed(taken))
+                if short:
+                    text = "..." + text if taken else ("..." if name != "exe" else "")
+                fields.append(text)
+            else:
+                fields.append(taken[0].decode(errors="surrogateescape") if taken else None)
+            if short:
+                cut.append(name)
+        if not cut:
+            cut = ["path", "path2", "exe"]      # unreadable: anything may be short
+        base1, name1, base2, name2, exe = fields
+        return (base1 or "/", name1, base2 or "/", name2, exe or None,
+                sorted(set(cut)))
+
     def on_record(self, data: memoryview | bytes, off: int, size: int) -> None:
         """Decode one record of ``size`` bytes at ``off`` (a RingReader handler)."""
         h: Any = Header._make(HEADER.unpack_from(data, off))
         start = off + HEADER.size
-        parts = bytes(data[start:start + min(h.data_len, size - HEADER.size)]).split(b"\0")
-        pos = 0
-        base1, pos = self._path(parts, h.n_base1, pos)
-        name1 = None
-        if h.has_name1:
-            name1, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
-        base2, pos = self._path(parts, h.n_base2, pos)
-        name2 = None
-        if h.has_name2:
-            name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+        raw = bytes(data[start:start + min(h.data_len, size - HEADER.size)])
+        if h.cut:
+            base1, name1, base2, name2, exe_given, cut = self._cut_strings(h, raw)
+        else:
+            parts = raw.split(b"\0")
+            pos = 0
+            base1, pos = self._path(parts, h.n_base1, pos)
+            name1 = None
+            if h.has_name1:
+                name1, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+            base2, pos = self._path(parts, h.n_base2, pos)
+            name2 = None
+            if h.has_name2:
+                name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
+            exe_given = self._path(parts, h.n_exe, pos)[0] if (
+                h.n_exe and h.n_exe != EXE_AS_BEFORE) else None
+            cut = None
         pid = h.pid
         exe: str | None
         if h.n_exe == EXE_AS_BEFORE:
             exe = self.exes.get(pid) or _proc_exe(pid)
-        elif h.n_exe:
-            exe, pos = self._path(parts, h.n_exe, pos)
+        elif exe_given is not None and exe_given.startswith("/"):
+            exe = exe_given
             if len(self.exes) >= MAX_EXES:
                 self.exes.clear()
             self.exes[pid] = exe
         else:
-            exe = None
+            exe = exe_given             # None, or a cut one: never kept for later records
 
         comm = h.comm
         comm_text = self.comms.get(comm)
@@ -209,6 +268,8 @@ class Decoder:
                    open_flags=open_flags)
         if kind == EV.SYSCALL:
             ev.parent_ino, ev.parent2_ino = parents(op, h.parent_ino, h.left_ino)
+        if cut:
+            ev.cut = cut
         if kind == EV.URING:
             ev.result = None
         elif h.tp_id >= COMPAT_BASE:

@@ -33,7 +33,6 @@
 #define MAX_ALIASES     4       /* names of a hard-linked file judged (its dentries) */
 #define WATCH_DEPTH     16      /* directory levels walked up looking for a watch or a
                                  * directory judged before (deep_walk beyond) */
-#define PATH_DEPTH      32      /* path components reported */
 #define NAME_SLOT       256     /* NAME_MAX + 1 */
 #define DATA_MASK       (DATA_SIZE - 1)   /* DATA_SIZE, PATH_SLOT, COMM_LEN: abi.py */
 #define MAX_WATCHES     65536
@@ -803,13 +802,17 @@ static __always_inline void note_moves(struct pending *pc, struct syscall_spec *
 static __always_inline void put_user_str(struct event *e, const void *src)
 {
     u32 off = e->data_len;
-    if (off >= DATA_SIZE)
+    if (off >= DATA_SIZE) {
+        e->cut = 1;
         return;
+    }
     int n = bpf_probe_read_user_str(&e->data[off & DATA_MASK], PATH_SLOT, src);
     if (n <= 0) {
         e->data[off & DATA_MASK] = 0;
         n = 1;
     }
+    if (n >= PATH_SLOT)
+        e->cut = 1;             /* longer than PATH_MAX: cut */
     e->data_len = off + n;
 }
 
@@ -834,12 +837,16 @@ static __always_inline long path_step(struct event *e, struct path_walk *w)
         return 0;
     }
     u32 off = e->data_len;
-    if (off >= DATA_SIZE)
+    if (off >= DATA_SIZE) {
+        e->cut = 1;
         return 1;
+    }
     const void *name = read_ptr(dentry, OFF_DENTRY_D_NAME + OFF_QSTR_NAME);
     int n = bpf_probe_read_kernel_str(&e->data[off & DATA_MASK], NAME_SLOT, name);
-    if (n <= 0)
+    if (n <= 0) {
+        e->cut = 1;
         return 1;
+    }
     e->data_len = off + n;
     e->walk_count++;
     w->dentry = parent;
@@ -864,9 +871,14 @@ static __always_inline u16 put_path(struct event *e, void *dentry, void *mnt)
     struct path_walk w = {};
     path_walk_init(&w, dentry, mnt);
     e->walk_count = 0;
-    for (u32 i = 0; i < PATH_DEPTH; i++)
-        if (path_step(e, &w))
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, &w);
+        if (end)
             break;
+    }
+    if (!end)
+        e->cut = 1;             /* deeper than PATH_DEPTH: the root side is missing */
     return e->walk_count;
 }
 
@@ -888,8 +900,10 @@ static __always_inline void put_last_path(void *ctx, struct event *e, void *dent
             break;
     }
     e->n_base1 = e->walk_count;
-    if (!end)
+    if (!end) {
         deep_tail.call(ctx, DEEP_PATH);
+        e->cut = 1;             /* no more tail calls: the rest is missing */
+    }
 }
 
 /* The file behind fd in the current task, or NULL. */
@@ -972,7 +986,7 @@ static __always_inline struct event *new_event(u32 kind)
     e->mntns = task_mntns(task);
     e->nspid = task_nspid(task);
     e->ouid = e->ogid = NO_ID;
-    e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = 0;
+    e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = e->cut = 0;
     e->data_len = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     return e;
@@ -1205,8 +1219,10 @@ static __always_inline void *uring_worker_req(void)
 static __always_inline void put_kernel_name(struct event *e, void *filename)
 {
     u32 off = e->data_len;
-    if (off >= DATA_SIZE)
+    if (off >= DATA_SIZE) {
+        e->cut = 1;
         return;
+    }
     const void *name = filename ? read_ptr(filename, OFF_FILENAME_NAME) : NULL;
     int n = name ? bpf_probe_read_kernel_str(&e->data[off & DATA_MASK], PATH_SLOT, name) : 0;
     if (n <= 0) {
@@ -2054,8 +2070,10 @@ int deep_path(struct bpf_raw_tracepoint_args *ctx)
             break;
     }
     e->n_base1 += e->walk_count;
-    if (!end)
+    if (!end) {
         deep_tail.call(ctx, DEEP_PATH);
+        e->cut = 1;
+    }
     submit(ctx, e);
     return 0;
 }
