@@ -99,6 +99,15 @@ def test_cut_records_name_what_cannot_be_trusted():
     assert got[1].exe is None
 
 
+def test_a_record_that_cannot_be_read_is_counted_and_the_next_one_decoded():
+    dec = Decoder()
+    good = record(EV.SYSCALL, tp_id=NR["chmod"], base1="/tmp/w", name1="f")
+    got = decode(good[:40], record(EV.SYSCALL, tp_id=NR["chmod"], base1="/tmp/w",
+                                   has_name1=1, n_exe=0, data_len=5), good, decoder=dec)
+    assert [e.path for e in got] == ["/tmp/w/f"]
+    assert dec.undecodable == 2
+
+
 def test_syscall_open_for_read_and_write():
     got = decode(record(EV.SYSCALL, tp_id=NR["openat"], ret=3, flags=OFLAG.RDWR,
                         base1="/tmp/w", name1="f"),

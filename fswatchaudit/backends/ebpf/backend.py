@@ -484,6 +484,8 @@ class EbpfBackend(Backend):
         names = self._counter(CNT.TOO_MANY_NAMES)
         if names:       # a file with more links than the kernel judges, none watched
             out["too_many_names"] = names
+        if self.decoder.undecodable:    # records the decoder could not read
+            out["undecodable"] = self.decoder.undecodable
         return out
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from ... import ops, syscalls
+from ...diag import get_logger
 from ...events import Event, ProcessState
 from .abi import (
     AT_REMOVEDIR_FLAG,
@@ -34,6 +35,7 @@ from .abi import (
     user_dev,
 )
 
+log = get_logger("ebpf")
 MAX_EXES = 65536
 MAX_CACHED = 16384        # decoded paths and command names kept for reuse
 OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat", "open_by_handle_at"})
@@ -77,6 +79,7 @@ class Decoder:
     def __init__(self, backend: str = "ebpf") -> None:
         self.backend = backend
         self.tp_names: dict[int, str] = {}      # syscall_spec slot -> syscall name
+        self.undecodable = 0
         self.time_offset = 0                    # wall clock minus bpf_ktime_get_ns()
         self.mounts: dict[int, str] = {}
         self.container = None
@@ -160,7 +163,17 @@ class Decoder:
                 sorted(set(cut)))
 
     def on_record(self, data: memoryview | bytes, off: int, size: int) -> None:
-        """Decode one record of ``size`` bytes at ``off`` (a RingReader handler)."""
+        """Decode one record of ``size`` bytes at ``off`` (a RingReader handler).  A
+        record that cannot be read is counted (``undecodable``, reported as lost) and
+        never stops the audit."""
+        try:
+            self._decode(data, off, size)
+        except Exception as exc:        # noqa: BLE001 - any flaw: count it, go on
+            self.undecodable += 1
+            if self.undecodable == 1:
+                log.warning("undecodable record", error=repr(exc), size=size)
+
+    def _decode(self, data: memoryview | bytes, off: int, size: int) -> None:
         h: Any = Header._make(HEADER.unpack_from(data, off))
         start = off + HEADER.size
         raw = bytes(data[start:start + min(h.data_len, size - HEADER.size)])
