@@ -998,3 +998,29 @@ def test_records_too_big_for_the_kernel_are_marked_cut_and_never_stop_the_audit(
     finally:
         os.close(fd)
         be.close()
+
+
+def test_a_watched_name_made_by_rename_or_link_from_outside_is_reported(tree):
+    """`-w FILE` on a file that does not exist yet (`-w /etc/ld.so.preload`): a file
+    moved or hard-linked into that name from an unwatched directory is reported with
+    its own inode, as Linux audit reports it; so is a rename over an existing watched
+    file (the moved file's inode, not the replaced one's)."""
+    w, o = tree
+    for name in ("moved", "linked", "over"):
+        with open(f"{o}/{name}", "w") as fh:
+            fh.write(name)
+    open(f"{w}/existing", "w").close()
+    be = backend_for(f"-w {w}/preload -p wa -k preload", f"-w {w}/hardlink -p wa -k link",
+                     f"-w {w}/existing -p wa -k existing")
+    try:
+        ino = {n: os.stat(f"{o}/{n}").st_ino for n in ("moved", "linked", "over")}
+        os.rename(f"{o}/moved", f"{w}/preload")
+        os.link(f"{o}/linked", f"{w}/hardlink")
+        os.rename(f"{o}/over", f"{w}/existing")
+        got = [(e.op, e.path, e.path2, e.ino, e.keys) for e in drain(be)]
+        assert got == [
+            ("rename", f"{o}/moved", f"{w}/preload", ino["moved"], ["preload"]),
+            ("link", f"{o}/linked", f"{w}/hardlink", ino["linked"], ["link"]),
+            ("rename", f"{o}/over", f"{w}/existing", ino["over"], ["existing"])], got
+    finally:
+        be.close()

@@ -1798,18 +1798,24 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
                                                    int all_paths, u64 any_object,
                                                    u64 pathless, void **first)
 {
-    /* judged when they changed; new inodes (named since) now */
+    /* judged when they changed; new inodes (named since) now; and for a rename or a
+     * link, what its old names did not grant, by the names it has now (a file moved or
+     * linked into a watched name from outside: `mv x /etc/ld.so.preload`) */
     u8 perms = pc->perms;
     struct match m = {};
     m.rules = pc->rules;
     m.names = pc->names;
+    u64 two = spec->path2;
+    OPAQUE(two);
+    two = ((two & 0xFFFF) >> 15) ^ 1;           /* s16 path2 >= 0: rename, link */
+    u32 judge_now = ~pc->judged | (~pc->granted & (u32)(0 - two));
     for (int i = 0; i < MAX_TOUCHED; i++) {
         if (i < pc->ntouched) {
             void *inode = (void *)pc->touched[i];
             void *dentry = inode_dentry(inode);
             if (!*first)
                 *first = inode;
-            if (!(pc->judged & (1 << i))) {
+            if (judge_now & (1 << i)) {
                 u64 g = object_perms(inode, dentry, &m, 0);
                 perms |= g;
                 OPAQUE(g);
