@@ -21,6 +21,7 @@ from .rules import Command, Rule, RuleSet
 from .sinks.base import Fanout, Sink
 
 DRAIN_READS = 256       # reads of what is queued before a rule change, at most
+DRAIN_SECONDS = 30.0    # reading what the kernel holds at a stop, at most
 
 
 class Auditor:
@@ -191,6 +192,12 @@ class Auditor:
                     timeout = min(timeout, left)
                 self.poll_once(timeout)
             self.poll_once(0)
+            # what the kernel already holds: each read is bounded, so read on until it
+            # is all taken (or DRAIN_SECONDS pass; what is left then shows in the
+            # summary's and status's backlog)
+            until = time.monotonic() + DRAIN_SECONDS
+            while self.backlog.get("ring_bytes") and time.monotonic() < until:
+                self.poll_once(0)
         finally:
             self.running.clear()
             self._loop_thread = None
