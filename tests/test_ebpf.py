@@ -722,12 +722,11 @@ def test_chmod_through_proc_fd_and_write_through_a_file_handle(tree):
         be.close()
 
 
-IO_URING_NAMES_C = r"""
+# what both io_uring helpers below start with: submit one request, wait for its result
+IO_URING_RUN_C = r"""
 #include <liburing.h>
 #include <fcntl.h>
 #include <unistd.h>
-/* in the cwd, through io_uring: open the existing file "f" for write, create "c",
- * rename "f" to "g", link "g" as "h", symlink "s" -> "g", mkdir "d", rmdir "d" */
 static struct io_uring ring;
 static int run(void) {
     struct io_uring_cqe *cqe;
@@ -737,6 +736,21 @@ static int run(void) {
     io_uring_cqe_seen(&ring, cqe);
     return res;
 }
+"""
+
+
+def uring_program(tmp_path, source: str) -> str:
+    """One of the io_uring helpers, built with liburing (scripts/setup installs it)."""
+    assert os.path.exists("/usr/include/liburing.h"), "liburing-dev: run scripts/setup"
+    (tmp_path / "u.c").write_text(source)
+    prog = str(tmp_path / "u")
+    subprocess.run(["gcc", "-O2", "-o", prog, str(tmp_path / "u.c"), "-luring"], check=True)
+    return prog
+
+
+IO_URING_NAMES_C = IO_URING_RUN_C + r"""
+/* in the cwd, through io_uring: open the existing file "f" for write, create "c",
+ * rename "f" to "g", link "g" as "h", symlink "s" -> "g", mkdir "d", rmdir "d" */
 int main(void) {
     if (io_uring_queue_init(4, &ring, 0)) return 2;
     io_uring_prep_openat(io_uring_get_sqe(&ring), AT_FDCWD, "f", O_WRONLY, 0);
@@ -765,11 +779,7 @@ def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
     """An open of an existing file for write changes nothing: it is seen at its
     completion.  Rename, link, symlink, mkdir and rmdir carry the names the request was
     given (both of them for rename and link), not the names the objects have later."""
-    if not os.path.exists("/usr/include/liburing.h"):
-        pytest.skip("liburing-dev is not installed (scripts/setup installs it)")
-    (tmp_path / "u.c").write_text(IO_URING_NAMES_C)
-    prog = str(tmp_path / "u")
-    subprocess.run(["gcc", "-O2", "-o", prog, str(tmp_path / "u.c"), "-luring"], check=True)
+    prog = uring_program(tmp_path, IO_URING_NAMES_C)
     w, _ = tree
     open(f"{w}/f", "w").close()
     ino = os.stat(f"{w}/f").st_ino
@@ -864,22 +874,10 @@ def test_records_carry_the_directories_holding_their_names(tree):
         be.close()
 
 
-IO_URING_FIXED_C = r"""
-#include <liburing.h>
-#include <fcntl.h>
-#include <unistd.h>
+IO_URING_FIXED_C = IO_URING_RUN_C + r"""
 /* in the cwd, through io_uring into fixed file slots (no fd): open the existing file
  * "f" for write into a slot the kernel picks and write through it, create "c" in
  * slot 1 */
-static struct io_uring ring;
-static int run(void) {
-    struct io_uring_cqe *cqe;
-    io_uring_submit(&ring);
-    if (io_uring_wait_cqe(&ring, &cqe)) return -1;
-    int res = cqe->res;
-    io_uring_cqe_seen(&ring, cqe);
-    return res;
-}
 int main(void) {
     if (io_uring_queue_init(4, &ring, 0)) return 2;
     if (io_uring_register_files_sparse(&ring, 4)) return 3;
@@ -904,11 +902,7 @@ def test_io_uring_opens_into_fixed_file_slots_are_reported(tree, tmp_path):
     """An open into a fixed file slot installs no fd: the file is found in the ring's
     table of slots at the open's completion.  A creation into a slot is seen in the
     worker, as any io_uring creation."""
-    if not os.path.exists("/usr/include/liburing.h"):
-        pytest.skip("liburing-dev is not installed (scripts/setup installs it)")
-    (tmp_path / "u.c").write_text(IO_URING_FIXED_C)
-    prog = str(tmp_path / "u")
-    subprocess.run(["gcc", "-O2", "-o", prog, str(tmp_path / "u.c"), "-luring"], check=True)
+    prog = uring_program(tmp_path, IO_URING_FIXED_C)
     w, _ = tree
     open(f"{w}/f", "w").close()
     ino = os.stat(f"{w}/f").st_ino

@@ -853,6 +853,20 @@ static __always_inline long path_step(struct event *e, struct path_walk *w)
     return 0;
 }
 
+/* Up to PATH_DEPTH steps of a walk (e->walk_count: how many components it wrote);
+ * 0: it has more to go. */
+static __always_inline long path_steps(struct event *e, struct path_walk *w)
+{
+    e->walk_count = 0;
+    long end = 0;
+    for (u32 i = 0; i < PATH_DEPTH; i++) {
+        end = path_step(e, w);
+        if (end)
+            break;
+    }
+    return end;
+}
+
 static __always_inline void path_walk_init(struct path_walk *w, void *dentry, void *mnt)
 {
     void *task = (void *)bpf_get_current_task();
@@ -870,16 +884,18 @@ static __always_inline u16 put_path(struct event *e, void *dentry, void *mnt)
 {
     struct path_walk w = {};
     path_walk_init(&w, dentry, mnt);
-    e->walk_count = 0;
-    long end = 0;
-    for (u32 i = 0; i < PATH_DEPTH; i++) {
-        end = path_step(e, &w);
-        if (end)
-            break;
-    }
+    long end = path_steps(e, &w);
     if (!end)
         e->cut = 1;             /* deeper than PATH_DEPTH: the root side is missing */
     return e->walk_count;
+}
+
+/* The record's last path goes on in deep_path (which sends the record); returns only
+ * when no tail call is left: the rest of the path is missing. */
+static __always_inline void path_goes_on(void *ctx, struct event *e)
+{
+    deep_tail.call(ctx, DEEP_PATH);
+    e->cut = 1;
 }
 
 /* Append (mnt, dentry)'s path as the record's first and last path (an opened or
@@ -892,18 +908,10 @@ static __always_inline void put_last_path(void *ctx, struct event *e, void *dent
     if (!s)
         return;
     path_walk_init(&s->pw, dentry, mnt);
-    e->walk_count = 0;
-    long end = 0;
-    for (u32 i = 0; i < PATH_DEPTH; i++) {
-        end = path_step(e, &s->pw);
-        if (end)
-            break;
-    }
+    long end = path_steps(e, &s->pw);
     e->n_base1 = e->walk_count;
-    if (!end) {
-        deep_tail.call(ctx, DEEP_PATH);
-        e->cut = 1;             /* no more tail calls: the rest is missing */
-    }
+    if (!end)
+        path_goes_on(ctx, e);
 }
 
 /* The file behind fd in the current task, or NULL. */
@@ -2068,18 +2076,10 @@ int deep_path(struct bpf_raw_tracepoint_args *ctx)
     struct event *e = scratch.lookup(&zero);
     if (!s || !e)
         return 0;
-    e->walk_count = 0;
-    long end = 0;
-    for (u32 i = 0; i < PATH_DEPTH; i++) {
-        end = path_step(e, &s->pw);
-        if (end)
-            break;
-    }
+    long end = path_steps(e, &s->pw);
     e->n_base1 += e->walk_count;
-    if (!end) {
-        deep_tail.call(ctx, DEEP_PATH);
-        e->cut = 1;
-    }
+    if (!end)
+        path_goes_on(ctx, e);
     submit(ctx, e);
     return 0;
 }
