@@ -1036,3 +1036,26 @@ def test_a_stop_reads_everything_the_kernel_already_holds(tree):
     assert code == 0, stderr
     made = {e["path"] for e in events if e["op"] == "create"}
     assert len(made) == 20000, (len(made), stderr[-2000:])
+
+
+def test_an_unnamed_file_linked_into_a_watched_name_is_reported(tree):
+    """The other way to give an existing inode a watched name: an O_TMPFILE file made
+    outside and linked in through /proc/self/fd (linkat with AT_SYMLINK_FOLLOW)."""
+    w, o = tree
+    be = backend_for(f"-w {w}/preload -p wa -k preload")
+    try:
+        fd = os.open(o, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        try:
+            ino = os.fstat(fd).st_ino
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            at_fdcwd, at_symlink_follow = -100, 0x400
+            assert libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd,
+                               f"{w}/preload".encode(), at_symlink_follow) == 0, \
+                ctypes.get_errno()
+        finally:
+            os.close(fd)
+        got = [(e.op, e.path2, e.ino, e.keys) for e in drain(be)]
+        assert got == [("link", f"{w}/preload", ino, ["preload"])], got
+    finally:
+        be.close()

@@ -510,3 +510,24 @@ def test_arch_b32_and_b64_rules_on_real_32_bit_syscalls(tmp_path):
             be.close()
     finally:
         shutil.rmtree(d)
+
+
+def test_path_less_exec_rule_sees_an_exec_through_a_file_descriptor(where):
+    """fexecve (execveat(fd, "", AT_EMPTY_PATH)) reaches the program another way: the
+    rule on execveat reports it with the program's path."""
+    d = where
+    prog = f"{d}/prog"
+    shutil.copy("/usr/bin/true", prog)
+    os.chmod(prog, 0o755)
+    be = backend_for(f"-a always,exit -S execveat -F auid={PERSON} -k by-fd")
+    try:
+        child(f"fd = os.open('{prog}', os.O_RDONLY)\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    os.execve(fd, ['prog'], {})\n"
+              "assert os.waitpid(pid, 0)[1] == 0\n", loginuid=PERSON)
+        got = mine(drain(be), d)
+        assert [(e.op, e.syscall, e.path, e.keys) for e in got] == [
+            ("exec", "execveat", prog, ["by-fd"])]
+    finally:
+        be.close()
