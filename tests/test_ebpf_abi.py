@@ -1,5 +1,6 @@
 """The eBPF record ABI: the table in abi.py against the compiled program (root), and the
 decoder on records built from that table (no root, no BPF)."""
+import base64
 import ctypes
 import os
 import re
@@ -271,3 +272,72 @@ def test_failed_syscalls_are_prejudged_by_watched_path_hashes(tmp_path):
         assert (abi.kernel_dev(st.st_dev), st.st_ino) in ancestors
     st = os.stat(w)
     assert (abi.kernel_dev(st.st_dev), st.st_ino) not in ancestors
+
+
+# ---- kernel memory read by plain loads ----------------------------------------------------
+BPF_CALL, HELPER_PROBE_READ_KERNEL, PSEUDO_KFUNC_CALL = 0x85, 113, 2
+
+
+def calls(code: bytes) -> list[tuple[int, int]]:
+    """(src_reg, imm) of every call instruction (the second half of a 64-bit load is
+    skipped)."""
+    out, i = [], 0
+    while i < len(code) // 8:
+        op, regs = code[8 * i], code[8 * i + 1]
+        if op == 0x18:
+            i += 2
+            continue
+        if op == BPF_CALL:
+            out.append((regs >> 4, int.from_bytes(code[8 * i + 4:8 * i + 8], "little",
+                                                  signed=True)))
+        i += 1
+    return out
+
+
+def test_kfunc_calls_are_marked_and_nothing_else():
+    from fswatchaudit.backends.ebpf.build import kfunc_ids, mark_kfunc_calls
+
+    def insn(op, regs=0, imm=0):
+        return bytes([op, regs]) + b"\0\0" + imm.to_bytes(4, "little", signed=True)
+    ids = kfunc_ids(["-DOFF_X=8", "-DKFUNC_RDONLY_CAST=65330", "-DBTF_OPEN_WORDS=13074"])
+    assert ids == {65330}
+    # a helper call (14) stays; the second half of a 64-bit load that reads like a
+    # call of the kfunc is no instruction and is left alone
+    code = (insn(BPF_CALL, imm=65330) + insn(BPF_CALL, imm=14)
+            + insn(0x18, 0x01, 7) + insn(BPF_CALL, imm=65330))
+    marked = mark_kfunc_calls(code, ids)
+    assert calls(marked) == [(PSEUDO_KFUNC_CALL, 65330), (0, 14)]
+    assert marked[24:] == code[24:]
+
+
+def test_btf_finds_the_kfunc_and_the_open_ended_view():
+    from fswatchaudit.backends.ebpf.btf import BTF
+    btf = BTF()
+    assert btf.func_id("bpf_rdonly_cast")
+    assert btf.func_id("no_such_function_here") is None
+    assert btf.open_words_id("bpf_raw_tracepoint_args")
+    assert btf.open_words_id("inode") is None           # members of their own
+    assert btf.open_words_id("no_such_struct") is None
+
+
+def test_hot_programs_read_kernel_memory_by_plain_loads(compiled):
+    """The programs that run for every syscall and every inode change read kernel
+    memory through bpf_rdonly_cast views (a load each), never through
+    bpf_probe_read_kernel (a helper call each); the kernel verified and runs them."""
+    from fswatchaudit.backends.ebpf import loader, objcache
+    from fswatchaudit.backends.ebpf.btf import BTF
+    tfs, _ = loader.ensure_tracefs()
+    assert tfs
+    _names, have_compat = loader.syscall_slots(loader.syscall_specs(tfs))
+    obj, _cached = objcache.compiled_object(loader.program_text(),
+                                            loader.cflags(64, have_compat))
+    cast = BTF().func_id("bpf_rdonly_cast")
+    progs = {p["name"]: base64.b64decode(p["insns"]) for p in obj["progs"]}
+    hot = [n for n in progs if n.endswith(("sys_enter", "sys_exit", "ctime_ns_xchg"))
+           or n.startswith("exit_")]
+    assert len(hot) >= 7
+    for name in hot:
+        made = calls(progs[name])
+        assert (0, HELPER_PROBE_READ_KERNEL) not in made, name
+        if not name.startswith("exit_scan"):    # which reads only the user's names
+            assert (PSEUDO_KFUNC_CALL, cast) in made, name

@@ -110,7 +110,7 @@ class CNT(IntEnum):
     """counters, per CPU: what was submitted and what the ring buffer refused"""
     SUBMITTED = 0
     LOST = 1
-    PENDING_FULL = 2        # the pending map was full at a syscall's entry
+    PENDING_FULL = 2        # no per-thread entry could be had at a syscall's entry
     UNSIGNALLED = 3         # records sent since this CPU last woke the reader
     COMPAT = 4              # 32-bit syscalls that could not be judged (no 32-bit table)
     TOO_DEEP = 5            # objects judged without their ancestors beyond the walk

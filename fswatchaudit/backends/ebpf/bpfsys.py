@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,11 @@ from ... import syscalls
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 PROG_LOAD = 5
 RAW_TRACEPOINT_OPEN = 17
+BTF_LOAD = 18
+# task storage: a value per task, found from the task itself (no hash lookup); the
+# kernel wants it created without preallocation and with BTF for its key and value
+MAP_TYPE_TASK_STORAGE = 29
+MAP_F_NO_PREALLOC = 1
 # map types whose values are per CPU
 PERCPU_MAP_TYPES = {5, 6, 10}       # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 # program types
@@ -94,13 +100,45 @@ def possible_cpus() -> int:
 
 
 # ---- maps -------------------------------------------------------------------------------
+# BTF kinds and the records of a minimal type description (the kernel's btf.h)
+BTF_MAGIC, BTF_KIND_INT, BTF_KIND_ARRAY = 0xEB9F, 1, 3
+BTF_INT_SIGNED = 1
+
+
+def storage_btf(value_size: int) -> tuple[int, int, int]:
+    """BTF describing a local storage map: key ``int`` (type 1), value ``u8[value_size]``
+    (type 3).  Returns (btf fd, key type id, value type id); the caller closes the fd."""
+    strings = b"\0int\0u8\0"
+    types = (struct.pack("<IIII", 1, BTF_KIND_INT << 24, 4, (BTF_INT_SIGNED << 24) | 32)
+             + struct.pack("<IIII", 5, BTF_KIND_INT << 24, 1, 8)
+             + struct.pack("<IIIIII", 0, BTF_KIND_ARRAY << 24, 0, 2, 1, value_size))
+    blob = struct.pack("<HBBIIIII", BTF_MAGIC, 1, 0, 24, 0, len(types), len(types),
+                       len(strings)) + types + strings
+    data = ctypes.create_string_buffer(blob, len(blob))
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint64, ctypes.addressof(data))
+    _put(attr, 16, ctypes.c_uint32, len(blob))
+    return _bpf(BTF_LOAD, attr, "loading the BTF of a task storage map"), 1, 3
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
                flags: int, name: str) -> int:
     attr = _attr()
+    btf_fd = -1
+    if map_type == MAP_TYPE_TASK_STORAGE:
+        max_entries, flags = 0, flags | MAP_F_NO_PREALLOC
+        btf_fd, key_id, value_id = storage_btf(value_size)
+        _put(attr, 48, ctypes.c_uint32, btf_fd)
+        _put(attr, 52, ctypes.c_uint32, key_id)
+        _put(attr, 56, ctypes.c_uint32, value_id)
     for i, v in enumerate((map_type, key_size, value_size, max_entries, flags)):
         _put(attr, 4 * i, ctypes.c_uint32, v)
     _put_name(attr, 28, name)
-    return _bpf(MAP_CREATE, attr, f"creating map {name}")
+    try:
+        return _bpf(MAP_CREATE, attr, f"creating map {name}")
+    finally:
+        if btf_fd >= 0:
+            os.close(btf_fd)
 
 
 def _elem(cmd: int, fd: int, key: Any, value: Any, flags: int, what: str) -> int:

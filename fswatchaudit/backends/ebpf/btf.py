@@ -139,6 +139,37 @@ class BTF:
                     return inner
         return None
 
+    def func_id(self, func_name: str) -> int | None:
+        """The type id of a kernel function (a kfunc a program may call), or None."""
+        data, unpack = self.data, TYPE_RECORD.unpack_from
+        for tid in range(1, len(self.offsets)):
+            name_off, info, _ = unpack(data, self.offsets[tid])
+            if (info >> 24) & 0x1F == KIND_FUNC and name_off and \
+                    self._name(name_off) == func_name:
+                return tid
+        return None
+
+    def open_words_id(self, struct_name: str) -> int | None:
+        """The id of struct_name when it is one open-ended array of integers from its
+        first byte (``struct bpf_raw_tracepoint_args { __u64 args[0]; }``): a view of
+        kernel memory as that struct may be read at any offset.  None otherwise."""
+        try:
+            tid = self.struct_id(struct_name)
+        except BTFError:
+            return None
+        members = list(self._members(tid))
+        if len(members) != 1 or members[0][2] != 0:
+            return None
+        array = self.offsets[self._resolve(members[0][1])]
+        _, info, _ = TYPE_RECORD.unpack_from(self.data, array)
+        if (info >> 24) & 0x1F != KIND_ARRAY:
+            return None
+        elem, _index, nelems = struct.unpack_from("<III", self.data, array + 12)
+        _, einfo, _ = TYPE_RECORD.unpack_from(self.data, self.offsets[self._resolve(elem)])
+        if nelems or (einfo >> 24) & 0x1F != KIND_INT:
+            return None
+        return tid
+
     def size(self, struct_name: str) -> int:
         _, _, size = TYPE_RECORD.unpack_from(self.data, self.offsets[self.struct_id(struct_name)])
         return size

@@ -18,6 +18,9 @@ import sys
 from typing import Any
 
 BPF_LD_IMM64 = 0x18
+BPF_CALL = 0x85
+BPF_PSEUDO_KFUNC_CALL = 2          # src_reg of a call: imm is a kernel function's BTF id
+KFUNC_FLAG = "-DKFUNC_"            # -DKFUNC_NAME=ID: the kfuncs probes.c calls
 PSEUDO_MAP_KINDS = (1, 2)          # BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE: imm is a map fd
 RAW_TP_PREFIX = b"raw_tracepoint__"
 TP_PREFIX = b"tracepoint__"
@@ -25,7 +28,9 @@ TP_PREFIX = b"tracepoint__"
 # are raw tracepoint programs (the type of the programs that call them).
 TAIL_CALLS = {b"uring_ctime": ("ctime_tail", 0), b"deep_walk": ("deep_tail", 0),
               b"deep_ctime": ("deep_tail", 1), b"deep_open": ("deep_tail", 2),
-              b"deep_path": ("deep_tail", 3)}
+              b"deep_path": ("deep_tail", 3), b"send_event": ("send_tail", 0),
+              b"exit_open": ("exit_tail", 0), b"exit_changed": ("exit_tail", 1),
+              b"exit_failed": ("exit_tail", 2), b"exit_scan": ("exit_tail", 3)}
 
 
 def _declare(lib: Any) -> None:
@@ -71,6 +76,29 @@ def map_relocations(code: bytes, fd_names: dict[int, str]) -> list[tuple[int, st
     return out
 
 
+def kfunc_ids(cflags: list[str]) -> set[int]:
+    """The BTF ids of the kernel functions the programs call (loader.py's flags)."""
+    return {int(f.partition("=")[2]) for f in cflags if f.startswith(KFUNC_FLAG)}
+
+
+def mark_kfunc_calls(code: bytes, ids: set[int]) -> bytes:
+    """probes.c calls a kfunc as a helper whose number is the function's BTF id (the
+    way bcc declares helpers); such calls become kfunc calls.  Helper numbers are
+    below a thousand and BTF ids of functions far above, so none is taken for another."""
+    out = bytearray(code)
+    i, n = 0, len(code) // 8
+    while i < n:
+        op, regs = out[8 * i], out[8 * i + 1]
+        if op == BPF_LD_IMM64:
+            i += 2
+            continue
+        if op == BPF_CALL and regs >> 4 == 0 and \
+                int.from_bytes(out[8 * i + 4:8 * i + 8], "little", signed=True) in ids:
+            out[8 * i + 1] = (BPF_PSEUDO_KFUNC_CALL << 4) | (regs & 0x0F)
+        i += 1
+    return bytes(out)
+
+
 def compile_object(text: bytes, cflags: list[str]) -> dict[str, Any]:
     from bcc import BPF, libbcc
 
@@ -98,12 +126,13 @@ def compile_object(text: bytes, cflags: list[str]) -> dict[str, Any]:
                      "key_desc": json.loads(lib.bpf_table_key_desc(mod, name)),
                      "leaf_desc": json.loads(lib.bpf_table_leaf_desc(mod, name))})
     progs = []
+    kfuncs = kfunc_ids(cflags)
     for i in range(lib.bpf_num_functions(mod)):
         func = lib.bpf_function_name(mod, i)
         point = attach_point(func)
         if point is None:
             continue
-        code = bpf.dump_func(func)
+        code = mark_kfunc_calls(bpf.dump_func(func), kfuncs)
         progs.append({"name": func.decode(), "attach": point[0], "target": point[1],
                       "insns": base64.b64encode(code).decode(),
                       "relocs": map_relocations(code, fd_names)})

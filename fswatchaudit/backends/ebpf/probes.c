@@ -38,7 +38,6 @@
 #define MAX_WATCHES     65536
 #define DIR_CACHE_SIZE  65536
 #define MAX_EXE_SENT    65536
-#define MAX_PENDING     65536
 #define MAX_AUDITED     65536
 /* Waking the reader for every record costs the audited process a cross-CPU wakeup per
  * operation; records are sent without one and every WAKEUP_EVERY-th record on a CPU
@@ -86,9 +85,10 @@ BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
  * every process, and an array lookup is a bounds check and an add */
 BPF_ARRAY(syscall_spec, struct syscall_spec, SPEC_SLOTS);
 
-/* pending: thread id -> the syscall in progress and the inodes it changed so far.
- * A thread's entry stays after its syscall (active = 0) and is reused by the next one:
- * a lookup instead of an insert and a delete per syscall. */
+/* pending: per thread (task storage: found from the task itself, without a hash
+ * lookup, and gone with the thread), the syscall in progress and the inodes it changed
+ * so far.  A thread's entry stays after its syscall (active = 0) and is reused by the
+ * next one. */
 struct pending {
     u32 tp_id;                  /* syscall number */
     u32 ntouched;
@@ -105,7 +105,14 @@ struct pending {
     u64 rules;                  /* and the rule slots behind it (struct match) */
     u64 names;
 };
-BPF_TABLE("lru_hash", u32, struct pending, pending, MAX_PENDING);
+BPF_TASK_STORAGE(pending, struct pending);
+
+/* The current thread's entry, or NULL (create: make one if it has none). */
+static __always_inline struct pending *thread_pending(int create)
+{
+    return pending.task_storage_get(bpf_get_current_task_btf(), 0,
+                                    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
 /* ending: the copy sys_exit works on (per CPU: the BPF stack has no room for it) */
 BPF_PERCPU_ARRAY(ending, struct pending, 1);
 
@@ -129,6 +136,15 @@ struct dir_verdict {
     u8 deep;                    /* PERM_* granted two or more levels below */
     u8 pad2[7];
 };
+
+/* dir_near: per CPU, a direct-mapped copy of the dir_cache entries used last (an array
+ * lookup is a few instructions, a hash lookup about 35 ns); slot by inode number. */
+#define DIR_NEAR_SLOTS  256
+struct dir_near_entry {
+    struct watch_key key;
+    struct dir_verdict v;
+};
+BPF_PERCPU_ARRAY(dir_near, struct dir_near_entry, DIR_NEAR_SLOTS);
 
 /* What the watches say about one object: the rule slots whose object it is, and those
  * that name it (user space confirms the name). */
@@ -210,6 +226,10 @@ BPF_ARRAY(config, struct config, 1);
 /* ctime_tail: slot 0 holds uring_ctime, the io_uring part of the ctime tracepoints */
 BPF_PROG_ARRAY(ctime_tail, 1);
 
+/* send_tail: slot 0 holds send_event, which adds the executable's path to the record
+ * being built (scratch) and sends it: verified once, not once per place that sends */
+BPF_PROG_ARRAY(send_tail, 1);
+
 /* uring_created: io_uring request -> 1 when its open created the file (the creation is
  * reported from the worker; the open's completion then is not) */
 BPF_HASH(uring_created, u64, u8, 16384);
@@ -228,6 +248,8 @@ BPF_HASH(watch_ancestor, struct watch_key, u8, MAX_WATCHES);
 struct fail_buf {
     char s[FAIL_SCAN];
     u64 hs[HASH_DEPTH];         /* hash of the path's first d components */
+    u8 names[2];                /* what each path argument's name says (NAME_*) */
+    u8 pad[6];
 };
 BPF_PERCPU_ARRAY(fail_scratch, struct fail_buf, 1);
 
@@ -264,25 +286,40 @@ static __always_inline void count(u32 idx)
         (*c)++;
 }
 
+/* ---- reading kernel memory ---------------------------------------------------------
+ * By plain loads, not bpf_probe_read_kernel (a helper call, about 30 ns each; a walk
+ * makes dozens).  bpf_rdonly_cast (a kfunc; build.py turns its calls into kfunc calls,
+ * the verifier into a register move) makes an address a view of a struct that is one
+ * open-ended u64 array (BTF_OPEN_WORDS: struct bpf_raw_tracepoint_args), which the
+ * verifier lets a program read at any offset; every such load is guarded as a probe
+ * read is: an address that faults, or NULL, reads as 0. */
+static void *(*kernel_view)(const void *obj, u64 btf_id) = (void *)KFUNC_RDONLY_CAST;
+#define READ_KERNEL(type, base, off) \
+    (*(type *)kernel_view((const char *)(base) + (off), BTF_OPEN_WORDS))
+
 static __always_inline void *read_ptr(void *base, u64 off)
 {
-    void *p = NULL;
-    bpf_probe_read_kernel(&p, sizeof(p), (char *)base + off);
-    return p;
+    return READ_KERNEL(void *, base, off);
 }
 
 static __always_inline u32 read_u32(void *base, u64 off)
 {
-    u32 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
-    return v;
+    return READ_KERNEL(u32, base, off);
 }
 
 static __always_inline u64 read_u64(void *base, u64 off)
 {
-    u64 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
-    return v;
+    return READ_KERNEL(u64, base, off);
+}
+
+static __always_inline u16 read_u16(void *base, u64 off)
+{
+    return READ_KERNEL(u16, base, off);
+}
+
+static __always_inline u8 read_u8(void *base, u64 off)
+{
+    return READ_KERNEL(u8, base, off);
 }
 
 static __always_inline u64 task_mntns(void *task)
@@ -530,9 +567,7 @@ static __always_inline void *inode_dentry(void *inode)
     return (char *)first - OFF_DENTRY_D_ALIAS;
 }
 
-/* The members of struct inode a judgment reads, in one read: i_mode, i_nlink, i_sb
- * and i_ino lie within INODE_SPAN_LEN bytes from INODE_SPAN_START (loader.py).  Each
- * bpf_probe_read_kernel costs about 30 ns here, one of 80 bytes about 45 ns. */
+/* The members of struct inode a judgment reads. */
 struct inode_head {
     void *sb;
     u64 ino;
@@ -544,16 +579,12 @@ struct inode_head {
 
 static __always_inline void inode_head(void *inode, struct inode_head *h)
 {
-    u64 span[(INODE_SPAN_LEN + 7) / 8] = {};
-    bpf_probe_read_kernel(span, sizeof(span), (char *)inode + INODE_SPAN_START);
-#define INODE_AT(type, off) (*(type *)((char *)span + ((off) - INODE_SPAN_START)))
-    h->sb = INODE_AT(void *, OFF_INODE_I_SB);
-    h->ino = INODE_AT(u64, OFF_INODE_I_INO);
-    h->nlink = INODE_AT(u32, OFF_INODE_I_NLINK);
-    h->mode = INODE_AT(u16, OFF_INODE_I_MODE);
-    h->uid = INODE_AT(u32, OFF_INODE_I_UID);
-    h->gid = INODE_AT(u32, OFF_INODE_I_GID);
-#undef INODE_AT
+    h->sb = read_ptr(inode, OFF_INODE_I_SB);
+    h->ino = read_u64(inode, OFF_INODE_I_INO);
+    h->nlink = read_u32(inode, OFF_INODE_I_NLINK);
+    h->mode = read_u16(inode, OFF_INODE_I_MODE);
+    h->uid = read_u32(inode, OFF_INODE_I_UID);
+    h->gid = read_u32(inode, OFF_INODE_I_GID);
 }
 
 static __always_inline void inode_key(void *inode, struct watch_key *key)
@@ -580,9 +611,7 @@ static __always_inline void bump_kernel_gen(void)
 
 static __always_inline int is_dir(void *inode)
 {
-    u16 mode = 0;
-    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_I_MODE);
-    return (mode & S_IFMT_MASK) == S_IFDIR_BITS;
+    return (read_u16(inode, OFF_INODE_I_MODE) & S_IFMT_MASK) == S_IFDIR_BITS;
 }
 
 static __always_inline struct deep_state *deep_state(void)
@@ -645,9 +674,20 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     struct watch_key key = {};
     inode_key(dir_inode, &key);
     u64 kgen = gen(GEN_KERNEL), ugen = gen(GEN_USER);
+    u32 slot = (u32)key.ino & (DIR_NEAR_SLOTS - 1);
+    struct dir_near_entry *near = dir_near.lookup(&slot);
+    if (near && near->key.ino == key.ino && near->key.dev == key.dev &&
+        near->v.kgen == kgen && near->v.ugen == ugen) {
+        *out = near->v;
+        return 0;
+    }
     struct dir_verdict *c = dir_cache.lookup(&key);
     if (c && c->kgen == kgen && c->ugen == ugen) {
         *out = *c;
+        if (near) {
+            near->key = key;
+            near->v = *c;
+        }
         return 0;
     }
     struct walk w = {};
@@ -671,6 +711,10 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
     v.below_names = w.below_names;
     if (w.done) {
         dir_cache.update(&key, &v);
+        if (near) {
+            near->key = key;
+            near->v = v;
+        }
     } else {
         /* judged on the levels walked, not kept: the caller continues the walk
          * (deep_defer) or counts it as lost (deep_count) */
@@ -1001,7 +1045,7 @@ static __always_inline struct event *new_event(u32 kind)
 }
 
 /* Append the executable's path, then send the record. */
-static __always_inline void submit(void *ctx, struct event *e)
+static __always_inline void submit_now(void *ctx, struct event *e)
 {
     void *task = (void *)bpf_get_current_task();
     void *mm = read_ptr(task, OFF_TASK_MM);
@@ -1041,6 +1085,14 @@ static __always_inline void submit(void *ctx, struct event *e)
     }
 }
 
+/* Send the record being built (scratch), in send_event: the program ends there.  A
+ * failed tail call (the kernel's limit of them reached) loses the record, counted. */
+static __always_inline void submit(void *ctx, struct event *e)
+{
+    send_tail.call(ctx, 0);
+    count(CNT_LOST);
+}
+
 /* Identity of a file for the record. */
 static __always_inline void set_inode(struct event *e, void *inode)
 {
@@ -1070,8 +1122,7 @@ static __always_inline void set_parents(struct event *e, struct pending *pc, voi
     OPAQUE(n);
     for (int i = 0; i < MAX_TOUCHED; i++) {
         u64 t = pc->touched[i];
-        u64 mode = 0;
-        bpf_probe_read_kernel(&mode, 2, (char *)t + OFF_INODE_I_MODE);
+        u64 mode = read_u16((void *)t, OFF_INODE_I_MODE);
         u64 nlink = read_u32((void *)t, OFF_INODE_I_NLINK);
         OPAQUE(mode);
         OPAQUE(nlink);
@@ -1089,10 +1140,6 @@ static __always_inline void set_parents(struct event *e, struct pending *pc, voi
  * The raw sys_enter tracepoint fires for every syscall; all but the filesystem ones
  * (those with an entry in syscall_spec) leave at the first lookup.  Two raw tracepoints
  * instead of one tracepoint per syscall keep attach and detach fast. */
-/* The six argument registers lie within REGS_SPAN_LEN bytes of pt_regs from
- * REGS_SPAN_START: one read instead of six. */
-#define REG_SLOT(off) (((off) - REGS_SPAN_START) / 8)
-#define CREG_SLOT(off) (((off) - CREGS_SPAN_START) / 8)
 
 /* The syscall_spec slot of syscall nr in the current task: the 64-bit table, or for a
  * 32-bit syscall (ia32 emulation, its own numbering) the 32-bit table from COMPAT_BASE
@@ -1128,17 +1175,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
         return 0;
     }
     void *regs = (void *)ctx->args[0];
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *p = pending.lookup(&tid);
+    struct pending *p = thread_pending(1);
     if (!p) {
-        struct pending fresh = {};
-        if (pending.update(&tid, &fresh) != 0) {
-            count(CNT_PENDING_FULL);
-            return 0;
-        }
-        p = pending.lookup(&tid);
-        if (!p)
-            return 0;
+        count(CNT_PENDING_FULL);
+        return 0;
     }
     p->tp_id = slot;
     p->ntouched = 0;
@@ -1155,26 +1195,22 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 #ifdef OFF_TASK_TI_STATUS
     if (compat) {
         /* 32-bit arguments, in other registers */
-        u64 cspan[CREGS_SPAN_LEN / 8] = {};
-        bpf_probe_read_kernel(cspan, sizeof(cspan), (char *)regs + CREGS_SPAN_START);
-        p->args[0] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG0)];
-        p->args[1] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG1)];
-        p->args[2] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG2)];
-        p->args[3] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG3)];
-        p->args[4] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG4)];
-        p->args[5] = (u32)cspan[CREG_SLOT(OFF_CREGS_ARG5)];
+        p->args[0] = (u32)read_u64(regs, OFF_CREGS_ARG0);
+        p->args[1] = (u32)read_u64(regs, OFF_CREGS_ARG1);
+        p->args[2] = (u32)read_u64(regs, OFF_CREGS_ARG2);
+        p->args[3] = (u32)read_u64(regs, OFF_CREGS_ARG3);
+        p->args[4] = (u32)read_u64(regs, OFF_CREGS_ARG4);
+        p->args[5] = (u32)read_u64(regs, OFF_CREGS_ARG5);
         p->active = 1;
         return 0;
     }
 #endif
-    u64 span[REGS_SPAN_LEN / 8] = {};
-    bpf_probe_read_kernel(span, sizeof(span), (char *)regs + REGS_SPAN_START);
-    p->args[0] = span[REG_SLOT(OFF_REGS_ARG0)];
-    p->args[1] = span[REG_SLOT(OFF_REGS_ARG1)];
-    p->args[2] = span[REG_SLOT(OFF_REGS_ARG2)];
-    p->args[3] = span[REG_SLOT(OFF_REGS_ARG3)];
-    p->args[4] = span[REG_SLOT(OFF_REGS_ARG4)];
-    p->args[5] = span[REG_SLOT(OFF_REGS_ARG5)];
+    p->args[0] = read_u64(regs, OFF_REGS_ARG0);
+    p->args[1] = read_u64(regs, OFF_REGS_ARG1);
+    p->args[2] = read_u64(regs, OFF_REGS_ARG2);
+    p->args[3] = read_u64(regs, OFF_REGS_ARG3);
+    p->args[4] = read_u64(regs, OFF_REGS_ARG4);
+    p->args[5] = read_u64(regs, OFF_REGS_ARG5);
     p->active = 1;
     return 0;
 }
@@ -1299,8 +1335,7 @@ static __always_inline u64 name_id(void *inode)
 static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
 {
     void *inode = (void *)ctx->args[0];
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *p = pending.lookup(&tid);
+    struct pending *p = thread_pending(0);
     if (p && p->active) {
         u32 n = p->ntouched;
         for (int i = 0; i < MAX_TOUCHED; i++)
@@ -1344,8 +1379,7 @@ int uring_ctime(struct bpf_raw_tracepoint_args *ctx)
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    u8 opcode = 0;
-    bpf_probe_read_kernel(&opcode, 1, (char *)req + OFF_IO_KIOCB_OPCODE);
+    u8 opcode = read_u8(req, OFF_IO_KIOCB_OPCODE);
     if (opcode == IORING_OP_OPENAT || opcode == IORING_OP_OPENAT2) {
         u8 one = 1;             /* it created its file: its completion is not an open */
         u64 key = (u64)req;
@@ -1379,6 +1413,16 @@ int uring_ctime(struct bpf_raw_tracepoint_args *ctx)
     if (!put_uring_names(e, req, opcode))
         e->n_base1 = put_path(e, dentry, NULL);
     submit(ctx, e);
+    return 0;
+}
+
+/* The end of every record of a raw tracepoint program (submit; build.py TAIL_CALLS). */
+int send_event(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (e)
+        submit_now(ctx, e);
     return 0;
 }
 
@@ -1423,21 +1467,16 @@ static __always_inline u64 pathless_rules(struct syscall_spec *spec, s64 ret)
         return 0;
     void *task = (void *)bpf_get_current_task();
     void *cred = read_ptr(task, OFF_TASK_CRED);
-    /* the eight ids of struct cred lie within CRED_SPAN_LEN bytes: one read */
-    u32 ids[CRED_SPAN_LEN / 4] = {};
-    bpf_probe_read_kernel(ids, sizeof(ids), (char *)cred + CRED_SPAN_START);
-#define CRED_ID(off) ids[((off) - CRED_SPAN_START) / 4]
     kv->v[KF_NONE] = 0;
     kv->v[KF_LOGINUID] = read_u32(task, OFF_TASK_LOGINUID);
-    kv->v[KF_UID] = CRED_ID(OFF_CRED_UID);
-    kv->v[KF_EUID] = CRED_ID(OFF_CRED_EUID);
-    kv->v[KF_SUID] = CRED_ID(OFF_CRED_SUID);
-    kv->v[KF_FSUID] = CRED_ID(OFF_CRED_FSUID);
-    kv->v[KF_GID] = CRED_ID(OFF_CRED_GID);
-    kv->v[KF_EGID] = CRED_ID(OFF_CRED_EGID);
-    kv->v[KF_SGID] = CRED_ID(OFF_CRED_SGID);
-    kv->v[KF_FSGID] = CRED_ID(OFF_CRED_FSGID);
-#undef CRED_ID
+    kv->v[KF_UID] = read_u32(cred, OFF_CRED_UID);
+    kv->v[KF_EUID] = read_u32(cred, OFF_CRED_EUID);
+    kv->v[KF_SUID] = read_u32(cred, OFF_CRED_SUID);
+    kv->v[KF_FSUID] = read_u32(cred, OFF_CRED_FSUID);
+    kv->v[KF_GID] = read_u32(cred, OFF_CRED_GID);
+    kv->v[KF_EGID] = read_u32(cred, OFF_CRED_EGID);
+    kv->v[KF_SGID] = read_u32(cred, OFF_CRED_SGID);
+    kv->v[KF_FSGID] = read_u32(cred, OFF_CRED_FSGID);
     kv->v[KF_PID] = bpf_get_current_pid_tgid() >> 32;
     kv->v[KF_PPID] = 0;
     if (f->needs & (1 << KF_PPID)) {
@@ -1498,8 +1537,7 @@ static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracep
     struct syscall_spec *spec = syscall_spec.lookup(&nr);
     if (!spec || !spec->active)
         return NULL;
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *p = pending.lookup(&tid);
+    struct pending *p = thread_pending(0);
     if (!p || !p->active)
         return NULL;
     p->active = 0;
@@ -1609,36 +1647,46 @@ static __always_inline int scan_failed_path(struct fail_buf *b)
     return 1;                   /* longer than FAIL_SCAN: unsure */
 }
 
-/* Path argument k (0: the first, 1: the second) of a failed syscall: ARG_SEND if it
- * may name a watched object, ARG_NONE if it cannot, ARG_BASE if its base directory
- * decides (a relative name; *base is set). */
+/* What the name of path argument k (0: the first, 1: the second) of a failed syscall
+ * says by itself.  sys_exit tells which are to be scanned (NAME_SCAN), exit_scan scans
+ * them, in a program of its own: the verifier meets the byte loop once, with little
+ * else live. */
+#define NAME_NONE  0            /* no name: no such argument, or an unreadable one */
+#define NAME_SEND  1            /* it may name a watched object, or it is unsure */
+#define NAME_CLEAR 2            /* an absolute name that names no watched object */
+#define NAME_REL   3            /* a relative name: its base directory decides */
+#define NAME_NULL  4            /* NULL: the dirfd's own file (utimensat(fd, NULL)) */
+#define NAME_SCAN  5            /* to be scanned */
+static __always_inline u8 name_arg(struct syscall_spec *spec, struct pending *pc, u32 k,
+                                   u64 *upath)
+{
+    s16 pidx = k ? spec->path2 : spec->path1;
+    if (pidx < 0 || (k == 0 && spec->fd >= 0))
+        return NAME_NONE;
+    *upath = pc->args[pidx & 7];
+    return *upath ? NAME_SCAN : NAME_NULL;
+}
+
+/* Path argument k of a failed syscall, its name scanned (NAME_*): ARG_SEND if it may
+ * name a watched object, ARG_NONE if it cannot, ARG_BASE if its base directory decides
+ * (a relative name; *base is set). */
 #define ARG_NONE 0
 #define ARG_SEND 1
 #define ARG_BASE 2
 static __always_inline int failed_arg(struct syscall_spec *spec, struct pending *pc, u32 k,
-                                      void **base)
+                                      u8 name, void **base)
 {
-    s16 pidx = k ? spec->path2 : spec->path1;
     s16 didx = k ? spec->dfd2 : spec->dfd1;
     void *mnt = NULL;
     if (k == 0 && spec->fd >= 0)        /* fchmod and friends: EBADF is no object */
         return fd_file(pc->args[spec->fd & 7]) ? ARG_SEND : ARG_NONE;
-    if (pidx < 0)
+    if (name == NAME_NONE || name == NAME_CLEAR)
         return ARG_NONE;
+    if (name == NAME_SEND)
+        return ARG_SEND;
     s64 dfd = didx >= 0 ? (s64)(s32)pc->args[didx & 7] : AT_FDCWD_VALUE;
-    const void *upath = (const void *)pc->args[pidx & 7];
-    if (!upath)
-        return dfd >= 0 ? ARG_SEND : ARG_NONE;  /* utimensat(fd, NULL): the fd's file */
-    u32 zero = 0;
-    struct fail_buf *b = fail_scratch.lookup(&zero);
-    if (!b)
-        return ARG_SEND;
-    if (bpf_probe_read_user_str(b->s, FAIL_SCAN, upath) <= 0)
-        return ARG_NONE;        /* EFAULT: no name, no object */
-    if (scan_failed_path(b))
-        return ARG_SEND;
-    if (b->s[0] == '/')
-        return ARG_NONE;
+    if (name == NAME_NULL)
+        return dfd >= 0 ? ARG_SEND : ARG_NONE;
     if (!base_dir(dfd, base, &mnt))
         return ARG_SEND;
     return ARG_BASE;
@@ -1655,12 +1703,16 @@ static __always_inline struct event *failed_event(struct config *cfg, int all_pa
         return syscall_event(EV_FAILED, pc, ret, flags);
     if (!cfg->have_watches)
         return NULL;
+    u32 zero = 0;
+    struct fail_buf *b = fail_scratch.lookup(&zero);    /* names scanned: exit_scan */
+    if (!b)
+        return syscall_event(EV_FAILED, pc, ret, flags);
     void *judged = NULL;
     int send = 0;
 #pragma nounroll
     for (u32 k = 0; k < 2; k++) {
         void *base = NULL;
-        int r = failed_arg(spec, pc, k, &base);
+        int r = failed_arg(spec, pc, k, b->names[k & 1], &base);
         if (r == ARG_SEND || (r == ARG_BASE && judged && judged != base)) {
             send = 1;
             break;
@@ -1772,8 +1824,8 @@ static __always_inline void *object_of(struct syscall_spec *spec, struct pending
         u64 inode = pc->touched[i];
         u64 alias = (u64)read_ptr((void *)inode, OFF_INODE_I_DENTRY);
         void *dentry = (char *)alias - OFF_DENTRY_D_ALIAS;
-        u64 mode = 0, nlink = read_u32((void *)inode, OFF_INODE_I_NLINK);
-        bpf_probe_read_kernel(&mode, 2, (char *)inode + OFF_INODE_I_MODE);
+        u64 mode = read_u16((void *)inode, OFF_INODE_I_MODE);
+        u64 nlink = read_u32((void *)inode, OFF_INODE_I_NLINK);
         u64 nid = 0;
         if (pc->renames)        /* the same for every inode: no new verifier state */
             nid = read_u64(dentry, OFF_DENTRY_D_NAME) ^
@@ -1893,6 +1945,28 @@ static __always_inline void report_paths(void *ctx, struct event *e,
     submit(ctx, e);
 }
 
+/* What sys_exit worked out, for the program it goes on in (exit_tail). */
+struct exit_state {
+    s64 ret;
+    u64 flags;
+    u64 pathless;
+    u64 any_object;
+    u32 all_paths;
+    u32 scan_k;                 /* exit_scan: the path argument it scans */
+    u64 upath[2];               /* the path arguments (names: NAME_*) */
+    u8 names[2];
+    u8 pad[6];
+};
+BPF_PERCPU_ARRAY(exit_states, struct exit_state, 1);
+
+/* exit_tail: the three ways a followed syscall's end is judged, each a program of its
+ * own (build.py TAIL_CALLS), so that each is verified within the kernel's limit */
+#define EXIT_OPEN       0       /* a successful open: exit_open */
+#define EXIT_CHANGED    1       /* a success that changed inodes: exit_changed */
+#define EXIT_FAILED     2       /* a failure, or a success that changed none: exit_failed */
+#define EXIT_SCAN       3       /* ... whose names are scanned first: exit_scan */
+BPF_PROG_ARRAY(exit_tail, 4);
+
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     /* every syscall ends here: leave at once unless it is one we follow */
@@ -1913,32 +1987,126 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     struct config *cfg = current_scope(&tgid, &all_paths);
     if (!cfg)
         return 0;
-    u64 flags = syscall_flags(spec, pc);
-    u64 pathless = pathless_rules(spec, ret);
-    /* reported whatever object it is on: a per-process audit of all paths, or a
-     * path-less rule (computed without a branch: one verifier state, not two) */
-    u64 any_object = (u64)all_paths | ((pathless | -pathless) >> 63);
-
-    if (ret >= 0 && spec->kind == KIND_OPEN) {
-        report_open(ctx, pc, ret, flags, any_object, pathless);
+    u32 zero = 0;
+    struct exit_state *x = exit_states.lookup(&zero);
+    if (!x)
         return 0;
+    x->ret = ret;
+    x->flags = syscall_flags(spec, pc);
+    x->pathless = pathless_rules(spec, ret);
+    /* reported whatever object it is on: a per-process audit of all paths, or a
+     * path-less rule */
+    x->any_object = (u64)all_paths | ((x->pathless | -x->pathless) >> 63);
+    x->all_paths = all_paths;
+    if (ret >= 0 && spec->kind == KIND_OPEN)
+        exit_tail.call(ctx, EXIT_OPEN);
+    else if (ret >= 0 && pc->ntouched)
+        exit_tail.call(ctx, EXIT_CHANGED);
+    /* a failure: its names are scanned first, unless everything is reported anyway
+     * or nothing is watched */
+    x->scan_k = 0;
+    x->upath[0] = x->upath[1] = 0;
+    x->names[0] = x->names[1] = NAME_NONE;
+    if (!all_paths && cfg->have_watches) {
+        x->names[0] = name_arg(spec, pc, 0, &x->upath[0]);
+        x->names[1] = name_arg(spec, pc, 1, &x->upath[1]);
     }
-    struct event *e;
+    exit_tail.call(ctx, EXIT_SCAN);
+    count(CNT_LOST);            /* the tail call failed */
+    return 0;
+}
+
+/* The syscall ending, its spec and what sys_exit worked out, in an exit_tail program. */
+static __always_inline struct exit_state *ending_state(struct pending **pc,
+                                                       struct syscall_spec **spec)
+{
+    u32 zero = 0;
+    struct exit_state *x = exit_states.lookup(&zero);
+    *pc = ending.lookup(&zero);
+    if (!x || !*pc)
+        return NULL;
+    *spec = syscall_spec.lookup(&(*pc)->tp_id);
+    return *spec ? x : NULL;
+}
+
+int exit_open(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct pending *pc;
+    struct syscall_spec *spec;
+    struct exit_state *x = ending_state(&pc, &spec);
+    if (x)
+        report_open(ctx, pc, x->ret, x->flags, x->any_object, x->pathless);
+    return 0;
+}
+
+int exit_changed(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct pending *pc;
+    struct syscall_spec *spec;
+    struct exit_state *x = ending_state(&pc, &spec);
+    if (!x)
+        return 0;
     void *first = NULL;
-    if (ret >= 0 && pc->ntouched) {
-        e = changed_event(spec, pc, ret, flags, all_paths, any_object, pathless, &first);
-    } else {
-        /* a failure, or a success that changed no inode (a removexattr of an absent
-         * attribute, a truncate to the same size, a rename of two links to one inode):
-         * judged by its names (Linux audit reports both), or by a path-less rule */
-        e = failed_event(cfg, all_paths, spec, pc, ret, flags);
-        if (!e && pathless)
-            e = syscall_event(EV_FAILED, pc, ret, flags);
-        if (e)
-            e->rules = pathless;
-    }
+    struct event *e = changed_event(spec, pc, x->ret, x->flags, x->all_paths,
+                                    x->any_object, x->pathless, &first);
     if (e)
         report_paths(ctx, e, spec, pc, first);
+    return 0;
+}
+
+/* The name of path argument x->scan_k of a failure (see exit_failed), scanned into
+ * fail_buf.names, then the next one's (a program per scan: the verifier meets the byte
+ * loop once in each), then exit_failed.  Nothing to scan for a per-process audit of
+ * all paths or without watches. */
+int exit_scan(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 zero = 0;
+    struct exit_state *x = exit_states.lookup(&zero);
+    struct fail_buf *b = fail_scratch.lookup(&zero);
+    if (!x || !b)
+        return 0;
+    u32 k = x->scan_k & 1;
+    u8 name = x->names[k];
+    if (name == NAME_SCAN) {
+        if (bpf_probe_read_user_str(b->s, FAIL_SCAN, (const void *)x->upath[k]) <= 0)
+            name = NAME_NONE;   /* EFAULT: no name, no object */
+        else if (scan_failed_path(b))
+            name = NAME_SEND;
+        else
+            name = b->s[0] == '/' ? NAME_CLEAR : NAME_REL;
+    }
+    b->names[k] = name;
+    if (k == 0)
+        b->names[1] = x->names[1];
+    if (k == 0 && x->names[1] == NAME_SCAN) {
+        x->scan_k = 1;
+        exit_tail.call(ctx, EXIT_SCAN);
+    } else {
+        exit_tail.call(ctx, EXIT_FAILED);
+    }
+    count(CNT_LOST);            /* the tail call failed */
+    return 0;
+}
+
+/* A failure, or a success that changed no inode (a removexattr of an absent attribute,
+ * a truncate to the same size, a rename of two links to one inode): judged by its
+ * names (Linux audit reports both), or by a path-less rule. */
+int exit_failed(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct pending *pc;
+    struct syscall_spec *spec;
+    struct exit_state *x = ending_state(&pc, &spec);
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!x || !cfg)
+        return 0;
+    struct event *e = failed_event(cfg, x->all_paths, spec, pc, x->ret, x->flags);
+    if (!e && x->pathless)
+        e = syscall_event(EV_FAILED, pc, x->ret, x->flags);
+    if (!e)
+        return 0;
+    e->rules = x->pathless;
+    report_paths(ctx, e, spec, pc, NULL);
     return 0;
 }
 
@@ -2037,8 +2205,7 @@ int deep_walk(struct bpf_raw_tracepoint_args *ctx)
 int deep_ctime(struct bpf_raw_tracepoint_args *ctx)
 {
     void *inode = (void *)ctx->args[0];
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *p = pending.lookup(&tid);
+    struct pending *p = thread_pending(0);
     if (!p || !p->active)
         return 0;
     /* its place among the inodes the syscall changed, chosen without branches */
@@ -2088,13 +2255,12 @@ int deep_path(struct bpf_raw_tracepoint_args *ctx)
 /* A successful execve or execveat, told here with the new program's file and the
  * credentials it runs with (a set-user-ID program's euid, as Linux audit's record has
  * them); path-less rules on execve are judged here too.  A failed one ends in
- * sys_exit and is judged by its name there.  The syscall's entry is found by the
- * thread id it had before the exec (a thread other than the leader takes the
- * leader's id). */
+ * sys_exit and is judged by its name there.  The syscall's entry is the exec'ing
+ * thread's own (a thread other than the leader takes the leader's id, not its task
+ * storage). */
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
     void *bprm = (void *)ctx->args[2];
-    u32 old_tid = (u32)ctx->args[1];
     /* a new program: its records name it afresh (a freed exe file's memory may come
      * back as the new one's, so the pointer alone cannot tell them apart) */
     u32 exec_tgid = bpf_get_current_pid_tgid() >> 32;
@@ -2104,16 +2270,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         return 0;
     u64 pathless = 0;
     u32 tp_id = 0;
-    struct pending *p = pending.lookup(&old_tid);
+    struct pending *p = thread_pending(0);
     if (p && p->active) {
         tp_id = p->tp_id;
         struct syscall_spec *spec = syscall_spec.lookup(&tp_id);
         if (spec && spec->kind == KIND_EXEC)
             pathless = pathless_rules(spec, 0);
-        /* told here: its end in sys_exit has nothing more to say */
-        p->active = 0;
-        if (old_tid != (u32)bpf_get_current_pid_tgid())
-            pending.delete(&old_tid);   /* that thread id is gone */
+        p->active = 0;          /* told here: its end in sys_exit has nothing more to say */
     }
     u32 tgid;
     int all_paths;
@@ -2172,7 +2335,6 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     void *task = (void *)ctx->args[0];
     u32 pid = read_u32(task, OFF_TASK_PID);
     u32 tgid = read_u32(task, OFF_TASK_TGID);
-    pending.delete(&pid);       /* the thread's entry, kept between its syscalls */
     if (pid == tgid) {
         audited.delete(&tgid);
         exe_sent.delete(&tgid);
@@ -2214,8 +2376,7 @@ static __always_inline void *uring_slot_file(void *req, u32 file_slot, s32 res)
 TRACEPOINT_PROBE(io_uring, io_uring_complete)
 {
     void *req = args->req;
-    u8 opcode = 0;
-    bpf_probe_read_kernel(&opcode, 1, (char *)req + OFF_IO_KIOCB_OPCODE);
+    u8 opcode = read_u8(req, OFF_IO_KIOCB_OPCODE);
     if (opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2)
         return 0;
     u64 key = (u64)req;
@@ -2254,6 +2415,6 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     e->name_rules = m.names;
     set_inode(e, read_ptr(file, OFF_FILE_F_INODE));
     e->n_base1 = put_path(e, dentry, mnt);
-    submit(args, e);
+    submit_now(args, e);    /* a tracepoint program: no tail call into send_tail */
     return 0;
 }
