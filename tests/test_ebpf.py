@@ -1059,3 +1059,37 @@ def test_an_unnamed_file_linked_into_a_watched_name_is_reported(tree):
         assert got == [("link", f"{w}/preload", ino, ["preload"])], got
     finally:
         be.close()
+
+
+def test_a_base_directory_sent_once_stays_right_when_directories_move(tree):
+    """A thread's records after its first one say "the same base directory as before"
+    instead of its path, while that is true: after its cwd's parent is renamed, after
+    chdir, through a dirfd, the paths are the directories' paths at the time."""
+    from fswatchaudit.backends.ebpf.abi import BASE_AS_BEFORE
+    w, _ = tree
+    be = backend_for(watch_rule(w))
+    reused = []
+    real_base = be.decoder._base
+
+    def base(tid, parts, n, pos):
+        reused.append(n == BASE_AS_BEFORE)
+        return real_base(tid, parts, n, pos)
+    be.decoder._base = base
+    try:
+        py("import os\nos.chdir('deep/er')\n"
+           "open('a', 'w').close()\nos.chmod('a', 0o600)\nos.chmod('a', 0o640)\n"
+           f"os.rename('{w}/deep', '{w}/moved')\nos.chmod('a', 0o600)\n"
+           f"os.chdir('{w}')\nos.chmod('moved/er/a', 0o640)\n"
+           f"os.chdir('{w}/moved/er')\nos.chmod('a', 0o600)\n"
+           f"fd = os.open('{w}/moved', os.O_RDONLY | os.O_DIRECTORY)\n"
+           "os.chmod('er/a', 0o640, dir_fd=fd)\nos.chmod('er/a', 0o600, dir_fd=fd)\n", w)
+        a = f"{w}/moved/er/a"
+        assert ops(drain(be)) == [
+            ("create", f"{w}/deep/er/a", None), ("chmod", f"{w}/deep/er/a", None),
+            ("chmod", f"{w}/deep/er/a", None),
+            ("rename", f"{w}/deep", f"{w}/moved"),
+            ("chmod", a, None), ("chmod", a, None), ("chmod", a, None),
+            ("open", f"{w}/moved", None), ("chmod", a, None), ("chmod", a, None)]
+        assert any(reused), "no record reused its thread's base directory"
+    finally:
+        be.close()

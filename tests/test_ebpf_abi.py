@@ -10,7 +10,7 @@ import pytest
 
 from fswatchaudit import ops
 from fswatchaudit.backends.ebpf import abi
-from fswatchaudit.backends.ebpf.abi import EV, EXE_AS_BEFORE, OFLAG
+from fswatchaudit.backends.ebpf.abi import BASE_AS_BEFORE, EV, EXE_AS_BEFORE, OFLAG
 from fswatchaudit.backends.ebpf.decode import Decoder
 from fswatchaudit.events import Event, ProcessState
 
@@ -42,7 +42,8 @@ def record(kind: int, *, base1: str | None = None, name1: str | None = None,
                   gid=1000, loginuid=1000, comm=b"touch", data_len=len(data),
                   n_base1=len(components(base1)), has_name1=int(name1 is not None),
                   n_base2=len(components(base2)), has_name2=int(name2 is not None),
-                  n_exe=len(components(exe)) if n_exe is None else n_exe)
+                  n_exe=len(components(exe)) if n_exe is None else n_exe,
+                  base_dirs=int(base1 is not None) | 2 * int(base2 is not None))
     values.update(header)
     return abi.HEADER.pack(*(values[f.name] for f in abi.EVENT_FIELDS if not f.is_pad)) + data
 
@@ -179,6 +180,55 @@ def test_exe_as_before():
                         pid=os.getpid(), n_exe=EXE_AS_BEFORE))
     assert [e.exe for e in got] == ["/usr/bin/chmod", "/usr/bin/chmod",
                                     os.readlink("/proc/self/exe")]
+
+
+def test_base_as_before_is_the_threads_last_whole_base():
+    dec = Decoder()
+    chmod = NR["chmod"]
+    got = decode(record(EV.SYSCALL, tp_id=chmod, base1="/srv/a", name1="x", tid=7),
+                 record(EV.SYSCALL, tp_id=chmod, base1="/srv/b", name1="x", tid=8),
+                 # an open names the opened file's path, not a base directory
+                 record(EV.SYSCALL, tp_id=NR["openat"], base1="/srv/a/f", tid=7,
+                        base_dirs=0),
+                 record(EV.SYSCALL, tp_id=chmod, name1="y", tid=7, n_base1=BASE_AS_BEFORE),
+                 # two bases: the second (the record's last whole one) is kept, and
+                 # one said "as before" means the one before this record
+                 record(EV.SYSCALL, tp_id=NR["renameat2"], base1="/srv/c", name1="p",
+                        name2="q", tid=8, n_base2=BASE_AS_BEFORE),
+                 record(EV.SYSCALL, tp_id=chmod, name1="z", tid=8, n_base1=BASE_AS_BEFORE),
+                 # an absolute name needs no base
+                 record(EV.SYSCALL, tp_id=chmod, name1="/etc/x", tid=9,
+                        n_base1=BASE_AS_BEFORE),
+                 decoder=dec)
+    assert [(e.path, e.path2, e.cut) for e in got] == [
+        ("/srv/a/x", None, None), ("/srv/b/x", None, None), ("/srv/a/f", None, None),
+        ("/srv/a/y", None, None),
+        ("/srv/c/p", "/srv/b/q", None), ("/srv/c/z", None, None), ("/etc/x", None, None)]
+
+
+def test_a_base_that_did_not_come_is_marked_never_guessed():
+    dec = Decoder()
+    chmod = NR["chmod"]
+    got = decode(record(EV.SYSCALL, tp_id=chmod, base1="/srv/a", name1="x", tid=7),
+                 b"\x01" * 10,                 # a record that cannot be read
+                 record(EV.SYSCALL, tp_id=chmod, name1="y", tid=7, n_base1=BASE_AS_BEFORE),
+                 record(EV.SYSCALL, tp_id=chmod, name1="y", tid=5, n_base1=BASE_AS_BEFORE),
+                 decoder=dec)
+    assert dec.undecodable == 1
+    assert [(e.path, e.cut) for e in got] == [("/srv/a/x", None), (".../y", ["path"]),
+                                              (".../y", ["path"])]
+
+
+def test_a_cut_record_neither_keeps_its_base_nor_loses_the_one_before():
+    dec = Decoder()
+    chmod = NR["chmod"]
+    got = decode(record(EV.SYSCALL, tp_id=chmod, base1="/srv/a", name1="x", tid=7),
+                 record(EV.SYSCALL, tp_id=chmod, base1="/srv/b", name1="x", tid=7, cut=1),
+                 record(EV.SYSCALL, tp_id=chmod, name1="y", tid=7, n_base1=BASE_AS_BEFORE,
+                        cut=1),
+                 record(EV.SYSCALL, tp_id=chmod, name1="z", tid=7, n_base1=BASE_AS_BEFORE),
+                 decoder=dec)
+    assert [e.path for e in got] == ["/srv/a/x", "/srv/b/x", "/srv/a/y", "/srv/a/z"]
 
 
 def test_records_of_unfollowed_syscalls_are_dropped():

@@ -48,6 +48,8 @@ DATA_SIZE = 16384           # string area of one record (a power of two)
 PATH_SLOT = 4096            # PATH_MAX: room kept after DATA_SIZE for one more string
 PATH_DEPTH = 32             # path components one walk writes (a tail call goes on)
 EXE_AS_BEFORE = 0xFFFF      # event.n_exe: the program this process's last record named
+BASE_AS_BEFORE = 0xFFFF     # event.n_base1/2: the base directory the thread's last record
+                            # that wrote one whole (and was not cut) ended with
 NO_ID = 0xFFFFFFFF          # event.ouid/ogid: no inode, so no owner (never a real id)
 CREATED_FLAG_SHIFT = 32     # event.flags of an open: this bit says the file was created
 URING_NEW_ENTRY = 1         # event.flags of EV_URING: dev/ino are of a new entry of the dir
@@ -77,7 +79,8 @@ KVALS = 16                  # values a condition can compare (KF_*), a power of 
 FAIL_SCAN = 256
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
-DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "PATH_DEPTH", "EXE_AS_BEFORE", "NO_ID",
+DEFINES = ("COMM_LEN", "DATA_SIZE", "PATH_SLOT", "PATH_DEPTH", "EXE_AS_BEFORE",
+           "BASE_AS_BEFORE", "NO_ID",
            "CREATED_FLAG_SHIFT",
            "URING_NEW_ENTRY", "AT_REMOVEDIR_FLAG", "MAX_SYSCALL_NR", "COMPAT_BASE",
            "SPEC_SLOTS", "FAIL_SCAN", "FNV_OFFSET", "FNV_PRIME", "URING_NAMED",
@@ -229,7 +232,8 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("nspid", "u32", "I", comment="pid in the task's own pid namespace"),
     Field("ouid", "u32", "I", comment="the object's owner (inode.i_uid); NO_ID: unknown"),
     Field("ogid", "u32", "I", comment="the object's group (inode.i_gid)"),
-    Field("n_base1", "u16", "H", comment="path components of the first base"),
+    Field("n_base1", "u16", "H", comment="path components of the first base, or "
+          "BASE_AS_BEFORE"),
     Field("n_base2", "u16", "H"),
     Field("n_exe", "u16", "H", comment="or EXE_AS_BEFORE"),
     Field("has_name1", "u16", "H", comment="a path argument follows the base"),
@@ -237,7 +241,10 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field("walk_count", "u16", "H", comment="scratch of put_path"),
     Field("cut", "u16", "H", comment="a string was cut short or left out (no room, "
           "too deep, unreadable): the decoder marks the fields it cannot trust"),
-    Field("pad_cut", "u8", "6x", 6),
+    Field("base_dirs", "u16", "H", comment="bit 0, 1: base 1, 2 is a base directory "
+          "(put_base; else the path of a file): the last whole one is the thread's "
+          "BASE_AS_BEFORE"),
+    Field("pad_cut", "u8", "4x", 4),
     Field("data_len", "u32", "I", comment="bytes used in data; the write position"),
     Field("comm", "char", f"{COMM_LEN}s", COMM_LEN),
 )

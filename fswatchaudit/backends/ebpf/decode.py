@@ -16,6 +16,7 @@ from ...diag import get_logger
 from ...events import Event, ProcessState
 from .abi import (
     AT_REMOVEDIR_FLAG,
+    BASE_AS_BEFORE,
     COMPAT_BASE,
     CREATED_FLAG_SHIFT,
     DATA_SIZE,
@@ -37,6 +38,7 @@ from .abi import (
 
 log = get_logger("ebpf")
 MAX_EXES = 65536
+MAX_BASES = 65536         # threads whose last base directory is kept
 MAX_CACHED = 16384        # decoded paths and command names kept for reuse
 OPEN_SYSCALLS = frozenset({"open", "openat", "openat2", "creat", "open_by_handle_at"})
 # operations that give a path a new inode (a file rule then marks the new one)
@@ -86,6 +88,9 @@ class Decoder:
         self.audited: set[int] = set()
         self.audit_keys: dict[int, str] = {}    # audited pid -> key of its audit
         self.exes: dict[int, str] = {}          # tgid -> its program, as last sent
+        # tid -> the base directory its last whole (not cut) record ended with
+        # (BASE_AS_BEFORE), least recently sent first
+        self.bases: dict[int, str] = {}
         self.paths: dict[tuple[bytes, ...], str] = {}   # decoded directory paths
         self.comms: dict[bytes, str] = {}
         self.batch: list[Event | ProcessState] = []
@@ -101,6 +106,27 @@ class Decoder:
 
     def host_path(self, path: str) -> str:
         return self.container.host_path(path) if self.container else path
+
+    def _base(self, tid: int, parts: list[bytes], n: int, pos: int
+              ) -> tuple[str | None, int]:
+        """A base directory: written in the record, or the thread's last one
+        (BASE_AS_BEFORE; None when it is not known here)."""
+        if n == BASE_AS_BEFORE:
+            return self.bases.get(tid), pos
+        return self._path(parts, n, pos)
+
+    def _sent_base(self, tid: int, h: Any, base1: str, base2: str) -> None:
+        """Remember the last base a whole record wrote, as the kernel does."""
+        last = (base2 if h.base_dirs & 2 and h.n_base2 and h.n_base2 != BASE_AS_BEFORE
+                else base1 if h.base_dirs & 1 and h.n_base1 and h.n_base1 != BASE_AS_BEFORE
+                else None)
+        if last is None:
+            return
+        self.bases.pop(tid, None)
+        if len(self.bases) >= MAX_BASES:        # the least recently sent go first
+            for old in list(self.bases)[:MAX_BASES // 4]:
+                del self.bases[old]
+        self.bases[tid] = last
 
     def _path(self, parts: list[bytes], n: int, pos: int) -> tuple[str, int]:
         key = tuple(parts[pos:pos + n])
@@ -131,11 +157,19 @@ class Decoder:
         pos = 0
         full_from = next((i for i, e in enumerate(ends) if e >= DATA_SIZE), len(strings))
         fields: list[str | None] = []
-        for name, count, is_walk in (("path", h.n_base1, True), ("path", h.has_name1, False),
-                                     ("path2", h.n_base2, True),
+        before = {"path": h.n_base1 == BASE_AS_BEFORE, "path2": h.n_base2 == BASE_AS_BEFORE}
+        for name, count, is_walk in (("path", 0 if before["path"] else h.n_base1, True),
+                                     ("path", h.has_name1, False),
+                                     ("path2", 0 if before["path2"] else h.n_base2, True),
                                      ("path2", h.has_name2, False),
                                      ("exe", 0 if h.n_exe == EXE_AS_BEFORE else h.n_exe,
                                       True)):
+            if is_walk and name != "exe" and before[name]:
+                known = self.bases.get(h.tid)
+                fields.append(known or "...")
+                if known is None:
+                    cut.append(name)
+                continue
             if not count:
                 missing = is_walk and pos > full_from and name != "exe"
                 fields.append(("..." if missing else "") if is_walk else None)
@@ -170,6 +204,7 @@ class Decoder:
             self._decode(data, off, size)
         except Exception as exc:        # noqa: BLE001 - any flaw: count it, go on
             self.undecodable += 1
+            self.bases.clear()          # it may have carried a thread's new base
             if self.undecodable == 1:
                 log.warning("undecodable record", error=repr(exc), size=size)
 
@@ -182,17 +217,26 @@ class Decoder:
         else:
             parts = raw.split(b"\0")
             pos = 0
-            base1, pos = self._path(parts, h.n_base1, pos)
+            known1, pos = self._base(h.tid, parts, h.n_base1, pos)
             name1 = None
             if h.has_name1:
                 name1, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
-            base2, pos = self._path(parts, h.n_base2, pos)
+            known2, pos = self._base(h.tid, parts, h.n_base2, pos)
             name2 = None
             if h.has_name2:
                 name2, pos = parts[pos].decode(errors="surrogateescape"), pos + 1
             exe_given = self._path(parts, h.n_exe, pos)[0] if (
                 h.n_exe and h.n_exe != EXE_AS_BEFORE) else None
             cut = None
+            # a base the thread's earlier record carried, which did not come here
+            # (a record that could not be read): not guessed, marked
+            unknown = [field for field, base, name in (("path", known1, name1),
+                                                       ("path2", known2, name2))
+                       if base is None and not (name or "").startswith("/")]
+            if unknown:
+                cut = unknown
+            base1, base2 = known1 or "...", known2 or "..."
+            self._sent_base(h.tid, h, base1, base2)
         pid = h.pid
         exe: str | None
         if h.n_exe == EXE_AS_BEFORE:

@@ -39,10 +39,12 @@
 #define DIR_CACHE_SIZE  65536
 #define MAX_EXE_SENT    65536
 #define MAX_AUDITED     65536
-/* Waking the reader for every record costs the audited process a cross-CPU wakeup per
- * operation; records are sent without one and every WAKEUP_EVERY-th record on a CPU
- * wakes the reader (which also polls on its own every few milliseconds). */
-#define WAKEUP_EVERY    64
+/* Waking the reader costs the audited process an interrupt (in a VM, an exit to the
+ * hypervisor) and a cross-CPU wakeup; records are sent without one and every
+ * WAKEUP_EVERY-th record on a CPU wakes the reader, which looks on its own every 10 ms
+ * anyway (ringbuf.py POLL_INTERVAL): the wakeups only matter for a burst that would
+ * fill the ring between two looks (176,000 records of 32 MB). */
+#define WAKEUP_EVERY    1024
 #define RB_NO_WAKEUP    1       /* BPF_RB_NO_WAKEUP */
 #define RB_FORCE_WAKEUP 2       /* BPF_RB_FORCE_WAKEUP */
 
@@ -85,6 +87,21 @@ BPF_HASH(watched, struct watch_key, struct watch_val, MAX_WATCHES);
  * every process, and an array lookup is a bounds check and an add */
 BPF_ARRAY(syscall_spec, struct syscall_spec, SPEC_SLOTS);
 
+/* A base directory a thread's record carried whole: the thread's next records that have
+ * the same one say BASE_AS_BEFORE instead of its path (user space keeps the thread's
+ * last one).  The same directory is the same dentry through the same mount, with the
+ * same device and inode number (a dentry's memory may come back as another
+ * directory's), while no directory has moved or been removed and nothing has been
+ * mounted (GEN_KERNEL): then its path is the same. */
+struct sent_base {
+    u64 dentry;
+    u64 mnt;
+    u64 ino;
+    u64 kgen;
+    u64 dev;                    /* with valid: 0 while nothing was sent */
+    u64 valid;
+};
+
 /* pending: per thread (task storage: found from the task itself, without a hash
  * lookup, and gone with the thread), the syscall in progress and the inodes it changed
  * so far.  A thread's entry stays after its syscall (active = 0) and is reused by the
@@ -101,10 +118,19 @@ struct pending {
     u8 perms;                   /* what the watches grant to the inodes judged so far */
     u8 granted;                 /* bit i: the watches grant something to touched[i] */
     u8 renames;                 /* a rename or link: touched_name is kept */
-    u8 pad[2];
+    u8 scope;                   /* SCOPE_*: the thread at the syscall's entry */
+    u8 pad;
     u64 rules;                  /* and the rule slots behind it (struct match) */
     u64 names;
+    struct sent_base sent;      /* kept between syscalls (sys_enter leaves it); not
+                                 * copied to ending (PENDING_COPY) */
 };
+#define PENDING_COPY __builtin_offsetof(struct pending, sent)
+/* pending.scope: whether the thread's syscall is reported (in_scope), judged once at
+ * its entry instead of at every change and at its end */
+#define SCOPE_OUT       0
+#define SCOPE_IN        1
+#define SCOPE_ALL_PATHS 2       /* a per-process audit of everything it touches */
 BPF_TASK_STORAGE(pending, struct pending);
 
 /* The current thread's entry, or NULL (create: make one if it has none). */
@@ -115,6 +141,9 @@ static __always_inline struct pending *thread_pending(int create)
 }
 /* ending: the copy sys_exit works on (per CPU: the BPF stack has no room for it) */
 BPF_PERCPU_ARRAY(ending, struct pending, 1);
+/* base_written: the last base directory the record being built carries whole; the
+ * thread's sent base becomes it once the record is in the ring */
+BPF_PERCPU_ARRAY(base_written, struct sent_base, 1);
 
 /* dir_cache: directory (dev, ino) -> what the watches grant to its direct entries, from
  * a walk up to its filesystem's root.  An entry holds while both generations in gens
@@ -998,12 +1027,33 @@ static __always_inline int base_dir(s64 dfd, void **dentry, void **mnt)
 }
 
 /* Append the base directory a path argument is relative to: dirfd or the cwd. */
-static __always_inline u16 put_base(struct event *e, s64 dfd)
+static __always_inline u16 put_base(struct event *e, s64 dfd, u16 which)
 {
     void *dentry = NULL, *mnt = NULL;
     if (!base_dir(dfd, &dentry, &mnt))
         return 0;
-    return put_path(e, dentry, mnt);
+    e->base_dirs |= which;
+    u32 zero = 0;
+    struct sent_base *w = base_written.lookup(&zero);
+    struct pending *t = thread_pending(0);
+    if (!w || !t)
+        return put_path(e, dentry, mnt);
+    struct sent_base now = {};
+    now.dentry = (u64)dentry;
+    now.mnt = (u64)mnt;
+    void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
+    now.ino = read_u64(inode, OFF_INODE_I_INO);
+    now.dev = read_u32(read_ptr(inode, OFF_INODE_I_SB), OFF_SB_S_DEV);
+    now.kgen = gen(GEN_KERNEL);
+    now.valid = 1;
+    if (t->sent.valid && t->sent.dentry == now.dentry && t->sent.mnt == now.mnt &&
+        t->sent.ino == now.ino && t->sent.dev == now.dev && t->sent.kgen == now.kgen)
+        return BASE_AS_BEFORE;
+    u8 was_cut = e->cut;
+    u16 n = put_path(e, dentry, mnt);
+    if (n && !e->cut && !was_cut)
+        *w = now;
+    return n;
 }
 
 /* Fill the process part of a record. */
@@ -1013,6 +1063,9 @@ static __always_inline struct event *new_event(u32 kind)
     struct event *e = scratch.lookup(&zero);
     if (!e)
         return NULL;
+    struct sent_base *w = base_written.lookup(&zero);
+    if (w)
+        w->valid = 0;
     void *task = (void *)bpf_get_current_task();
     u64 pid_tgid = bpf_get_current_pid_tgid();
     e->ktime = bpf_ktime_get_ns();
@@ -1039,6 +1092,7 @@ static __always_inline struct event *new_event(u32 kind)
     e->nspid = task_nspid(task);
     e->ouid = e->ogid = NO_ID;
     e->n_base1 = e->n_base2 = e->n_exe = e->has_name1 = e->has_name2 = e->cut = 0;
+    e->base_dirs = 0;
     e->data_len = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     return e;
@@ -1080,6 +1134,11 @@ static __always_inline void submit_now(void *ctx, struct event *e)
         count(CNT_SUBMITTED);
         if (e->n_exe && e->n_exe != EXE_AS_BEFORE && e->pid == tgid)
             exe_sent.update(&tgid, &now);
+        u32 zero = 0;
+        struct sent_base *w = base_written.lookup(&zero);
+        struct pending *t = w && w->valid && !e->cut ? thread_pending(0) : NULL;
+        if (t && w)
+            t->sent = *w;
     } else {
         count(CNT_LOST);
     }
@@ -1192,6 +1251,12 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     p->perms = 0;
     p->rules = 0;
     p->names = 0;
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    int all_paths = 0;
+    p->scope = SCOPE_OUT;
+    if (cfg && in_scope(cfg, bpf_get_current_pid_tgid() >> 32, &all_paths))
+        p->scope = all_paths ? SCOPE_ALL_PATHS : SCOPE_IN;
 #ifdef OFF_TASK_TI_STATUS
     if (compat) {
         /* 32-bit arguments, in other registers */
@@ -1221,10 +1286,9 @@ RAW_TRACEPOINT_PROBE(sys_enter)
  * no name yet: it is judged at the syscall's end. */
 static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
 {
-    u32 tgid;
-    int all_paths;
-    struct config *cfg = current_scope(&tgid, &all_paths);
-    if (!cfg || !cfg->have_watches)
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->have_watches || p->scope == SCOPE_OUT)
         return;
     void *dentry = inode_dentry(inode);
     if (!dentry)
@@ -1309,11 +1373,11 @@ static __always_inline int put_uring_names(struct event *e, void *req, u8 opcode
         return 0;
     }
     e->flags |= URING_NAMED;
-    e->n_base1 = put_base(e, dfd1);
+    e->n_base1 = put_base(e, dfd1, 1);
     put_kernel_name(e, name1);
     e->has_name1 = 1;
     if (two) {
-        e->n_base2 = put_base(e, dfd2);
+        e->n_base2 = put_base(e, dfd2, 2);
         put_kernel_name(e, name2);
         e->has_name2 = 1;
     }
@@ -1545,7 +1609,7 @@ static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracep
     struct pending *pc = ending.lookup(&zero);
     if (!pc)
         return NULL;
-    *pc = *p;
+    __builtin_memcpy(pc, p, PENDING_COPY);
     if (pc->tp_id != nr)
         return NULL;
     *out = pc;
@@ -1927,14 +1991,14 @@ static __always_inline void report_paths(void *ctx, struct event *e,
             /* utimensat(fd, NULL, ...) and friends: the fd itself */
             put_fd_path(e, fd_file(dfd));
         } else {
-            e->n_base1 = put_base(e, dfd);
+            e->n_base1 = put_base(e, dfd, 1);
             put_user_str(e, upath);
             e->has_name1 = 1;
         }
     }
     if (spec->path2 >= 0) {
         s64 dfd = spec->dfd2 >= 0 ? (s64)(s32)pc->args[spec->dfd2 & 7] : AT_FDCWD_VALUE;
-        e->n_base2 = put_base(e, dfd);
+        e->n_base2 = put_base(e, dfd, 2);
         put_user_str(e, (const void *)pc->args[spec->path2 & 7]);
         e->has_name2 = 1;
     }
@@ -1982,12 +2046,11 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     }
     if (ret >= 0 && spec->moves)
         note_moves(pc, spec);
-    u32 tgid;
-    int all_paths;
-    struct config *cfg = current_scope(&tgid, &all_paths);
-    if (!cfg)
-        return 0;
     u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || pc->scope == SCOPE_OUT)
+        return 0;
+    int all_paths = pc->scope == SCOPE_ALL_PATHS;
     struct exit_state *x = exit_states.lookup(&zero);
     if (!x)
         return 0;
