@@ -1,8 +1,9 @@
 """Cost of the eBPF backend on a file-operation workload, against no tracing and auditd.
 
 One workload (bench/workload.c, compiled with gcc here) does ROUNDS rounds of
-open(O_CREAT) + write + close, chmod, rename, unlink.  It runs several ways, interleaved
-over a few repetitions so that drifts of the machine hit every way alike:
+open(O_CREAT) + write + close, chmod, rename, unlink, each run on a fresh ext4
+filesystem (FreshFilesystem; --same-fs: one directory of /tmp).  It runs several ways,
+interleaved over a few repetitions so that drifts of the machine hit every way alike:
 
   baseline    nothing traces
   unwatched   the eBPF backend runs, watching a sibling directory on the same filesystem
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import resource
@@ -416,6 +418,51 @@ def ways_of(args, rep: int, exe: str, workdir: str, elsewhere: str, tmp: str,
     return ways
 
 
+# -- a fresh filesystem for every run ------------------------------------------------------
+
+FS_IMAGE_MB = 256
+FS_INODES = 131072
+
+
+class FreshFilesystem:
+    """A new ext4 filesystem (a RAM-backed image on /dev/shm, loop-mounted) at the same
+    mount point for every run.  On a filesystem that lives on, each run is slowed by
+    the runs before it: ext4 does not reuse an inode freed in the last 30 seconds
+    (``recently_deleted``), and every new inode of the workload scans past all of them,
+    so a run's cost depends on how many files the runs before it deleted and how long
+    ago (measured: up to a fifth of a run's time, depending on the order of the ways).
+    A fresh filesystem starts every way from the same state."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        fd, self.image = tempfile.mkstemp(prefix="fswa-bench-", suffix=".ext4",
+                                          dir="/dev/shm")
+        os.close(fd)
+        os.makedirs(mountpoint, exist_ok=True)
+
+    def __enter__(self) -> FreshFilesystem:
+        with open(self.image, "r+b") as fh:
+            fh.truncate(0)
+            fh.truncate(FS_IMAGE_MB << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(FS_INODES),
+                        "-E", "lazy_itable_init=0,lazy_journal_init=0", self.image],
+                       check=True)
+        subprocess.run(["mount", "-o", "loop", self.image, self.mountpoint], check=True)
+        for sub in ("work", "elsewhere"):
+            os.mkdir(os.path.join(self.mountpoint, sub))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if subprocess.run(["umount", self.mountpoint]).returncode != 0:
+            subprocess.run(["umount", "-l", self.mountpoint])
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.image)
+        except OSError:
+            pass
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def main() -> None:
@@ -438,6 +485,9 @@ def main() -> None:
                          "measurement (bench/stig-like.rules)")
     ap.add_argument("--startup-only", action="store_true",
                     help="measure only the start-up time")
+    ap.add_argument("--same-fs", action="store_true",
+                    help="run every way in one directory of /tmp instead of on a fresh "
+                         "ext4 filesystem each time (see FreshFilesystem)")
     ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other tools' BPF "
                          "tracing programs to be gone (default %(default)s)")
@@ -455,9 +505,12 @@ def main() -> None:
     if PIN_CPU is not None and PIN_CPU not in os.sched_getaffinity(0):
         raise SystemExit(f"bench_ebpf: CPU {PIN_CPU} is not available here")
     tmp = tempfile.mkdtemp(prefix="fswa-bench-", dir="/tmp")
-    workdir, elsewhere = os.path.join(tmp, "work"), os.path.join(tmp, "elsewhere")
-    os.mkdir(workdir)
-    os.mkdir(elsewhere)
+    fresh = None if args.same_fs else FreshFilesystem(os.path.join(tmp, "fs"))
+    base = fresh.mountpoint if fresh else tmp
+    workdir, elsewhere = os.path.join(base, "work"), os.path.join(base, "elsewhere")
+    if fresh is None:
+        os.mkdir(workdir)
+        os.mkdir(elsewhere)
     exe = build_workload(tmp)
     use_auditd = bool(shutil.which("auditctl")) and not args.no_auditd
     results: dict[str, list[dict]] = collections.defaultdict(list)
@@ -473,12 +526,15 @@ def main() -> None:
             # or right after another one's teardown
             k = rep % len(ways)
             for way, run in ways[k:] + ways[:k]:
-                foreign = wait_quiet(args.wait_quiet)
-                results[way].append(dict(run(), foreign_progs=foreign, rep=rep))
+                with fresh if fresh is not None else contextlib.nullcontext():
+                    foreign = wait_quiet(args.wait_quiet)
+                    results[way].append(dict(run(), foreign_progs=foreign, rep=rep))
             print(f"repetition {rep + 1}/{args.repeat} done", file=sys.stderr)
     finally:
         if rec is not None:
             rec.close()
+        if fresh is not None:
+            fresh.remove()
         shutil.rmtree(tmp, ignore_errors=True)
 
     if args.json:
@@ -548,7 +604,10 @@ def report(args, startup: list[dict], results: dict[str, list[dict]]) -> None:
     nops = args.rounds * OPS_PER_ROUND
     print(f"workload: {args.rounds} rounds x {OPS_PER_ROUND} = {nops} file operations, "
           f"{args.rounds * EVENTS_PER_ROUND} auditable events per run; "
-          f"{args.repeat} interleaved repetitions; workload pinned to "
+          f"{args.repeat} interleaved repetitions; "
+          + ("in one directory of /tmp" if args.same_fs else
+             f"on a fresh {FS_IMAGE_MB} MB ext4 filesystem each run")
+          + "; workload pinned to "
           + ("no CPU" if PIN_CPU is None else f"CPU {PIN_CPU}")
           + f"; kernel {os.uname().release}, {os.cpu_count()} CPUs; workload login uid "
           f"{login_uid()}" + (f"; eBPF runs with {args.rules}" if args.rules else "") + "\n")

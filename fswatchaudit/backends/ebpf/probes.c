@@ -618,10 +618,8 @@ static __always_inline void inode_head(void *inode, struct inode_head *h)
 
 static __always_inline void inode_key(void *inode, struct watch_key *key)
 {
-    struct inode_head h = {};
-    inode_head(inode, &h);
-    key->dev = read_u32(h.sb, OFF_SB_S_DEV);
-    key->ino = h.ino;
+    key->dev = read_u32(read_ptr(inode, OFF_INODE_I_SB), OFF_SB_S_DEV);
+    key->ino = read_u64(inode, OFF_INODE_I_INO);
 }
 
 static __always_inline u64 gen(u32 which)
@@ -767,13 +765,10 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
     u8 perms = 0;
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
-    struct inode_head ih = {};
-    inode_head(inode, &ih);
-    int dir = (ih.mode & S_IFMT_MASK) == S_IFDIR_BITS;
+    int dir = is_dir(inode);
     if (!dentry || (!dir && cfg && cfg->file_watches)) {
         struct watch_key key = {};
-        key.dev = read_u32(ih.sb, OFF_SB_S_DEV);
-        key.ino = ih.ino;
+        inode_key(inode, &key);
         struct watch_val *own = watched.lookup(&key);
         if (own) {
             perms = own->self;
@@ -784,7 +779,7 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
         return perms;
     /* the names to judge: the directory itself, or the file's name (every one of them
      * when it has several links) */
-    int aliases = every_name && !dir && ih.nlink > 1;
+    int aliases = every_name && !dir && read_u32(inode, OFF_INODE_I_NLINK) > 1;
     void *node = aliases ? read_ptr(inode, OFF_INODE_I_DENTRY) : NULL;
     for (int i = 0; i < MAX_ALIASES; i++) {
         void *name = dentry;
@@ -2031,6 +2026,21 @@ BPF_PERCPU_ARRAY(exit_states, struct exit_state, 1);
 #define EXIT_SCAN       3       /* ... whose names are scanned first: exit_scan */
 BPF_PROG_ARRAY(exit_tail, 4);
 
+/* A success whose changes were all judged when they happened, granted nothing and
+ * leave nothing to do (exit_changed would find the same): not a rename or link (judged
+ * again by their new names), no inode left unjudged (a new one, or more than
+ * MAX_TOUCHED), no path-less rule or audit of all paths, no file watch to forget, no
+ * walk left to continue. */
+static __always_inline int changed_settled(struct config *cfg, struct syscall_spec *spec,
+                                           struct pending *pc, struct exit_state *x)
+{
+    u32 all = (1u << (pc->ntouched & 7)) - 1;
+    struct deep_state *s = deep_state();
+    return !x->any_object && !(pc->perms & spec->perm) && spec->path2 < 0 &&
+           (pc->judged & all) == all && pc->ntouched <= MAX_TOUCHED && !pc->overflow &&
+           !cfg->file_watches && s && !s->short_dir;
+}
+
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
     /* every syscall ends here: leave at once unless it is one we follow */
@@ -2063,8 +2073,10 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     x->all_paths = all_paths;
     if (ret >= 0 && spec->kind == KIND_OPEN)
         exit_tail.call(ctx, EXIT_OPEN);
-    else if (ret >= 0 && pc->ntouched)
+    else if (ret >= 0 && pc->ntouched && !changed_settled(cfg, spec, pc, x))
         exit_tail.call(ctx, EXIT_CHANGED);
+    else if (ret >= 0 && pc->ntouched)
+        return 0;
     /* a failure: its names are scanned first, unless everything is reported anyway
      * or nothing is watched */
     x->scan_k = 0;
