@@ -2029,16 +2029,26 @@ BPF_PROG_ARRAY(exit_tail, 4);
 /* A success whose changes were all judged when they happened, granted nothing and
  * leave nothing to do (exit_changed would find the same): not a rename or link (judged
  * again by their new names), no inode left unjudged (a new one, or more than
- * MAX_TOUCHED), no path-less rule or audit of all paths, no file watch to forget, no
- * walk left to continue. */
+ * MAX_TOUCHED), no path-less rule or audit of all paths, no file's own watch to
+ * forget, no walk left to continue. */
 static __always_inline int changed_settled(struct config *cfg, struct syscall_spec *spec,
                                            struct pending *pc, struct exit_state *x)
 {
     u32 all = (1u << (pc->ntouched & 7)) - 1;
     struct deep_state *s = deep_state();
-    return !x->any_object && !(pc->perms & spec->perm) && spec->path2 < 0 &&
-           (pc->judged & all) == all && pc->ntouched <= MAX_TOUCHED && !pc->overflow &&
-           !cfg->file_watches && s && !s->short_dir;
+    if (x->any_object || (pc->perms & spec->perm) || spec->path2 >= 0 ||
+        (pc->judged & all) != all || pc->ntouched > MAX_TOUCHED || pc->overflow ||
+        !s || s->short_dir)
+        return 0;
+    if (!cfg->file_watches)
+        return 1;
+    /* a file whose last name went: its own watch is forgotten there (forget_if_gone) */
+    for (int i = 0; i < MAX_TOUCHED; i++) {
+        void *inode = (void *)pc->touched[i];
+        if (i < pc->ntouched && !read_u32(inode, OFF_INODE_I_NLINK) && !is_dir(inode))
+            return 0;
+    }
+    return 1;
 }
 
 RAW_TRACEPOINT_PROBE(sys_exit)
