@@ -1093,3 +1093,28 @@ def test_a_base_directory_sent_once_stays_right_when_directories_move(tree):
         assert any(reused), "no record reused its thread's base directory"
     finally:
         be.close()
+
+
+def test_a_base_directory_reached_through_mounts_is_named_by_the_mount_it_is_reached_by(tree):
+    """The same directory reached through one bind mount, then (after that is unmounted)
+    through another at another place: each record names the path it was reached by."""
+    w, _ = tree
+    os.makedirs(f"{w}/a")
+    open(f"{w}/a/x", "w").close()
+    os.mkdir(f"{w}/b")
+    os.mkdir(f"{w}/c")
+    be = backend_for(watch_rule(w))
+    try:
+        py("import os, subprocess\n"
+           f"subprocess.run(['mount', '--bind', '{w}/a', '{w}/b'], check=True)\n"
+           f"os.chdir('{w}/b')\nos.chmod('x', 0o600)\nos.chmod('x', 0o640)\n"
+           f"os.chdir('{w}')\nsubprocess.run(['umount', '{w}/b'], check=True)\n"
+           f"subprocess.run(['mount', '--bind', '{w}/a', '{w}/c'], check=True)\n"
+           f"os.chdir('{w}/c')\nos.chmod('x', 0o600)\n"
+           f"os.chdir('{w}')\nsubprocess.run(['umount', '{w}/c'], check=True)\n", w)
+        got = [(e.op, e.path) for e in drain(be) if e.op == "chmod"]
+        assert got == [("chmod", f"{w}/b/x"), ("chmod", f"{w}/b/x"), ("chmod", f"{w}/c/x")]
+    finally:
+        for m in ("b", "c"):
+            subprocess.run(["umount", f"{w}/{m}"], capture_output=True)
+        be.close()

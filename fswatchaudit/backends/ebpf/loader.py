@@ -76,7 +76,11 @@ OFFSETS = {
 # reachable: after them the kernel's cache of directory verdicts is expired.
 MOVING_SYSCALLS = {"rename": MOVES.MAYBE, "renameat": MOVES.MAYBE, "renameat2": MOVES.MAYBE,
                    "unlinkat": MOVES.MAYBE, "rmdir": MOVES.ALWAYS}
-MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount")
+# syscalls that place, move or remove mounts (and so change where directories are and
+# the paths through them): each success moves GEN_KERNEL
+# (named as the syscall tables name them: umount2's tracefs event is "umount")
+MOUNT_SYSCALLS = ("mount", "fsmount", "move_mount", "umount2", "umount", "pivot_root",
+                  "open_tree", "open_tree_attr")
 
 # Syscall argument roles, by the argument names in the tracefs format files.
 DFD_NAMES = ("dfd", "olddfd")
@@ -206,9 +210,8 @@ def syscall_specs(tfs: str) -> dict[str, SyscallSpec]:
             flags_in_struct=1 if name == "openat2" else 0,
             fixed_flags=OFLAG.CREAT | OFLAG.WRONLY | OFLAG.TRUNC if name == "creat" else 0,
             moves=MOVING_SYSCALLS.get(name, MOVES.NEVER))
-    for name in MOUNT_SYSCALLS:
-        if syscall_args(tfs, name) is not None:
-            specs[name] = SyscallSpec(kind=KIND.MOUNT)
+    for name in MOUNT_SYSCALLS:       # no arguments read: a name the tables lack is unused
+        specs[name] = SyscallSpec(kind=KIND.MOUNT)
     return specs
 
 
@@ -297,6 +300,16 @@ def sb_mount_flags(btf: BTF) -> list[str]:
 CRED_IDS = ("uid", "gid", "suid", "sgid", "euid", "egid", "fsuid", "fsgid")
 
 
+def mount_id_flags(btf: BTF) -> list[str]:
+    """A mount's id that is never reused (6.8 on): a base directory said to be "as
+    before" must be reached through the same mount, not one made since at the same
+    address.  None: the mount pointer alone, with the mount syscalls' generation."""
+    try:
+        return [f"-DOFF_MOUNT_MNT_ID_UNIQUE={btf.offset('mount.mnt_id_unique')}"]
+    except BTFError:
+        return []
+
+
 def kernel_view_flags(btf: BTF) -> list[str]:
     """Plain loads of kernel memory instead of bpf_probe_read_kernel calls (about 30 ns
     each): the kfunc bpf_rdonly_cast (Linux 6.2+; the timestamp tracepoints the backend
@@ -355,6 +368,7 @@ def kernel_flags() -> list[str]:
         flags += sb_mount_flags(btf)
         flags += uring_fixed_flags(btf)
         flags += kernel_view_flags(btf)
+        flags += mount_id_flags(btf)
     except (OSError, BTFError) as exc:
         raise BackendUnavailable(f"cannot read kernel struct layouts from BTF: {exc}") from None
     return flags

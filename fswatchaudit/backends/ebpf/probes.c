@@ -91,15 +91,17 @@ BPF_ARRAY(syscall_spec, struct syscall_spec, SPEC_SLOTS);
  * the same one say BASE_AS_BEFORE instead of its path (user space keeps the thread's
  * last one).  The same directory is the same dentry through the same mount, with the
  * same device and inode number (a dentry's memory may come back as another
- * directory's), while no directory has moved or been removed and nothing has been
- * mounted (GEN_KERNEL): then its path is the same. */
+ * directory's) and the same mount id (a mount's memory may come back as another
+ * mount's), while no directory has moved or been removed and no mount has been made,
+ * moved or removed (GEN_KERNEL): then its path is the same. */
 struct sent_base {
     u64 dentry;
     u64 mnt;
+    u64 mnt_id;                 /* the mount's id that is never reused (0: unknown) */
     u64 ino;
     u64 kgen;
-    u64 dev;                    /* with valid: 0 while nothing was sent */
-    u64 valid;
+    u64 dev;
+    u64 valid;                  /* 0 while nothing was sent */
 };
 
 /* pending: per thread (task storage: found from the task itself, without a hash
@@ -1036,13 +1038,17 @@ static __always_inline u16 put_base(struct event *e, s64 dfd, u16 which)
     struct sent_base now = {};
     now.dentry = (u64)dentry;
     now.mnt = (u64)mnt;
+#ifdef OFF_MOUNT_MNT_ID_UNIQUE
+    now.mnt_id = read_u64((char *)mnt - OFF_MOUNT_MNT, OFF_MOUNT_MNT_ID_UNIQUE);
+#endif
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
     now.ino = read_u64(inode, OFF_INODE_I_INO);
     now.dev = read_u32(read_ptr(inode, OFF_INODE_I_SB), OFF_SB_S_DEV);
     now.kgen = gen(GEN_KERNEL);
     now.valid = 1;
     if (t->sent.valid && t->sent.dentry == now.dentry && t->sent.mnt == now.mnt &&
-        t->sent.ino == now.ino && t->sent.dev == now.dev && t->sent.kgen == now.kgen)
+        t->sent.mnt_id == now.mnt_id && t->sent.ino == now.ino && t->sent.dev == now.dev &&
+        t->sent.kgen == now.kgen)
         return BASE_AS_BEFORE;
     u8 was_cut = e->cut;
     u16 n = put_path(e, dentry, mnt);
