@@ -1118,3 +1118,38 @@ def test_a_base_directory_reached_through_mounts_is_named_by_the_mount_it_is_rea
         for m in ("b", "c"):
             subprocess.run(["umount", f"{w}/{m}"], capture_output=True)
         be.close()
+
+
+def test_watches_above_a_mount_follow_rule_changes_and_remounts(tree):
+    """Opens on a filesystem mounted below a directory are judged by the watches above
+    the mount (kept per mount): a watch added or removed there at run time, and the
+    filesystem mounted again elsewhere, change the judgment at once."""
+    from fswatchaudit.auditor import Auditor
+    from fswatchaudit.sinks import ListSink
+    w, o = tree
+    mnt, elsewhere = f"{o}/mnt", f"{o}/other/point"
+    os.mkdir(mnt)
+    os.makedirs(elsewhere)
+    be = backend_for(watch_rule(w, key="w"))
+    seen = ListSink()
+    aud = Auditor(be, be.rules, [seen])
+    subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)
+    try:
+        open(f"{mnt}/f", "w").close()
+        py(f"open('{mnt}/f', 'a').close()", o)                      # not watched
+        aud.apply([parse_line(f"-w {o} -p wa -k o")])
+        py(f"open('{mnt}/f', 'a').close()", o)                      # watched now
+        aud.apply([parse_line(f"-W {o} -p wa -k o")])
+        py(f"open('{mnt}/f', 'a').close()", o)                      # not any more
+        aud.apply([parse_line(f"-w {o}/other -p wa -k e")])
+        py(f"open('{mnt}/f', 'a').close()", o)                      # not below e yet
+        subprocess.run(["mount", "--move", mnt, elsewhere], check=True)
+        py(f"open('{elsewhere}/f', 'a').close()", o)                # moved below e
+        aud.poll_once(0.5)
+        aud.poll_once(0.3)
+        got = [(e.op, e.path, e.keys) for e in seen.events if e.op == "open"]
+        assert got == [("open", f"{mnt}/f", ["o"]), ("open", f"{elsewhere}/f", ["e"])]
+    finally:
+        for m in (elsewhere, mnt):
+            subprocess.run(["umount", m], capture_output=True)
+        be.close()

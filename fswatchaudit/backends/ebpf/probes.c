@@ -829,6 +829,33 @@ static __always_inline u8 inode_perms(void *inode, struct match *m)
 /* Perms for the object at (mnt, dentry) (an opened or executed file, by each of its
  * names: one opened through a hard link made elsewhere is still judged): as inside its
  * filesystem, plus subtree watches above the mount it is reached through. */
+/* mount_near: per CPU, direct-mapped by mount, what subtree watches above a mount grant
+ * below it (the walk from the mount's root up across the mounts it is below: a hash
+ * lookup per level), while the mounts and directories (GEN_KERNEL) and the watches
+ * (GEN_USER) are as they were; a mount is told apart from one made since at the same
+ * address by its never-reused id where the kernel has one. */
+#define MOUNT_NEAR_SLOTS 64
+struct mount_near_entry {
+    u64 mnt;
+    u64 mnt_id;
+    u64 kgen;
+    u64 ugen;
+    u64 rules;
+    u8 perms;
+    u8 pad[7];
+};
+BPF_PERCPU_ARRAY(mount_near, struct mount_near_entry, MOUNT_NEAR_SLOTS);
+
+/* A mount's id that is never reused (0 where the kernel has none). */
+static __always_inline u64 mount_id(void *mnt)
+{
+#ifdef OFF_MOUNT_MNT_ID_UNIQUE
+    return read_u64((char *)mnt - OFF_MOUNT_MNT, OFF_MOUNT_MNT_ID_UNIQUE);
+#else
+    return 0;
+#endif
+}
+
 static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m)
 {
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
@@ -836,6 +863,14 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m
     void *mount = (char *)mnt - OFF_MOUNT_MNT;
     if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
         return perms;           /* a top mount: nothing above it */
+    u64 kgen = gen(GEN_KERNEL), ugen = gen(GEN_USER), id = mount_id(mnt);
+    u32 slot = ((u64)mnt >> 6) & (MOUNT_NEAR_SLOTS - 1);
+    struct mount_near_entry *near = mount_near.lookup(&slot);
+    if (near && near->mnt == (u64)mnt && near->mnt_id == id && near->kgen == kgen &&
+        near->ugen == ugen) {
+        m->rules |= near->rules;
+        return perms | near->perms;
+    }
     struct walk w = {};
     w.dentry = read_ptr(mnt, OFF_VFSMOUNT_MNT_ROOT);
     w.mnt = mnt;
@@ -844,6 +879,14 @@ static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m
             break;
     if (!w.done)
         count(CNT_TOO_DEEP);    /* a mount point deeper than the walk reaches */
+    else if (near) {
+        near->mnt = (u64)mnt;
+        near->mnt_id = id;
+        near->kgen = kgen;
+        near->ugen = ugen;
+        near->rules = w.rules;
+        near->perms = w.perms;
+    }
     m->rules |= w.rules;
     return perms | w.perms;
 }
@@ -1038,9 +1081,7 @@ static __always_inline u16 put_base(struct event *e, s64 dfd, u16 which)
     struct sent_base now = {};
     now.dentry = (u64)dentry;
     now.mnt = (u64)mnt;
-#ifdef OFF_MOUNT_MNT_ID_UNIQUE
-    now.mnt_id = read_u64((char *)mnt - OFF_MOUNT_MNT, OFF_MOUNT_MNT_ID_UNIQUE);
-#endif
+    now.mnt_id = mount_id(mnt);
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
     now.ino = read_u64(inode, OFF_INODE_I_INO);
     now.dev = read_u32(read_ptr(inode, OFF_INODE_I_SB), OFF_SB_S_DEV);
