@@ -739,6 +739,21 @@ static int run(void) {
 """
 
 
+def run_uring(tmp_path, w: str, source: str) -> tuple[int, int, list]:
+    """Run an io_uring helper in w, which holds a file f, under a watch of w: the
+    helper's pid, f's inode before it ran, and the events."""
+    prog = uring_program(tmp_path, source)
+    open(f"{w}/f", "w").close()
+    ino = os.stat(f"{w}/f").st_ino
+    be = backend_for(watch_rule(w, perms="wa", key="u"), exclude_self=True)
+    try:
+        proc = subprocess.Popen([prog], cwd=w)
+        assert proc.wait() == 0
+        return proc.pid, ino, drain(be)
+    finally:
+        be.close()
+
+
 def uring_program(tmp_path, source: str) -> str:
     """One of the io_uring helpers, built with liburing (scripts/setup installs it)."""
     assert os.path.exists("/usr/include/liburing.h"), "liburing-dev: run scripts/setup"
@@ -779,26 +794,18 @@ def test_io_uring_opens_and_names_are_those_of_the_request(tree, tmp_path):
     """An open of an existing file for write changes nothing: it is seen at its
     completion.  Rename, link, symlink, mkdir and rmdir carry the names the request was
     given (both of them for rename and link), not the names the objects have later."""
-    prog = uring_program(tmp_path, IO_URING_NAMES_C)
     w, _ = tree
-    open(f"{w}/f", "w").close()
-    ino = os.stat(f"{w}/f").st_ino
-    be = backend_for(watch_rule(w, perms="wa", key="u"), exclude_self=True)
-    try:
-        proc = subprocess.Popen([prog], cwd=w)
-        assert proc.wait() == 0
-        got = [(e.op, e.path, e.path2, e.access, e.pid, e.keys) for e in drain(be)]
-        assert got == [
-            ("open", f"{w}/f", None, "w", proc.pid, ["u"]),
-            ("create", f"{w}/c", None, None, proc.pid, ["u"]),
-            ("rename", f"{w}/f", f"{w}/g", None, proc.pid, ["u"]),
-            ("link", f"{w}/g", f"{w}/h", None, proc.pid, ["u"]),
-            ("symlink", f"{w}/s", None, None, proc.pid, ["u"]),
-            ("mkdir", f"{w}/d", None, None, proc.pid, ["u"]),
-            ("rmdir", f"{w}/d", None, None, proc.pid, ["u"])]
-        assert os.stat(f"{w}/g").st_ino == ino
-    finally:
-        be.close()
+    pid, ino, events = run_uring(tmp_path, w, IO_URING_NAMES_C)
+    got = [(e.op, e.path, e.path2, e.access, e.pid, e.keys) for e in events]
+    assert got == [
+        ("open", f"{w}/f", None, "w", pid, ["u"]),
+        ("create", f"{w}/c", None, None, pid, ["u"]),
+        ("rename", f"{w}/f", f"{w}/g", None, pid, ["u"]),
+        ("link", f"{w}/g", f"{w}/h", None, pid, ["u"]),
+        ("symlink", f"{w}/s", None, None, pid, ["u"]),
+        ("mkdir", f"{w}/d", None, None, pid, ["u"]),
+        ("rmdir", f"{w}/d", None, None, pid, ["u"])]
+    assert os.stat(f"{w}/g").st_ino == ino
 
 
 @pytest.mark.parametrize("depth", [20, 40])
@@ -902,21 +909,12 @@ def test_io_uring_opens_into_fixed_file_slots_are_reported(tree, tmp_path):
     """An open into a fixed file slot installs no fd: the file is found in the ring's
     table of slots at the open's completion.  A creation into a slot is seen in the
     worker, as any io_uring creation."""
-    prog = uring_program(tmp_path, IO_URING_FIXED_C)
     w, _ = tree
-    open(f"{w}/f", "w").close()
-    ino = os.stat(f"{w}/f").st_ino
-    be = backend_for(watch_rule(w, perms="wa", key="u"), exclude_self=True)
-    try:
-        proc = subprocess.Popen([prog], cwd=w)
-        assert proc.wait() == 0
-        got = [(e.op, e.path, e.access, e.ino, e.pid, e.keys) for e in drain(be)
-               if e.op != "attr"]           # the write's time change, from the worker
-        assert got == [("open", f"{w}/f", "w", ino, proc.pid, ["u"]),
-                       ("create", f"{w}/c", None, os.stat(f"{w}/c").st_ino, proc.pid,
-                        ["u"])], got
-    finally:
-        be.close()
+    pid, ino, events = run_uring(tmp_path, w, IO_URING_FIXED_C)
+    got = [(e.op, e.path, e.access, e.ino, e.pid, e.keys) for e in events
+           if e.op != "attr"]               # the write's time change, from the worker
+    assert got == [("open", f"{w}/f", "w", ino, pid, ["u"]),
+                   ("create", f"{w}/c", None, os.stat(f"{w}/c").st_ino, pid, ["u"])], got
 
 
 STUB_C = "#include <unistd.h>\nint main(int c, char **v) { execv(v[1], v + 1); return 127; }\n"

@@ -279,8 +279,6 @@ BPF_HASH(watch_ancestor, struct watch_key, u8, MAX_WATCHES);
 struct fail_buf {
     char s[FAIL_SCAN];
     u64 hs[HASH_DEPTH];         /* hash of the path's first d components */
-    u8 names[2];                /* what each path argument's name says (NAME_*) */
-    u8 pad[6];
 };
 BPF_PERCPU_ARRAY(fail_scratch, struct fail_buf, 1);
 
@@ -1684,6 +1682,21 @@ static __always_inline struct event *syscall_event(u32 kind, struct pending *pc,
     return e;
 }
 
+/* What sys_exit worked out, for the program it goes on in (exit_tail). */
+struct exit_state {
+    s64 ret;
+    u64 flags;
+    u64 pathless;
+    u64 any_object;
+    u32 all_paths;
+    u32 scan_k;                 /* exit_scan: the path argument it scans */
+    u64 upath[2];               /* the path arguments */
+    u8 names[2];                /* what each one's name says (NAME_*): NAME_SCAN until
+                                 * exit_scan has scanned it */
+    u8 pad[6];
+};
+BPF_PERCPU_ARRAY(exit_states, struct exit_state, 1);
+
 /* ---- failed syscalls: which may concern a watched object --------------------------
  * A failed syscall changed no inode, so there is no inode verdict: user space matches
  * its names against the rules.  Sending every failure would flood the ring with the
@@ -1801,24 +1814,23 @@ static __always_inline int failed_arg(struct syscall_spec *spec, struct pending 
 /* A failed syscall that may concern a watched object, for every errno (Linux audit
  * reports failures on watched objects whatever the reason): names decide in user
  * space.  One base directory is judged (two different ones: sent, unsure). */
-static __always_inline struct event *failed_event(struct config *cfg, int all_paths,
+static __always_inline struct event *failed_event(struct config *cfg,
+                                                  struct exit_state *x,
                                                   struct syscall_spec *spec,
-                                                  struct pending *pc, s64 ret, u64 flags)
+                                                  struct pending *pc)
 {
-    if (all_paths)
+    s64 ret = x->ret;
+    u64 flags = x->flags;
+    if (x->all_paths)
         return syscall_event(EV_FAILED, pc, ret, flags);
     if (!cfg->have_watches)
         return NULL;
-    u32 zero = 0;
-    struct fail_buf *b = fail_scratch.lookup(&zero);    /* names scanned: exit_scan */
-    if (!b)
-        return syscall_event(EV_FAILED, pc, ret, flags);
     void *judged = NULL;
     int send = 0;
 #pragma nounroll
     for (u32 k = 0; k < 2; k++) {
         void *base = NULL;
-        int r = failed_arg(spec, pc, k, b->names[k & 1], &base);
+        int r = failed_arg(spec, pc, k, x->names[k & 1], &base);   /* exit_scan's */
         if (r == ARG_SEND || (r == ARG_BASE && judged && judged != base)) {
             send = 1;
             break;
@@ -2051,22 +2063,8 @@ static __always_inline void report_paths(void *ctx, struct event *e,
     submit(ctx, e);
 }
 
-/* What sys_exit worked out, for the program it goes on in (exit_tail). */
-struct exit_state {
-    s64 ret;
-    u64 flags;
-    u64 pathless;
-    u64 any_object;
-    u32 all_paths;
-    u32 scan_k;                 /* exit_scan: the path argument it scans */
-    u64 upath[2];               /* the path arguments (names: NAME_*) */
-    u8 names[2];
-    u8 pad[6];
-};
-BPF_PERCPU_ARRAY(exit_states, struct exit_state, 1);
-
-/* exit_tail: the three ways a followed syscall's end is judged, each a program of its
- * own (build.py TAIL_CALLS), so that each is verified within the kernel's limit */
+/* exit_tail: the ways a followed syscall's end is judged, each a program of its own
+ * (build.py TAIL_CALLS), so that each is verified within the kernel's limit */
 #define EXIT_OPEN       0       /* a successful open: exit_open */
 #define EXIT_CHANGED    1       /* a success that changed inodes: exit_changed */
 #define EXIT_FAILED     2       /* a failure, or a success that changed none: exit_failed */
@@ -2128,22 +2126,24 @@ RAW_TRACEPOINT_PROBE(sys_exit)
      * path-less rule */
     x->any_object = (u64)all_paths | ((x->pathless | -x->pathless) >> 63);
     x->all_paths = all_paths;
-    if (ret >= 0 && spec->kind == KIND_OPEN)
+    if (ret >= 0 && spec->kind == KIND_OPEN) {
         exit_tail.call(ctx, EXIT_OPEN);
-    else if (ret >= 0 && pc->ntouched && !changed_settled(cfg, spec, pc, x))
+    } else if (ret >= 0 && pc->ntouched) {
+        if (changed_settled(cfg, spec, pc, x))
+            return 0;
         exit_tail.call(ctx, EXIT_CHANGED);
-    else if (ret >= 0 && pc->ntouched)
-        return 0;
-    /* a failure: its names are scanned first, unless everything is reported anyway
-     * or nothing is watched */
-    x->scan_k = 0;
-    x->upath[0] = x->upath[1] = 0;
-    x->names[0] = x->names[1] = NAME_NONE;
-    if (!all_paths && cfg->have_watches) {
-        x->names[0] = name_arg(spec, pc, 0, &x->upath[0]);
-        x->names[1] = name_arg(spec, pc, 1, &x->upath[1]);
+    } else {
+        /* a failure: its names are scanned first, unless everything is reported
+         * anyway or nothing is watched */
+        x->scan_k = 0;
+        x->upath[0] = x->upath[1] = 0;
+        x->names[0] = x->names[1] = NAME_NONE;
+        if (!all_paths && cfg->have_watches) {
+            x->names[0] = name_arg(spec, pc, 0, &x->upath[0]);
+            x->names[1] = name_arg(spec, pc, 1, &x->upath[1]);
+        }
+        exit_tail.call(ctx, EXIT_SCAN);
     }
-    exit_tail.call(ctx, EXIT_SCAN);
     count(CNT_LOST);            /* the tail call failed */
     return 0;
 }
@@ -2207,9 +2207,7 @@ int exit_scan(struct bpf_raw_tracepoint_args *ctx)
         else
             name = b->s[0] == '/' ? NAME_CLEAR : NAME_REL;
     }
-    b->names[k] = name;
-    if (k == 0)
-        b->names[1] = x->names[1];
+    x->names[k] = name;
     if (k == 0 && x->names[1] == NAME_SCAN) {
         x->scan_k = 1;
         exit_tail.call(ctx, EXIT_SCAN);
@@ -2232,7 +2230,7 @@ int exit_failed(struct bpf_raw_tracepoint_args *ctx)
     struct config *cfg = config.lookup(&zero);
     if (!x || !cfg)
         return 0;
-    struct event *e = failed_event(cfg, x->all_paths, spec, pc, x->ret, x->flags);
+    struct event *e = failed_event(cfg, x, spec, pc);
     if (!e && x->pathless)
         e = syscall_event(EV_FAILED, pc, x->ret, x->flags);
     if (!e)
