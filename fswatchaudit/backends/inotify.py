@@ -36,6 +36,7 @@ DIR_MASK = (flags.OPEN | flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.
 # How long a created file's first close-write, or a scanned entry's queued IN_CREATE, is
 # waited for before the bookkeeping for it is dropped.
 MEMORY_SECONDS = 5.0
+MOVE_PAIR_MS = 10          # a rename's MOVED_TO may come in the next read: waited for this long
 MERGE_NOTE = ("inotify merges identical consecutive events for one file: repeated "
               "operations (two chmods in a row) are folded without trace, not counted "
               "as lost")
@@ -239,7 +240,23 @@ class InotifyBackend(Backend):
     def read(self, timeout: float) -> list[Event | ProcessState]:
         assert self.inotify is not None
         out: list[Event | ProcessState] = []
-        raw = self.inotify.read(timeout=int(timeout * 1000))
+        self._take(self.inotify.read(timeout=int(timeout * 1000)), out)
+        # The kernel queues a rename's MOVED_TO just after its MOVED_FROM, so a read can
+        # end between them: before concluding that a name left the tree, look once more.
+        if self.pending_from:
+            self._take(self.inotify.read(timeout=MOVE_PAIR_MS), out)
+        # A MOVED_FROM whose MOVED_TO did not follow left the tree.
+        for cookie, (gone, is_dir) in list(self.pending_from.items()):
+            del self.pending_from[cookie]
+            self._emit(out, ops.RENAME, gone, None)
+            if is_dir:
+                self._unwatch_tree(gone)
+        self._forget_older_than(time.monotonic() - MEMORY_SECONDS)
+        self._warn_unreadable()
+        return out
+
+    def _take(self, raw: list, out: list[Event | ProcessState]) -> None:
+        """Turn one read's inotify events into Events, renames paired by cookie."""
         for e in raw:
             if e.mask & flags.Q_OVERFLOW:
                 self.overflows += 1
@@ -290,15 +307,6 @@ class InotifyBackend(Backend):
                     self._emit(out, ops.OPEN, path, access="w")
             elif e.mask & flags.CLOSE_NOWRITE and not is_dir:
                 self._emit(out, ops.OPEN, path, access="r")
-        # A MOVED_FROM whose MOVED_TO did not follow in the same read left the tree.
-        for cookie, (gone, is_dir) in list(self.pending_from.items()):
-            del self.pending_from[cookie]
-            self._emit(out, ops.RENAME, gone, None)
-            if is_dir:
-                self._unwatch_tree(gone)
-        self._forget_older_than(time.monotonic() - MEMORY_SECONDS)
-        self._warn_unreadable()
-        return out
 
     def _forget_older_than(self, cutoff: float) -> None:
         """Entries are inserted in time order, so the old ones are at the front."""
