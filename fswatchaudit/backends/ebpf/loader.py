@@ -262,8 +262,10 @@ def syscall_arg_offsets(btf: BTF) -> list[int]:
     if regs is None:
         raise BackendUnavailable(f"syscall argument registers unknown for {machine}")
     if regs[0] == "regs":
+        # read at the syscall's end (sys_exit), where x0 holds the return value: the
+        # first argument is kept in orig_x0
         base = btf.offset("pt_regs.regs")
-        return [base + 8 * i for i in range(6)]
+        return [btf.offset("pt_regs.orig_x0")] + [base + 8 * i for i in range(1, 6)]
     return [btf.offset(f"pt_regs.{r}") for r in regs]
 
 

@@ -40,6 +40,8 @@ FORMAT = 1
 SUFFIX = ".bpfobj"
 KEEP = 4            # entries kept (other ring sizes, the previous sources)
 BUILD_TIMEOUT = 300.0
+# attach order: by (kind, target), else by kind
+ATTACH_ORDER: dict[Any, int] = {"tail": 0, ("raw", "sys_exit"): 1}
 
 
 class ObjectError(Exception):
@@ -320,19 +322,24 @@ class Programs:
             return
         try:
             prog_fds = self._loaded()
-            for ((_ptype, _code), users), prog_fd in zip(self._jobs, prog_fds, strict=True):
-                for p in users:
-                    if p["attach"] == "tail":       # into its slot of a program array
-                        table, _, slot = p["target"].partition(":")
-                        prog_array = self.maps[table.encode()]
-                        prog_array[int(slot)] = prog_array.Leaf(prog_fd)
-                    elif p["attach"] == "raw":
-                        self._attach_fds.append(
-                            bpfsys.attach_raw_tracepoint(prog_fd, p["target"]))
-                    else:
-                        category, _, event = p["target"].partition(":")
-                        self._attach_fds.append(bpfsys.attach_tracepoint(
-                            prog_fd, self.tracefs, category, event))
+            uses = [(p, prog_fd) for ((_ptype, _code), users), prog_fd
+                    in zip(self._jobs, prog_fds, strict=True) for p in users]
+            # tail programs into their slots first, then sys_exit before the programs
+            # that start a syscall's state (on_ctime): every state started is ended
+            uses.sort(key=lambda use: ATTACH_ORDER.get((use[0]["attach"], use[0]["target"]),
+                                                       ATTACH_ORDER.get(use[0]["attach"], 9)))
+            for p, prog_fd in uses:
+                if p["attach"] == "tail":       # into its slot of a program array
+                    table, _, slot = p["target"].partition(":")
+                    prog_array = self.maps[table.encode()]
+                    prog_array[int(slot)] = prog_array.Leaf(prog_fd)
+                elif p["attach"] == "raw":
+                    self._attach_fds.append(
+                        bpfsys.attach_raw_tracepoint(prog_fd, p["target"]))
+                else:
+                    category, _, event = p["target"].partition(":")
+                    self._attach_fds.append(bpfsys.attach_tracepoint(
+                        prog_fd, self.tracefs, category, event))
         except BaseException:
             self.cleanup()
             raise

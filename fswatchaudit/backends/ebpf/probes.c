@@ -1235,10 +1235,14 @@ static __always_inline void set_parents(struct event *e, struct pending *pc, voi
         e->left_ino = read_u64((void *)other, OFF_INODE_I_INO);
 }
 
-/* ---- syscall enter: remember the arguments ----------------------------------------
- * The raw sys_enter tracepoint fires for every syscall; all but the filesystem ones
- * (those with an entry in syscall_spec) leave at the first lookup.  Two raw tracepoints
- * instead of one tracepoint per syscall keep attach and detach fast. */
+/* ---- the syscall in progress: known from the thread's registers ------------------
+ * No program runs at a syscall's entry.  The first inode a followed syscall changes
+ * (on_ctime) starts its entry in pending, from the syscall number in the thread's
+ * saved registers; sys_exit reads the arguments from the same registers (the kernel
+ * does not change them during a file syscall) and takes a syscall that changed
+ * nothing from there alone.  Unfollowed syscalls (read, write, close...) run no
+ * program at their entry, and a followed one that changes no inode none before its
+ * end. */
 
 /* The syscall_spec slot of syscall nr in the current task: the 64-bit table, or for a
  * 32-bit syscall (ia32 emulation, its own numbering) the 32-bit table from COMPAT_BASE
@@ -1264,21 +1268,51 @@ static __always_inline s32 spec_slot(u32 nr, int *compat)
     return native_on ? (s32)nr : -1;
 }
 
-RAW_TRACEPOINT_PROBE(sys_enter)
+#define PF_KTHREAD_FLAG   0x00200000    /* task_struct.flags: a kernel thread */
+#define PF_IO_WORKER_FLAG 0x00000010    /* task_struct.flags: an io-wq worker */
+
+/* The user registers the current thread entered the kernel with, or NULL for a kernel
+ * thread or an io-wq worker (they make no syscalls). */
+static __always_inline void *user_regs(void)
+{
+    void *task = (void *)bpf_get_current_task();
+    if (read_u32(task, OFF_TASK_FLAGS) & (PF_KTHREAD_FLAG | PF_IO_WORKER_FLAG))
+        return NULL;
+    return (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+/* The syscall_spec slot of the followed syscall the current thread is in, or -1. */
+static __always_inline s32 current_slot(void *regs)
 {
     int compat;
-    s32 slot = spec_slot(ctx->args[1], &compat);
-    if (slot < 0) {
-        if (compat && !HAVE_COMPAT_TABLE)
-            count(CNT_COMPAT);
-        return 0;
+    return regs ? spec_slot(read_u64(regs, OFF_REGS_SYSCALL_NR), &compat) : -1;
+}
+
+/* A syscall's arguments, from its registers (32-bit ones from others). */
+static __always_inline void syscall_args(void *regs, int compat, u64 *args)
+{
+#ifdef OFF_TASK_TI_STATUS
+    if (compat) {
+        args[0] = (u32)read_u64(regs, OFF_CREGS_ARG0);
+        args[1] = (u32)read_u64(regs, OFF_CREGS_ARG1);
+        args[2] = (u32)read_u64(regs, OFF_CREGS_ARG2);
+        args[3] = (u32)read_u64(regs, OFF_CREGS_ARG3);
+        args[4] = (u32)read_u64(regs, OFF_CREGS_ARG4);
+        args[5] = (u32)read_u64(regs, OFF_CREGS_ARG5);
+        return;
     }
-    void *regs = (void *)ctx->args[0];
-    struct pending *p = thread_pending(1);
-    if (!p) {
-        count(CNT_PENDING_FULL);
-        return 0;
-    }
+#endif
+    args[0] = read_u64(regs, OFF_REGS_ARG0);
+    args[1] = read_u64(regs, OFF_REGS_ARG1);
+    args[2] = read_u64(regs, OFF_REGS_ARG2);
+    args[3] = read_u64(regs, OFF_REGS_ARG3);
+    args[4] = read_u64(regs, OFF_REGS_ARG4);
+    args[5] = read_u64(regs, OFF_REGS_ARG5);
+}
+
+/* Start the state of followed syscall slot: nothing changed yet, its scope judged. */
+static __always_inline void begin_syscall(struct pending *p, s32 slot)
+{
     p->tp_id = slot;
     p->ntouched = 0;
     p->overflow = 0;
@@ -1297,27 +1331,26 @@ RAW_TRACEPOINT_PROBE(sys_enter)
     p->scope = SCOPE_OUT;
     if (cfg && in_scope(cfg, bpf_get_current_pid_tgid() >> 32, &all_paths))
         p->scope = all_paths ? SCOPE_ALL_PATHS : SCOPE_IN;
-#ifdef OFF_TASK_TI_STATUS
-    if (compat) {
-        /* 32-bit arguments, in other registers */
-        p->args[0] = (u32)read_u64(regs, OFF_CREGS_ARG0);
-        p->args[1] = (u32)read_u64(regs, OFF_CREGS_ARG1);
-        p->args[2] = (u32)read_u64(regs, OFF_CREGS_ARG2);
-        p->args[3] = (u32)read_u64(regs, OFF_CREGS_ARG3);
-        p->args[4] = (u32)read_u64(regs, OFF_CREGS_ARG4);
-        p->args[5] = (u32)read_u64(regs, OFF_CREGS_ARG5);
-        p->active = 1;
-        return 0;
+}
+
+/* The current thread's entry for the followed syscall it is in, started if this is the
+ * syscall's first change; NULL outside one. */
+static __always_inline struct pending *syscall_in_progress(void)
+{
+    struct pending *p = thread_pending(0);
+    if (p && p->active)
+        return p;
+    s32 slot = current_slot(user_regs());
+    if (slot < 0)
+        return NULL;
+    p = thread_pending(1);
+    if (!p) {
+        count(CNT_PENDING_FULL);
+        return NULL;
     }
-#endif
-    p->args[0] = read_u64(regs, OFF_REGS_ARG0);
-    p->args[1] = read_u64(regs, OFF_REGS_ARG1);
-    p->args[2] = read_u64(regs, OFF_REGS_ARG2);
-    p->args[3] = read_u64(regs, OFF_REGS_ARG3);
-    p->args[4] = read_u64(regs, OFF_REGS_ARG4);
-    p->args[5] = read_u64(regs, OFF_REGS_ARG5);
+    begin_syscall(p, slot);
     p->active = 1;
-    return 0;
+    return p;
 }
 
 /* ---- timestamp:* : an inode's ctime moved (every metadata change) ----------------- */
@@ -1351,7 +1384,6 @@ static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
  * current request (task->worker_private: struct io_worker, cur_work: the io_wq_work
  * inside struct io_kiocb) tells the exact opcode and, while it runs, the names it was
  * given (struct filename copies of the user's strings) and their dirfds. */
-#define PF_IO_WORKER_FLAG 0x00000010        /* task_struct.flags: an io-wq worker */
 
 static __always_inline void *uring_worker_req(void)
 {
@@ -1439,8 +1471,8 @@ static __always_inline u64 name_id(void *inode)
 static __always_inline int on_ctime(struct bpf_raw_tracepoint_args *ctx)
 {
     void *inode = (void *)ctx->args[0];
-    struct pending *p = thread_pending(0);
-    if (p && p->active) {
+    struct pending *p = syscall_in_progress();
+    if (p) {
         u32 n = p->ntouched;
         for (int i = 0; i < MAX_TOUCHED; i++)
             if (i < n && p->touched[i] == (u64)inode)
@@ -1628,30 +1660,36 @@ static __always_inline u8 open_perm(u64 flags, u8 created)
     return PERM_R;
 }
 
-/* The followed syscall ending in this thread: its spec, and a copy of what was
- * remembered at its entry (the thread's entry is freed for the next syscall). */
+/* The followed syscall ending in this thread: its spec, and in ending its state (a
+ * copy of the thread's entry when it changed something, else a fresh one) with its
+ * arguments. */
 static __always_inline struct syscall_spec *ending_syscall(struct bpf_raw_tracepoint_args *ctx,
                                                            struct pending **out)
 {
+    void *regs = (void *)ctx->args[0];
     int compat;
-    s32 slot = spec_slot(read_u64((void *)ctx->args[0], OFF_REGS_SYSCALL_NR), &compat);
-    if (slot < 0)
+    s32 slot = spec_slot(read_u64(regs, OFF_REGS_SYSCALL_NR), &compat);
+    if (slot < 0) {
+        if (compat && !HAVE_COMPAT_TABLE)
+            count(CNT_COMPAT);
         return NULL;
+    }
     u32 nr = slot;
     struct syscall_spec *spec = syscall_spec.lookup(&nr);
-    if (!spec || !spec->active)
-        return NULL;
-    struct pending *p = thread_pending(0);
-    if (!p || !p->active)
-        return NULL;
-    p->active = 0;
     u32 zero = 0;
     struct pending *pc = ending.lookup(&zero);
-    if (!pc)
+    if (!spec || !spec->active || !pc)
         return NULL;
-    __builtin_memcpy(pc, p, PENDING_COPY);
-    if (pc->tp_id != nr)
-        return NULL;
+    struct pending *p = thread_pending(0);
+    if (p && p->active && p->tp_id == nr) {
+        p->active = 0;
+        __builtin_memcpy(pc, p, PENDING_COPY);
+    } else {
+        if (p)
+            p->active = 0;
+        begin_syscall(pc, slot);
+    }
+    syscall_args(regs, compat, pc->args);
     *out = pc;
     return spec;
 }
@@ -2104,6 +2142,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (!spec || !pc)
         return 0;
     s64 ret = (s64)ctx->args[1];
+    if (spec->kind == KIND_EXEC && ret >= 0)
+        return 0;               /* told in sched_process_exec */
     if (spec->kind == KIND_MOUNT) {
         if (ret >= 0)
             bump_kernel_gen();
@@ -2385,9 +2425,18 @@ int deep_path(struct bpf_raw_tracepoint_args *ctx)
 /* A successful execve or execveat, told here with the new program's file and the
  * credentials it runs with (a set-user-ID program's euid, as Linux audit's record has
  * them); path-less rules on execve are judged here too.  A failed one ends in
- * sys_exit and is judged by its name there.  The syscall's entry is the exec'ing
- * thread's own (a thread other than the leader takes the leader's id, not its task
- * storage). */
+ * sys_exit and is judged by its name there.  The syscall's state was started in
+ * sched_prepare_exec, in the exec'ing thread (a thread other than the leader takes the
+ * leader's id, not its task storage); sys_exit leaves a successful exec to this
+ * program. */
+/* An exec's syscall is read from the registers before the new program replaces them
+ * (after that, they no longer tell execveat from execve). */
+RAW_TRACEPOINT_PROBE(sched_prepare_exec)
+{
+    syscall_in_progress();
+    return 0;
+}
+
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
     void *bprm = (void *)ctx->args[2];
