@@ -1343,7 +1343,8 @@ static __always_inline struct pending *syscall_in_progress(void)
     s32 slot = current_slot(user_regs());
     if (slot < 0)
         return NULL;
-    p = thread_pending(1);
+    if (!p)
+        p = thread_pending(1);
     if (!p) {
         count(CNT_PENDING_FULL);
         return NULL;
