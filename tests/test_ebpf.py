@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1014,6 +1015,47 @@ def test_a_watched_name_made_by_rename_or_link_from_outside_is_reported(tree):
             ("rename", f"{o}/moved", f"{w}/preload", ino["moved"], ["preload"]),
             ("link", f"{o}/linked", f"{w}/hardlink", ino["linked"], ["link"]),
             ("rename", f"{o}/over", f"{w}/existing", ino["over"], ["existing"])], got
+    finally:
+        be.close()
+
+
+def test_changes_within_one_unwatched_directory_are_judged_by_their_own_names(tree):
+    """A create, link or rename inside one unwatched directory is settled at the
+    syscall's end by what that directory grants its entries (no second judgment), so
+    each way the same directory can still grant something is tried there: a new name a
+    file watch names (mknod, rename, link), a link and a rename of a watched file, a
+    rename of a file whose other link is in a watched directory.  Plain changes there
+    stay unreported."""
+    w, o = tree
+    open(f"{o}/watched", "w").close()
+    open(f"{o}/linked-in-w", "w").close()
+    os.link(f"{o}/linked-in-w", f"{w}/other-name")
+    for name in ("a", "b", "plain"):
+        open(f"{o}/{name}", "w").close()
+    be = backend_for(f"-w {o}/named -p wa -k named", f"-w {o}/named2 -p wa -k named2",
+                     f"-w {o}/named3 -p wa -k named3", f"-w {o}/watched -p wa -k file",
+                     f"-w {w} -p wa -k dir")
+    try:
+        ino = {n: os.stat(f"{o}/{n}").st_ino for n in ("a", "b", "watched", "linked-in-w")}
+        os.rename(f"{o}/plain", f"{o}/plain2")          # nothing watched: no record
+        os.mknod(f"{o}/new", 0o600 | stat.S_IFREG)      # nor here
+        os.rename(f"{o}/a", f"{o}/named")
+        os.link(f"{o}/b", f"{o}/named2")
+        os.mknod(f"{o}/named3", 0o600 | stat.S_IFREG)
+        os.link(f"{o}/watched", f"{o}/watched-link")
+        os.rename(f"{o}/watched-link", f"{o}/watched-moved")
+        os.rename(f"{o}/linked-in-w", f"{o}/moved-in-o")
+        got = [(e.op, e.path, e.path2, e.ino, e.keys) for e in drain(be)
+               if e.path and e.path.startswith(o)]
+        named3 = os.stat(f"{o}/named3").st_ino
+        assert got == [
+            ("rename", f"{o}/a", f"{o}/named", ino["a"], ["named"]),
+            ("link", f"{o}/b", f"{o}/named2", ino["b"], ["named2"]),
+            ("mknod", f"{o}/named3", None, named3, ["named3"]),
+            ("link", f"{o}/watched", f"{o}/watched-link", ino["watched"], ["file"]),
+            ("rename", f"{o}/watched-link", f"{o}/watched-moved", ino["watched"], ["file"]),
+            ("rename", f"{o}/linked-in-w", f"{o}/moved-in-o", ino["linked-in-w"], ["dir"]),
+        ], got
     finally:
         be.close()
 

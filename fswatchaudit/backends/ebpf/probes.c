@@ -121,13 +121,18 @@ struct pending {
     u8 granted;                 /* bit i: the watches grant something to touched[i] */
     u8 renames;                 /* a rename or link: touched_name is kept */
     u8 scope;                   /* SCOPE_*: the thread at the syscall's entry */
-    u8 pad;
+    u8 dir_below;               /* what the watches grant to dir's entries */
     u64 rules;                  /* and the rule slots behind it (struct match) */
     u64 names;
+    u64 dir;                    /* the one directory among the inodes changed (0: none
+                                 * yet, DIRS_SEVERAL: more than one) ... */
+    u64 dir_kgen;               /* ... and the generations its verdict was taken in */
+    u64 dir_ugen;
     struct sent_base sent;      /* kept between syscalls (sys_enter leaves it); not
                                  * copied to ending (PENDING_COPY) */
 };
 #define PENDING_COPY __builtin_offsetof(struct pending, sent)
+#define DIRS_SEVERAL 1
 /* pending.scope: whether the thread's syscall is reported (in_scope), judged once at
  * its entry instead of at every change and at its end */
 #define SCOPE_OUT       0
@@ -760,7 +765,7 @@ static __always_inline int verdict_of(void *dir, void *dir_inode, struct dir_ver
  * the rule slots behind them are added to *m.  One loop with one verdict_of in it: the
  * walk is inlined once. */
 static __always_inline u8 object_perms(void *inode, void *dentry, struct match *m,
-                                       const int every_name)
+                                       const int every_name, u8 *dir_below)
 {
     u8 perms = 0;
     u32 zero = 0;
@@ -803,6 +808,8 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
         if (dir) {
             m->rules |= v.own_rules;
             m->names |= v.own_names;
+            if (dir_below)
+                *dir_below = v.below;
             return v.own;
         }
         m->rules |= v.below_rules;
@@ -821,7 +828,7 @@ static __always_inline u8 object_perms(void *inode, void *dentry, struct match *
 /* Perms for a changed inode (found through its first dentry). */
 static __always_inline u8 inode_perms(void *inode, struct match *m)
 {
-    return object_perms(inode, inode_dentry(inode), m, 1);
+    return object_perms(inode, inode_dentry(inode), m, 1, NULL);
 }
 
 /* Perms for the object at (mnt, dentry) (an opened or executed file, by each of its
@@ -857,7 +864,7 @@ static __always_inline u64 mount_id(void *mnt)
 static __always_inline u8 watched_perms(void *dentry, void *mnt, struct match *m)
 {
     void *inode = read_ptr(dentry, OFF_DENTRY_D_INODE);
-    u8 perms = inode ? object_perms(inode, dentry, m, 1) : 0;
+    u8 perms = inode ? object_perms(inode, dentry, m, 1, NULL) : 0;
     void *mount = (char *)mnt - OFF_MOUNT_MNT;
     if (!mnt || read_ptr(mount, OFF_MOUNT_MNT_PARENT) == mount)
         return perms;           /* a top mount: nothing above it */
@@ -1325,6 +1332,7 @@ static __always_inline void begin_syscall(struct pending *p, s32 slot)
     p->perms = 0;
     p->rules = 0;
     p->names = 0;
+    p->dir = 0;
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
     int all_paths = 0;
@@ -1368,7 +1376,16 @@ static __always_inline void judge_changed(struct pending *p, void *inode, u32 n)
     if (!dentry)
         return;
     struct match m = {};
-    u64 g = object_perms(inode, dentry, &m, 1);
+    u8 below = 0xff;
+    u64 g = object_perms(inode, dentry, &m, 1, &below);
+    if (is_dir(inode)) {
+        /* the directory whose entries a syscall's other changes most likely are: what
+         * it grants them settles those at the syscall's end (changed_settled) */
+        p->dir = p->dir ? DIRS_SEVERAL : (u64)inode;
+        p->dir_below = below;
+        p->dir_kgen = gen(GEN_KERNEL);
+        p->dir_ugen = gen(GEN_USER);
+    }
     p->perms |= g;
     p->rules |= m.rules;
     p->names |= m.names;
@@ -2033,7 +2050,7 @@ static __always_inline struct event *changed_event(struct syscall_spec *spec,
             if (!*first)
                 *first = inode;
             if (judge_now & (1 << i)) {
-                u64 g = object_perms(inode, dentry, &m, 0);
+                u64 g = object_perms(inode, dentry, &m, 0, NULL);
                 perms |= g;
                 OPAQUE(g);
                 pc->granted |= (IS_ZERO(g) ^ 1) << i;
@@ -2110,27 +2127,55 @@ static __always_inline void report_paths(void *ctx, struct event *e,
 #define EXIT_SCAN       3       /* ... whose names are scanned first: exit_scan */
 BPF_PROG_ARRAY(exit_tail, 4);
 
-/* A success whose changes were all judged when they happened, granted nothing and
- * leave nothing to do (exit_changed would find the same): not a rename or link (judged
- * again by their new names), no inode left unjudged (a new one, or more than
- * MAX_TOUCHED), no path-less rule or audit of all paths, no file's own watch to
- * forget, no walk left to continue. */
+/* A success whose changes grant nothing and leave nothing to do (exit_changed would
+ * find the same): every changed inode was judged when it changed, or is settled by what
+ * the one directory the syscall changed grants its entries (dir_current: nothing moved
+ * and no watch changed since that verdict), namely a new entry (a create, a link) or a
+ * file a rename or link named there (rejudged by its new name, as exit_changed does);
+ * no path-less rule or audit of all paths, no file's own watch to forget, no walk left
+ * to continue. */
 static __always_inline int changed_settled(struct config *cfg, struct syscall_spec *spec,
-                                           struct pending *pc, struct exit_state *x)
+                                           struct pending *pc, struct exit_state *x,
+                                           int dir_current)
 {
-    u32 all = (1u << (pc->ntouched & 7)) - 1;
     struct deep_state *s = deep_state();
-    if (x->any_object || (pc->perms & spec->perm) || spec->path2 >= 0 ||
-        (pc->judged & all) != all || pc->ntouched > MAX_TOUCHED || pc->overflow ||
-        !s || s->short_dir)
+    if (x->any_object || (pc->perms & spec->perm) || pc->ntouched > MAX_TOUCHED ||
+        pc->overflow || !s || s->short_dir)
         return 0;
-    if (!cfg->file_watches)
+    if (!cfg->have_watches)
         return 1;
-    /* a file whose last name went: its own watch is forgotten there (forget_if_gone) */
+    u64 quiet = dir_current && !(pc->dir_below & spec->perm) ? pc->dir : 0;
+    int two = spec->path2 >= 0;
     for (int i = 0; i < MAX_TOUCHED; i++) {
+        if (i >= pc->ntouched)
+            break;
         void *inode = (void *)pc->touched[i];
-        if (i < pc->ntouched && !read_u32(inode, OFF_INODE_I_NLINK) && !is_dir(inode))
+        int dir = is_dir(inode);
+        /* a file whose last name went: its own watch is forgotten there (forget_if_gone) */
+        if (cfg->file_watches && !dir && !read_u32(inode, OFF_INODE_I_NLINK))
             return 0;
+        int judged = (pc->judged >> i) & 1;
+        if (judged && !two)
+            continue;
+        if ((u64)inode == quiet && quiet > DIRS_SEVERAL)
+            continue;           /* the directory itself, judged at its change */
+        void *dentry = inode_dentry(inode);
+        if (!dentry) {
+            if (judged)
+                continue;       /* a name replaced: judged by it at its change */
+            return 0;
+        }
+        if (dir || quiet <= DIRS_SEVERAL)
+            return 0;
+        void *parent = read_ptr(read_ptr(dentry, OFF_DENTRY_D_PARENT), OFF_DENTRY_D_INODE);
+        if ((u64)parent != quiet)
+            return 0;
+        if (!judged && cfg->file_watches) {
+            struct watch_key key = {};
+            inode_key(inode, &key);
+            if (watched.lookup(&key))
+                return 0;       /* a new file a file watch already names */
+        }
     }
     return 1;
 }
@@ -2150,6 +2195,10 @@ RAW_TRACEPOINT_PROBE(sys_exit)
             bump_kernel_gen();
         return 0;
     }
+    /* before this syscall's own moves expire the verdicts (it moved no directory when
+     * it is settled by its one directory's verdict) */
+    int dir_current = pc->dir > DIRS_SEVERAL && pc->dir_kgen == gen(GEN_KERNEL) &&
+                      pc->dir_ugen == gen(GEN_USER);
     if (ret >= 0 && spec->moves)
         note_moves(pc, spec);
     u32 zero = 0;
@@ -2170,7 +2219,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
     if (ret >= 0 && spec->kind == KIND_OPEN) {
         exit_tail.call(ctx, EXIT_OPEN);
     } else if (ret >= 0 && pc->ntouched) {
-        if (changed_settled(cfg, spec, pc, x))
+        if (changed_settled(cfg, spec, pc, x, dir_current))
             return 0;
         exit_tail.call(ctx, EXIT_CHANGED);
     } else {
